@@ -1,0 +1,108 @@
+"""A real S3 server process on loopback (moto's server), for local runs and tests.
+
+KFP clusters have SeaweedFS or MinIO; on a laptop or in CI nothing is running, so `sam-pipeline run`
+and the tests start this instead. It speaks the S3 protocol over HTTP, so the code under test is the
+same minio client code that talks to the cluster's store.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+
+from components.storage import S3Config
+
+# moto accepts any key while auth is off; these are only placeholders the minio client needs.
+ANON_KEYS = ("sam-local", "sam-local-secret")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"embedded S3 server exited with code {proc.returncode} before it was ready")
+        try:
+            # moto answers its own health endpoint without spending an unauthenticated action.
+            urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"embedded S3 server at {url} did not come up within {timeout:.0f} s")
+
+
+def _create_user(url: str) -> tuple[str, str]:
+    """Spend the three unauthenticated calls moto allows on a user whose keys may do s3:*."""
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1",
+                       aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+    iam.create_user(UserName="sam-pipeline")
+    key = iam.create_access_key(UserName="sam-pipeline")["AccessKey"]
+    iam.put_user_policy(UserName="sam-pipeline", PolicyName="s3-all", PolicyDocument=(
+        '{"Version": "2012-10-17", "Statement": '
+        '[{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}'))
+    return key["AccessKeyId"], key["SecretAccessKey"]
+
+
+@contextlib.contextmanager
+def embedded_s3(auth: bool = False, *, bucket: str = "mlpipeline", prefix: str = "sam-pipeline/",
+                log_path: str | None = None) -> Iterator[S3Config]:
+    """Start moto's S3 server on 127.0.0.1:<free port>; yield a config that reaches it."""
+    port = free_port()
+    env = dict(os.environ)
+    # A run's stores must not leak into each other through AWS settings of the host.
+    for var in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        env.pop(var, None)
+    if auth:
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(url, proc)
+        access, secret = _create_user(url) if auth else ANON_KEYS
+        yield S3Config(endpoint=f"127.0.0.1:{port}", bucket=bucket, prefix=prefix,
+                       access_key=access, secret_key=secret, secure=False, region="us-east-1")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if log is not subprocess.DEVNULL:
+            log.close()
+
+
+def main() -> None:
+    """`python -m components.s3server`: run a server in the foreground and print how to reach it."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--auth", action="store_true", help="enforce credentials")
+    args = parser.parse_args()
+    with embedded_s3(auth=args.auth) as cfg:
+        print(f"S3_ENDPOINT={cfg.endpoint} AWS_ACCESS_KEY_ID={cfg.access_key} "
+              f"AWS_SECRET_ACCESS_KEY={cfg.secret_key}", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""S3-compatible object store (SeaweedFS or MinIO in KFP, moto locally) through the minio client.
+
+Every object carries its sha256 in user metadata, so readers can verify what they fetch and writers
+can skip what is already there.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import time
+import urllib3
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from minio import Minio
+from minio.error import S3Error
+
+from components.hashing import sha256_bytes, sha256_file
+
+SHA_META = "sha256"  # stored as x-amz-meta-sha256
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken"}
+_TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"}
+
+
+class StorageError(RuntimeError):
+    """A one-line, user-facing storage failure."""
+
+
+@dataclass(frozen=True)
+class S3Config:
+    endpoint: str = "seaweedfs.kubeflow:9000"
+    bucket: str = "mlpipeline"
+    prefix: str = "sam-pipeline/"
+    access_key: str | None = None
+    secret_key: str | None = None
+    secure: bool = False
+    region: str | None = None
+
+    @classmethod
+    def from_env(cls, **overrides) -> "S3Config":
+        env = os.environ
+        values = {
+            "endpoint": env.get("S3_ENDPOINT"),
+            "bucket": env.get("S3_BUCKET"),
+            "prefix": env.get("S3_PREFIX"),
+            # KFP's secret mlpipeline-minio-artifact uses the keys accesskey/secretkey.
+            "access_key": env.get("AWS_ACCESS_KEY_ID") or env.get("accesskey"),
+            "secret_key": env.get("AWS_SECRET_ACCESS_KEY") or env.get("secretkey"),
+            "secure": _truthy(env["S3_SECURE"]) if "S3_SECURE" in env else None,
+            "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None and v != ""})
+        cfg = cls(**{k: v for k, v in values.items() if v is not None})
+        endpoint = cfg.endpoint
+        # Accept URLs as users paste them; the scheme decides TLS.
+        if endpoint.startswith("https://"):
+            cfg = replace(cfg, endpoint=endpoint[8:].rstrip("/"), secure=True)
+        elif endpoint.startswith("http://"):
+            cfg = replace(cfg, endpoint=endpoint[7:].rstrip("/"), secure=False)
+        if cfg.prefix and not cfg.prefix.endswith("/"):
+            cfg = replace(cfg, prefix=cfg.prefix + "/")
+        return cfg
+
+
+def _truthy(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    sha256: str | None
+    etag: str | None = None
+
+
+class ObjectStore:
+    def __init__(self, config: S3Config, *, create_bucket: bool = True, retries: int = 4):
+        self.config = config
+        self.retries = retries
+        # Fail fast on an unreachable endpoint: urllib3's own retries would hide it for minutes.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=5, read=120),
+            retries=urllib3.Retry(total=0, connect=0, read=0, redirect=0),
+            maxsize=16,
+        )
+        self.client = Minio(
+            config.endpoint,
+            access_key=config.access_key,
+            secret_key=config.secret_key,
+            secure=config.secure,
+            region=config.region,
+            http_client=http,
+        )
+        if create_bucket:
+            self._ensure_bucket()
+
+    # -- naming -------------------------------------------------------------------------------
+    def key(self, *parts: str) -> str:
+        return self.config.prefix + "/".join(p.strip("/") for p in parts)
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.config.bucket}/{key}"
+
+    @staticmethod
+    def parse_uri(uri: str) -> tuple[str, str]:
+        if not uri.startswith("s3://"):
+            raise StorageError(f"not an s3:// uri: {uri}")
+        bucket, _, key = uri[5:].partition("/")
+        if not bucket:
+            raise StorageError(f"s3 uri has no bucket: {uri}")
+        return bucket, key
+
+    def for_bucket(self, bucket: str) -> "ObjectStore":
+        if bucket == self.config.bucket and not self.config.prefix:
+            return self
+        return ObjectStore(replace(self.config, bucket=bucket, prefix=""), create_bucket=False,
+                           retries=self.retries)
+
+    # -- retries and error translation ---------------------------------------------------------
+    def _call(self, what: str, fn, *args, **kwargs):
+        delay = 0.5
+        for attempt in range(self.retries + 1):
+            try:
+                return fn(*args, **kwargs)
+            except S3Error as e:
+                if e.code in _CREDENTIAL_CODES:
+                    raise StorageError(
+                        f"object store at {self.config.endpoint} rejected the credentials ({e.code}) "
+                        f"while trying to {what}; check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                        f"(in a cluster: secret mlpipeline-minio-artifact)") from None
+                if e.code not in _TRANSIENT_CODES or attempt == self.retries:
+                    raise
+            except (urllib3.exceptions.HTTPError, OSError) as e:
+                if attempt == self.retries:
+                    raise StorageError(
+                        f"object store at {self._scheme()}://{self.config.endpoint} is unreachable "
+                        f"({type(e).__name__}) while trying to {what}; set --s3-endpoint / S3_ENDPOINT"
+                    ) from None
+            # Jittered exponential backoff, so parallel uploads do not retry in lockstep.
+            time.sleep(delay * (1 + random.random()))
+            delay *= 2
+
+    def _scheme(self) -> str:
+        return "https" if self.config.secure else "http"
+
+    def _ensure_bucket(self) -> None:
+        bucket = self.config.bucket
+        if not self._call(f"check bucket {bucket}", self.client.bucket_exists, bucket):
+            try:
+                self._call(f"create bucket {bucket}", self.client.make_bucket, bucket)
+            except S3Error as e:
+                if e.code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                    raise StorageError(f"cannot create bucket {bucket}: {e.code}") from None
+
+    # -- single objects ------------------------------------------------------------------------
+    def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            st = self._call(f"stat {self.uri(key)}", self.client.stat_object, self.config.bucket, key)
+        except S3Error as e:
+            if e.code in {"NoSuchKey", "NoSuchObject", "NotFound", "ResourceNotFound"}:
+                return None
+            raise
+        meta = {k.lower(): v for k, v in (st.metadata or {}).items()}
+        sha = meta.get(f"x-amz-meta-{SHA_META}")
+        return ObjectInfo(key, st.size, sha, st.etag)
+
+    def exists(self, key: str) -> bool:
+        return self.stat(key) is not None
+
+    def put_file(self, key: str, path: str | Path, sha256: str | None = None,
+                 content_type: str = "application/octet-stream") -> ObjectInfo:
+        sha256 = sha256 or sha256_file(path)
+        self._call(f"upload {path} to {self.uri(key)}", self.client.fput_object, self.config.bucket,
+                   key, str(path), content_type=content_type, metadata={SHA_META: sha256})
+        return ObjectInfo(key, Path(path).stat().st_size, sha256)
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> ObjectInfo:
+        sha = sha256_bytes(data)
+        self._call(f"upload {self.uri(key)}", lambda: self.client.put_object(
+            self.config.bucket, key, io.BytesIO(data), len(data), content_type=content_type,
+            metadata={SHA_META: sha}))
+        return ObjectInfo(key, len(data), sha)
+
+    def put_json(self, key: str, obj) -> ObjectInfo:
+        data = json.dumps(obj, indent=2, sort_keys=True).encode()
+        return self.put_bytes(key, data, content_type="application/json")
+
+    def get_bytes(self, key: str) -> bytes:
+        def fetch():
+            resp = self.client.get_object(self.config.bucket, key)
+            try:
+                return resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        try:
+            return self._call(f"download {self.uri(key)}", fetch)
+        except S3Error as e:
+            if e.code in {"NoSuchKey", "NoSuchObject"}:
+                raise StorageError(f"{self.uri(key)} does not exist") from None
+            raise
+
+    def get_json(self, key: str):
+        return json.loads(self.get_bytes(key))
+
+    def get_file(self, key: str, path: str | Path) -> ObjectInfo:
+        path = Path(path)
+        info = self.stat(key)
+        if info is None:
+            raise StorageError(f"{self.uri(key)} does not exist")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.part{os.getpid()}")
+        try:
+            self._call(f"download {self.uri(key)}", self.client.fget_object, self.config.bucket, key,
+                       str(tmp))
+            if info.sha256:
+                actual = sha256_file(tmp)
+                if actual != info.sha256:
+                    raise StorageError(f"{self.uri(key)}: sha256 mismatch after download "
+                                       f"(expected {info.sha256}, got {actual})")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return info
+
+    def list(self, prefix: str) -> list[str]:
+        objs = self._call(f"list {self.uri(prefix)}", lambda: list(
+            self.client.list_objects(self.config.bucket, prefix=prefix, recursive=True)))
+        return sorted(o.object_name for o in objs if not o.is_dir)
+
+    def delete(self, key: str) -> None:
+        self._call(f"delete {self.uri(key)}", self.client.remove_object, self.config.bucket, key)
+
+    # -- many objects ----------------------------------------------------------------------------
+    def put_many(self, items: list[tuple[str, Path, str | None]], *, workers: int = 8,
+                 skip_existing: bool = True, progress: str | None = None) -> tuple[int, int]:
+        """Upload (key, path, sha256) items in parallel; returns (uploaded, skipped)."""
+        from tqdm import tqdm
+
+        def one(item) -> bool:
+            key, path, sha = item
+            sha = sha or sha256_file(path)
+            if skip_existing:
+                info = self.stat(key)
+                if info is not None and info.sha256 == sha:
+                    return False
+            self.put_file(key, path, sha)
+            return True
+
+        uploaded = 0
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
+                tqdm(total=len(items), desc=progress, unit="obj", disable=progress is None) as bar:
+            for did_upload in pool.map(one, items):
+                uploaded += did_upload
+                bar.update()
+        return uploaded, len(items) - uploaded

@@ -1,0 +1,73 @@
+"""Shared fixtures: real servers on loopback, never mocks."""
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import threading
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+# Two cores on CI: keep torch from oversubscribing when it is imported by a test.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+# No test may reach the internet or a developer's real caches.
+os.environ.pop("S3_ENDPOINT", None)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAM_MODELS", str(tmp_path / "sam_models"))
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 server process (moto) on 127.0.0.1, shared by the session."""
+    from components.s3server import embedded_s3
+
+    with embedded_s3() as cfg:
+        yield cfg
+
+
+@pytest.fixture
+def store(s3):
+    """An ObjectStore on the shared server under a prefix of its own, so tests never see each other."""
+    from components.storage import ObjectStore
+
+    return ObjectStore(replace(s3, prefix=f"t-{uuid.uuid4().hex[:10]}/"))
+
+
+@pytest.fixture
+def s3_env(store, monkeypatch):
+    """The store's settings as the environment variables the step functions read."""
+    cfg = store.config
+    for name, value in {"S3_ENDPOINT": cfg.endpoint, "S3_BUCKET": cfg.bucket, "S3_PREFIX": cfg.prefix,
+                        "AWS_ACCESS_KEY_ID": cfg.access_key, "AWS_SECRET_ACCESS_KEY": cfg.secret_key,
+                        "AWS_REGION": cfg.region}.items():
+        monkeypatch.setenv(name, value)
+    return cfg
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server():
+    """Serve a directory over real HTTP on 127.0.0.1: `base_url = http_server(directory)`."""
+    servers = []
+
+    def serve(directory: Path) -> str:
+        handler = functools.partial(_QuietHandler, directory=str(directory))
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return f"http://127.0.0.1:{srv.server_address[1]}"
+
+    yield serve
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
