@@ -1,0 +1,49 @@
+# Quick start: `make run` (the main job on embedded defaults) and `make test` (the whole suite).
+# Both create .venv when it is missing and install the project into it.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Extra arguments for `make run`, e.g. make run ARGS="--demo -d -i 5"
+ARGS   ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup run demo test test-fast compile bench help
+
+help:
+	@echo "make run      run the pipeline locally (kfp.local + an embedded S3 server); ARGS=... passes flags"
+	@echo "make demo     the same on a synthetic dataset and a random vit_t checkpoint (works offline)"
+	@echo "make test     the whole test suite"
+	@echo "make compile  recompile pipelines/sam_finetune.yaml"
+	@echo "make bench    run the benchmarks (results go to benchmarks/RESULTS.md by hand)"
+	@echo "Kubernetes:   make preflight images kind-up kind-load kind-submit kind-schedule kind-down"
+
+# The stamp is remade whenever pyproject.toml changes, so `git pull && make test` picks up new pins.
+$(BIN)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+setup: $(BIN)/.installed
+
+run: setup
+	$(BIN)/sam-pipeline run $(ARGS)
+
+demo: setup
+	$(BIN)/sam-pipeline run --demo $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+compile: setup
+	$(BIN)/sam-pipeline compile
+
+bench: setup
+	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/e2e.py
+
+-include mk/kubernetes.mk
