@@ -1,0 +1,249 @@
+"""register-model: immutable model versions in the object store, optionally mirrored to Kubeflow Model Registry.
+
+Layout under the store's prefix:
+    models/<name>/<version>/model.pt           the fine-tuned state dict
+    models/<name>/<version>/model_card.json    written after model.pt: a version is complete once its card exists
+    models/<name>/latest                       {"version": ..., "model_uri": ..., "card_uri": ...}, moved last
+
+Versions are never overwritten: a version that has any object under its folder, complete or not, is taken.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from components.hashing import sha256_file
+from components.storage import ObjectStore, S3Config
+
+MODEL_FILE = "model.pt"
+CARD_FILE = "model_card.json"
+LATEST = "latest"
+CARD_FORMAT = 1
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_AUTO_VERSION = re.compile(r"^v(\d+)$")
+
+
+class RegistryError(RuntimeError):
+    """A one-line, user-facing registry failure."""
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: str
+    model_uri: str
+    card_uri: str
+    card: dict
+
+
+def _check_name(kind: str, value: str) -> str:
+    if not _NAME.match(value or "") or value == LATEST:
+        raise RegistryError(f"invalid model {kind} {value!r}: use letters, digits, '.', '_', '-' "
+                            f"(not {LATEST!r}), at most 128 characters")
+    return value
+
+
+class ObjectStoreRegistry:
+    def __init__(self, store: ObjectStore):
+        self.store = store
+
+    def _key(self, name: str, *parts: str) -> str:
+        return self.store.key("models", name, *parts)
+
+    def _taken(self, name: str) -> set[str]:
+        """Every version folder that has at least one object, complete or not."""
+        root = self._key(name) + "/"
+        return {k[len(root):].split("/", 1)[0] for k in self.store.list(root) if "/" in k[len(root):]}
+
+    def versions(self, name: str) -> list[str]:
+        """Complete versions (those with a model card), v1 < v2 < v10, then other names sorted."""
+        root = self._key(name) + "/"
+        done = [k[len(root):-len(CARD_FILE) - 1] for k in self.store.list(root) if k.endswith("/" + CARD_FILE)]
+        return sorted(done, key=_version_order)
+
+    def next_version(self, name: str) -> str:
+        numbers = [int(m.group(1)) for v in self._taken(name) if (m := _AUTO_VERSION.match(v))]
+        return f"v{max(numbers, default=0) + 1}"
+
+    def latest(self, name: str) -> dict | None:
+        """The `latest` pointer of a model, or None when the model has no version yet."""
+        key = self._key(name, LATEST)
+        if not self.store.exists(key):
+            return None
+        pointer = self.store.get_json(key)
+        if not isinstance(pointer, dict) or "version" not in pointer:
+            raise RegistryError(f"{self.store.uri(key)} is not a registry pointer (no 'version')")
+        return pointer
+
+    def card(self, name: str, version: str) -> dict:
+        return self.store.get_json(self._key(name, version, CARD_FILE))
+
+    def fetch(self, name: str, version: str, dest: str | Path) -> Path:
+        """Download a complete version's model.pt (checked against its sha256) to dest."""
+        if version == LATEST:
+            pointer = self.latest(name)
+            if pointer is None:
+                raise RegistryError(f"model {name!r} has no registered version")
+            version = pointer["version"]
+        card = self.card(name, version)
+        dest = Path(dest)
+        self.store.get_file(self._key(name, version, MODEL_FILE), dest)
+        actual = sha256_file(dest)
+        if actual != card["model"]["sha256"]:
+            dest.unlink(missing_ok=True)
+            raise RegistryError(f"{name} {version}: model.pt sha256 {actual} does not match its card "
+                                f"({card['model']['sha256']})")
+        return dest
+
+    def register(self, name: str, model_path: str | Path, card: dict, version: str | None = None) -> RegisteredVersion:
+        """Store model.pt, then its card, then move `latest`; refuses to touch an existing version."""
+        _check_name("name", name)
+        model_path = Path(model_path)
+        if not model_path.is_file():
+            raise RegistryError(f"{model_path}: no such model file to register")
+        taken = self._taken(name)
+        if version:
+            _check_name("version", version)
+            if version in taken:
+                raise RegistryError(f"model {name!r} version {version!r} already exists at "
+                                    f"{self.store.uri(self._key(name, version))}/; versions are immutable")
+        else:
+            version = self.next_version(name)
+        sha = sha256_file(model_path)
+        model_key = self._key(name, version, MODEL_FILE)
+        card_key = self._key(name, version, CARD_FILE)
+        full_card = {
+            **card,
+            "format_version": CARD_FORMAT,
+            "name": name,
+            "version": version,
+            "created": card.get("created") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": {**card.get("model", {}), "uri": self.store.uri(model_key), "sha256": sha,
+                      "bytes": model_path.stat().st_size, "file": MODEL_FILE},
+        }
+        self.store.put_file(model_key, model_path, sha)
+        self.store.put_json(card_key, full_card)
+        self.store.put_json(self._key(name, LATEST), {
+            "version": version, "model_uri": self.store.uri(model_key), "card_uri": self.store.uri(card_key),
+            "sha256": sha, "created": full_card["created"]})
+        return RegisteredVersion(name, version, self.store.uri(model_key), self.store.uri(card_key), full_card)
+
+
+def _version_order(version: str):
+    m = _AUTO_VERSION.match(version)
+    return (0, int(m.group(1)), "") if m else (1, 0, version)
+
+
+# -- Kubeflow Model Registry ------------------------------------------------------------------------
+
+def _flat_metadata(card: dict) -> dict[str, str | int | float | bool]:
+    """Model Registry custom properties hold scalars only: flatten the card's numbers and ids."""
+    out: dict[str, str | int | float | bool] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}" if not prefix else f"{prefix}.{k}", v)
+        elif isinstance(value, (bool, int, float, str)) and value is not None:
+            out[prefix] = value
+
+    for section in ("metrics", "zero_shot", "champion"):
+        walk(section, card.get(section) or {})
+    for key in ("run_id", "created", "version"):
+        if card.get(key):
+            out[key] = card[key]
+    out["model.sha256"] = card["model"]["sha256"]
+    out["card_uri"] = card.get("card_uri", "")
+    if card.get("dataset", {}).get("content_hash"):
+        out["dataset.content_hash"] = card["dataset"]["content_hash"]
+    if card.get("weights", {}).get("sha256"):
+        out["weights.sha256"] = card["weights"]["sha256"]
+    return out
+
+
+def register_in_model_registry(url: str, registered: RegisteredVersion, *, author: str = "sam-pipeline",
+                               format_version: str = "2") -> dict:
+    """Record a registered version in Kubeflow Model Registry (metadata only; the bytes stay in S3)."""
+    import logging
+    import warnings
+
+    from model_registry import ModelRegistry
+
+    try:
+        with warnings.catch_warnings():
+            # Inside a cluster the service-account token is read when present; outside there is none.
+            warnings.filterwarnings("ignore", message="User access token is missing")
+            client = ModelRegistry(url, author=author, log_level=logging.ERROR)
+        card = {**registered.card, "card_uri": registered.card_uri}
+        client.register_model(
+            registered.name, registered.model_uri,
+            model_format_name="pytorch", model_format_version=format_version,
+            version=registered.version,
+            version_description=f"SAM {card.get('model', {}).get('model_type', '')} fine-tuned by sam-pipeline",
+            metadata=_flat_metadata(card),
+        )
+        mv = client.get_model_version(registered.name, registered.version)
+    except Exception as e:  # the client raises many types (StoreError, aiohttp, openapi); one line for all
+        raise RegistryError(f"Kubeflow Model Registry at {url}: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else 'failed'}") from None
+    return {"model_registry_url": url, "model_registry_version_id": getattr(mv, "id", None)}
+
+
+# -- the pipeline step ------------------------------------------------------------------------------
+
+def _loads(what: str, text: str | dict | None) -> dict:
+    if isinstance(text, dict):
+        return text
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as e:
+        raise RegistryError(f"{what} is not valid JSON ({e.msg} at char {e.pos})") from None
+    if not isinstance(value, dict):
+        raise RegistryError(f"{what} must be a JSON object")
+    return value
+
+
+def build_card(metrics: dict, *, run_id: str, model_metadata: dict, dataset_metadata: dict,
+               weights_metadata: dict) -> dict:
+    """The model card: what was measured, on which data, from which weights, by which run."""
+    zero_shot = {k[len("zero_shot_"):]: v for k, v in metrics.items() if k.startswith("zero_shot_")}
+    champion = {k[len("champion_"):]: v for k, v in metrics.items() if k.startswith("champion_")}
+    finetuned = {k[len("finetuned_"):]: v for k, v in metrics.items() if k.startswith("finetuned_")}
+    training = {k: v for k, v in model_metadata.items() if k not in {"history", "display_name"}}
+    return {
+        "run_id": run_id,
+        "metrics": finetuned or metrics,
+        "zero_shot": zero_shot,
+        "champion": champion or None,
+        "evaluation": {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))},
+        "dataset": {k: dataset_metadata.get(k) for k in ("name", "content_hash", "uri", "manifest_uri", "totals",
+                                                         "splits", "source") if k in dataset_metadata},
+        "weights": {k: weights_metadata.get(k) for k in ("model_type", "sha256", "source_url", "bytes",
+                                                         "object_uri") if k in weights_metadata},
+        "training": training,
+        "model": {"model_type": model_metadata.get("model_type") or weights_metadata.get("model_type"),
+                  "format": "pytorch state_dict (segment_anything / mobile_sam Sam)"},
+    }
+
+
+def register_step(model_path: str, metrics_json: str | dict, model_name: str, model_registry_url: str,
+                  run_id: str, s3_endpoint: str, bucket: str, prefix: str, *, version: str = "",
+                  model_metadata: dict | None = None, dataset_metadata: dict | None = None,
+                  weights_metadata: dict | None = None) -> dict:
+    """Register the fine-tuned model; returns the version, its uris and the Model Registry id if any."""
+    metrics = _loads("metrics_json", metrics_json)
+    store = ObjectStore(S3Config.from_env(endpoint=s3_endpoint, bucket=bucket, prefix=prefix))
+    card = build_card(metrics, run_id=run_id, model_metadata=model_metadata or {},
+                      dataset_metadata=dataset_metadata or {}, weights_metadata=weights_metadata or {})
+    registered = ObjectStoreRegistry(store).register(model_name, model_path, card, version or None)
+    result = {"model_name": registered.name, "version": registered.version, "model_uri": registered.model_uri,
+              "card_uri": registered.card_uri, "sha256": registered.card["model"]["sha256"]}
+    if model_registry_url:
+        result.update(register_in_model_registry(
+            model_registry_url, registered,
+            format_version=str((model_metadata or {}).get("torch_version") or "2")))
+    return result
