@@ -1,0 +1,138 @@
+"""Read a dataset version back from its manifest: what finetune and evaluate train and score on.
+
+The manifest is the commit point of an ingest, so readers trust only what it lists: every object is
+fetched by its key, checked against the manifest's sha256, and kept in a local cache addressed by that
+sha256, so a second epoch, a retried pod or another step on the same node downloads nothing.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from components.hashing import sha256_file
+from components.storage import ObjectStore, StorageError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Sample:
+    id: str
+    image: np.ndarray  # HxWx3 uint8 RGB
+    mask: np.ndarray  # HxW uint8, 0 = background, 1..N instance ids
+    image_sha256: str
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SAM_DATA_CACHE", Path.home() / ".cache" / "sam-pipeline" / "objects"))
+
+
+def load_manifest(store: ObjectStore | None, manifest_uri_or_key: str | Path) -> dict:
+    """Load a manifest from an s3:// uri (of the manifest or of its dataset folder), a key in the
+    store's bucket, or a local file (the KFP Dataset artifact that ingest wrote)."""
+    ref = str(manifest_uri_or_key)
+    if not ref.startswith("s3://") and Path(ref).is_file():
+        return _checked(json.loads(Path(ref).read_text()), ref)
+    if store is None:
+        raise StorageError(f"{ref} is not a local file and no object store was given to read it from")
+    if ref.startswith("s3://"):
+        bucket, key = ObjectStore.parse_uri(ref)
+        store = _store_for(store, bucket)
+    else:
+        key = ref
+    if not key.endswith(".json"):
+        key = key.rstrip("/") + "/manifest.json"
+    return _checked(store.get_json(key), store.uri(key))
+
+
+def _checked(manifest, where: str) -> dict:
+    if not isinstance(manifest, dict) or manifest.get("format_version") != 1 or "items" not in manifest:
+        raise StorageError(f"{where} is not a sam-pipeline dataset manifest (format_version 1)")
+    return manifest
+
+
+def _store_for(store: ObjectStore, bucket: str) -> ObjectStore:
+    # Manifest keys are full object names, so only the bucket matters, never the store's prefix.
+    return store if bucket == store.config.bucket else store.for_bucket(bucket)
+
+
+def item_splits(item: dict) -> list[str]:
+    """The splits an item belongs to: tiny datasets let val/test reuse train images (see split.py)."""
+    return item.get("splits") or [item["split"]]
+
+
+def split_items(manifest: dict, split: str) -> list[dict]:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    return [it for it in manifest["items"] if split in item_splits(it)]
+
+
+def load_split(store: ObjectStore, manifest: dict, split: str, cache_dir: Path | None = None,
+               *, workers: int = 8) -> list[Sample]:
+    """Fetch (or find in the cache), verify and decode every image and mask of one split."""
+    items = split_items(manifest, split)
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    store = _store_for(store, manifest.get("bucket", store.config.bucket))
+
+    def fetch(ref: dict) -> Path:
+        return _cached_object(store, ref, cache_dir)
+
+    refs = [it[kind] for it in items for kind in ("image", "mask")]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        paths = list(pool.map(fetch, refs))
+    samples = []
+    for i, it in enumerate(items):
+        samples.append(decode_sample(it["id"], paths[2 * i], paths[2 * i + 1], it["image"]["sha256"]))
+    return samples
+
+
+def _cached_object(store: ObjectStore, ref: dict, cache_dir: Path) -> Path:
+    sha = ref["sha256"]
+    path = cache_dir / sha[:2] / sha
+    if path.is_file():
+        # A cache entry is trusted only while it still hashes to its name; small files, cheap to check.
+        if sha256_file(path) == sha:
+            return path
+        path.unlink()
+    tmp = path.with_name(f".{sha}.part{os.getpid()}")
+    try:
+        store.get_file(ref["key"], tmp)
+        actual = sha256_file(tmp)
+        if actual != sha:
+            raise StorageError(f"{store.uri(ref['key'])}: sha256 {actual} does not match the manifest's {sha}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def decode_sample(sample_id: str, image_path: Path, mask_path: Path, image_sha256: str | None = None) -> Sample:
+    with Image.open(image_path) as im:
+        image = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    with Image.open(mask_path) as m:
+        # P-mode masks hold instance ids as palette indices: read the indices, never the colours.
+        mask = np.asarray(m if m.mode in ("L", "P") else m.convert("L"), dtype=np.uint8)
+    return Sample(sample_id, image, mask, image_sha256 or sha256_file(image_path))
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def load_local_split(folder: Path, split: str, *, seed: int = 0, fractions: dict | None = None,
+                     fmt: str = "auto") -> list[Sample]:
+    """The same validation and split as ingest, straight from a local folder or zip (no object store)."""
+    from components.datasets.ingest import prepare
+
+    with prepare(str(folder), fmt, seed=seed, fractions=fractions) as prepared:
+        wanted = [it for it in prepared.items if split in it.splits]
+        return [decode_sample(it.id, it.image_path, it.mask_path, it.image_sha256) for it in wanted]
