@@ -1,0 +1,147 @@
+"""ingest-dataset: validate a dataset, split it, and store it under its content hash.
+
+Objects go to `<prefix>datasets/<name>/<content_hash>/{images,masks}/`, then `manifest.json` last: the
+manifest is the commit point. An interrupted ingest leaves objects no reader trusts and is simply run
+again (objects already there with the same sha256 are skipped); the same data gives the same hash, so
+a re-run, or a scheduled run over unchanged data, uploads nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from components.datasets.adapters import get_layout
+from components.datasets.sources import open_source
+from components.datasets.split import SPLITS, assign_splits, check_fractions, content_hash
+from components.datasets.validate import DatasetError, Item, validate
+from components.storage import ObjectStore, S3Config
+
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
+
+
+@dataclass
+class Prepared:
+    source: str
+    layout: str
+    items: list[Item]
+    seed: int
+    fractions: dict[str, float]
+    content_hash: str
+
+
+@contextlib.contextmanager
+def prepare(source: str, fmt: str = "auto", *, store: ObjectStore | None = None, seed: int = 0,
+            fractions: dict | None = None, cache_dir: Path | None = None, workers: int = 4) -> Iterator[Prepared]:
+    """Fetch, validate and split a dataset; the files stay readable inside the `with` block."""
+    fractions = check_fractions(fractions)
+    with open_source(source, store, cache_dir) as local:
+        layout, problems = get_layout(fmt, local.root)
+        pairs = []
+        if layout is not None:
+            pairs, problems = layout.pairs(local.root)
+        items = validate(pairs, local.root, local.label, problems, workers=workers)
+        local.keep()
+        splits = assign_splits([(it.id, it.group) for it in items], seed, fractions)
+        for it in items:
+            it.splits = splits[it.id]
+            it.split = it.splits[0]
+        items.sort(key=lambda it: it.id)
+        files = [(f"images/{it.image_path.name}", it.image_sha256) for it in items]
+        files += [(f"masks/{it.mask_path.name}", it.mask_sha256) for it in items]
+        yield Prepared(str(source), layout.name, items, seed, fractions, content_hash(files, seed, fractions))
+
+
+def split_totals(items: list[dict]) -> dict:
+    """Images and instances in all and per split (an item serving several splits counts in each)."""
+    totals = {"images": len(items), "instances": sum(it["instances"] for it in items), "splits": {}}
+    for split in SPLITS:
+        members = [it for it in items if split in (it.get("splits") or [it["split"]])]
+        totals["splits"][split] = {"images": len(members), "instances": sum(it["instances"] for it in members)}
+    return totals
+
+
+def build_manifest(prep: Prepared, name: str, store: ObjectStore) -> dict:
+    root = store.key("datasets", name, prep.content_hash) + "/"
+    items = []
+    for it in prep.items:
+        entry = {
+            "id": it.id, "group": it.group, "split": it.split,
+            "width": it.width, "height": it.height, "instances": it.instances,
+            "image": {"key": f"{root}images/{it.image_path.name}", "sha256": it.image_sha256, "bytes": it.image_bytes},
+            "mask": {"key": f"{root}masks/{it.mask_path.name}", "sha256": it.mask_sha256, "bytes": it.mask_bytes},
+        }
+        if len(it.splits) > 1:
+            entry["splits"] = it.splits
+        items.append(entry)
+    return {
+        "format_version": 1, "name": name, "content_hash": prep.content_hash, "source": prep.source,
+        "layout": prep.layout, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "bucket": store.config.bucket, "root": root,
+        "split": {"seed": prep.seed, "fractions": prep.fractions, "stratify": "group"},
+        "items": items, "totals": split_totals(items),
+    }
+
+
+@dataclass
+class IngestResult:
+    name: str
+    content_hash: str
+    dataset_uri: str
+    manifest_uri: str
+    manifest: dict = field(repr=False)
+    uploaded: int
+    skipped: int
+
+    def to_json(self) -> dict:
+        totals = self.manifest["totals"]
+        return {"dataset": self.name, "dataset_uri": self.dataset_uri, "manifest_uri": self.manifest_uri,
+                "content_hash": self.content_hash, "images": totals["images"], "instances": totals["instances"],
+                "splits": totals["splits"], "uploaded": self.uploaded, "skipped": self.skipped}
+
+
+def ingest(source: str, fmt: str = "auto", name: str = "penn-fudan", store: ObjectStore | None = None,
+           seed: int = 0, fractions: dict | None = None, *, workers: int = 8,
+           cache_dir: Path | None = None) -> IngestResult:
+    """Validate `source` completely, then upload what is missing and commit the manifest."""
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"dataset name {name!r} must be lower-case letters, digits, '.', '_' or '-'")
+    store = store or ObjectStore(S3Config.from_env())
+    with prepare(source, fmt, store=store, seed=seed, fractions=fractions, cache_dir=cache_dir) as prep:
+        manifest_key = store.key("datasets", name, prep.content_hash, "manifest.json")
+        n_objects = 2 * len(prep.items)
+        if store.exists(manifest_key):
+            manifest = store.get_json(manifest_key)
+            uploaded, skipped = 0, n_objects
+        else:
+            manifest = build_manifest(prep, name, store)
+            uploads = [(it["image"]["key"], p.image_path, it["image"]["sha256"])
+                       for it, p in zip(manifest["items"], prep.items)]
+            uploads += [(it["mask"]["key"], p.mask_path, it["mask"]["sha256"])
+                        for it, p in zip(manifest["items"], prep.items)]
+            uploaded, skipped = store.put_many(uploads, workers=workers, progress=f"upload {name}")
+            store.put_json(manifest_key, manifest)
+    return IngestResult(name, prep.content_hash, store.uri(manifest["root"]), store.uri(manifest_key),
+                        manifest, uploaded, skipped)
+
+
+def ingest_step(source: str, dataset_format: str, dataset_name: str, split_seed: int, s3_endpoint: str,
+                bucket: str, prefix: str, out_manifest_path: str) -> dict:
+    """The KFP component body: ingest, write the manifest to the Dataset artifact, return its metadata."""
+    store = ObjectStore(S3Config.from_env(endpoint=s3_endpoint, bucket=bucket, prefix=prefix))
+    result = ingest(source, dataset_format or "auto", dataset_name, store, seed=int(split_seed))
+    out = Path(out_manifest_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result.manifest, indent=2, sort_keys=True))
+    meta = {k: v for k, v in result.to_json().items() if k != "splits"}
+    for split, counts in result.manifest["totals"]["splits"].items():
+        meta[f"{split}_images"] = counts["images"]
+        meta[f"{split}_instances"] = counts["instances"]
+    return meta
+
+
+__all__ = ["DatasetError", "IngestResult", "Prepared", "ingest", "ingest_step", "prepare"]

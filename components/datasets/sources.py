@@ -1,0 +1,146 @@
+"""Where a dataset comes from: an http(s) zip, a local zip or folder, or s3://bucket/prefix.
+
+Each source is turned into a local folder for the adapters. A downloaded zip is kept in the data cache
+(`./data/`, DATA_DIR overrides, as in the seed) only after the whole dataset validated, so a broken or
+wrong download is never found there by a later run.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
+
+from components.datasets.validate import DatasetError
+from components.download import DownloadError, download
+from components.storage import ObjectStore, StorageError
+
+PENNFUDAN_URL = "https://www.cis.upenn.edu/~jshi/ped_html/PennFudanPed.zip"
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("DATA_DIR", "data"))
+
+
+@dataclass
+class LocalSource:
+    root: Path  # a folder the adapters search
+    label: str  # how messages name the source
+    _pending: list[tuple[Path, Path]] = field(default_factory=list)  # (verified tmp, cache path)
+
+    def keep(self) -> None:
+        """Move downloads into the cache: call once the dataset has validated."""
+        for tmp, final in self._pending:
+            if tmp.exists():
+                os.replace(tmp, final)
+        self._pending.clear()
+
+
+def cache_path(url: str, cache_dir: Path | None = None) -> Path:
+    cache_dir = cache_dir or data_dir()
+    name = PurePosixPath(urlparse(url).path).name or "dataset.zip"
+    if url == PENNFUDAN_URL:
+        return cache_dir / name  # the seed's ./data/PennFudanPed.zip
+    # Other URLs may share a file name; the URL's hash keeps their caches apart.
+    return cache_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}"
+
+
+@contextlib.contextmanager
+def open_source(source: str, store: ObjectStore | None = None, cache_dir: Path | None = None) -> Iterator[LocalSource]:
+    source = str(source)
+    with tempfile.TemporaryDirectory(prefix="sam-ingest-") as tmp:
+        work = Path(tmp)
+        if source.startswith(("http://", "https://")):
+            local = _from_url(source, work, cache_dir)
+        elif source.startswith("s3://"):
+            local = _from_s3(source, store, work)
+        else:
+            path = Path(source).expanduser()
+            if path.is_dir():
+                local = LocalSource(path, source)
+            elif path.is_file():
+                local = LocalSource(_unzip(path, work / "unzipped", source), source)
+            else:
+                raise DatasetError(source, [f"{source}: no such file or folder"])
+        try:
+            yield local
+        finally:
+            for pending, _ in local._pending:
+                pending.unlink(missing_ok=True)
+
+
+def _from_url(url: str, work: Path, cache_dir: Path | None) -> LocalSource:
+    cached = cache_path(url, cache_dir)
+    if cached.is_file():
+        try:
+            return LocalSource(_unzip(cached, work / "unzipped", url), url)
+        except DatasetError:
+            cached.unlink()  # a damaged cache entry is fetched again, never used
+    # Beside the cache entry (same filesystem, so keep() is an atomic rename), hidden from lookups.
+    pending = cached.with_name(f".{cached.name}.unverified{os.getpid()}")
+    try:
+        download(url, pending, desc=cached.name)
+    except DownloadError as e:
+        raise DatasetError(url, [str(e)]) from None
+    local = LocalSource(Path(), url, [(pending, cached)])
+    try:
+        local.root = _unzip(pending, work / "unzipped", url)
+    except BaseException:
+        pending.unlink(missing_ok=True)
+        raise
+    return local
+
+
+def _from_s3(uri: str, store: ObjectStore | None, work: Path) -> LocalSource:
+    """Copy s3://bucket/prefix (a folder of files, or one zip) to the work folder."""
+    if store is None:
+        raise DatasetError(uri, [f"{uri}: an object store is needed to read it"])
+    bucket, prefix = ObjectStore.parse_uri(uri)
+    src = store if bucket == store.config.bucket else store.for_bucket(bucket)
+    if prefix.endswith(".zip"):
+        keys = [prefix] if src.exists(prefix) else []
+        base = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
+    else:
+        base = prefix.rstrip("/") + "/" if prefix else ""
+        keys = src.list(base)
+    if not keys:
+        raise DatasetError(uri, [f"{uri}: no objects there"])
+    files = work / "s3"
+    for key in keys:
+        rel = key[len(base):]
+        if not rel or rel.startswith("/") or ".." in PurePosixPath(rel).parts:
+            continue
+        try:
+            src.get_file(key, files / rel)
+        except StorageError as e:
+            raise DatasetError(uri, [str(e)]) from None
+    if len(keys) == 1 and keys[0].endswith(".zip"):
+        zip_path = files / keys[0][len(base):]
+        return LocalSource(_unzip(zip_path, work / "unzipped", uri), uri)
+    return LocalSource(files, uri)
+
+
+def _unzip(zip_path: Path, dest: Path, label: str) -> Path:
+    """Check the archive (every member's CRC) and extract it safely; returns the extraction folder."""
+    name = zip_path.name if "://" not in label else label
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            bad = zf.testzip()
+            if bad is not None:
+                raise DatasetError(label, [f"{name}: corrupt zip (member {bad} fails its CRC check)"])
+            for member in zf.infolist():
+                parts = PurePosixPath(member.filename).parts
+                if member.filename.startswith("/") or ".." in parts:
+                    raise DatasetError(label, [f"{name}: unsafe path {member.filename!r} in zip"])
+            if dest.exists():
+                shutil.rmtree(dest)
+            zf.extractall(dest)
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise DatasetError(label, [f"{name}: not a valid zip ({e})"]) from None
+    return dest

@@ -1,0 +1,109 @@
+"""Check every image/mask pair before anything is uploaded, and report all problems at once."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from components.datasets.adapters import Pair, _rel
+from components.hashing import sha256_file
+
+# Modes PIL turns into RGB faithfully; 16-bit and float images would be silently mangled.
+_RGB_READABLE = {"RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr"}
+_MASK_MODES = {"L", "P"}
+
+
+class DatasetError(ValueError):
+    """Everything wrong with a dataset: a summary line, then one problem per line, each naming its file."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = list(problems)
+        n = len(self.problems)
+        lines = [f"{n} problem{'s' if n != 1 else ''} in {source}:"] + [f"  {p}" for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+@dataclass
+class Item:
+    id: str
+    group: str
+    image_path: Path
+    mask_path: Path
+    image_sha256: str
+    mask_sha256: str
+    image_bytes: int
+    mask_bytes: int
+    width: int
+    height: int
+    instances: int
+    split: str = ""
+    splits: list[str] = field(default_factory=list)
+
+
+def check_pair(pair: Pair, top: Path) -> tuple[Item | None, list[str]]:
+    img_name, mask_name = _rel(pair.image_path, top), _rel(pair.mask_path, top)
+    problems = []
+    size = None
+    try:
+        with Image.open(pair.image_path) as im:
+            im.load()  # decode fully: a truncated file fails here, not in the middle of training
+            if im.mode not in _RGB_READABLE:
+                problems.append(f"{img_name}: image mode {im.mode} cannot be read as RGB")
+            size = im.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        problems.append(f"{img_name}: cannot decode as an image ({_why(e)})")
+    instances = 0
+    try:
+        with Image.open(pair.mask_path) as m:
+            m.load()
+            if m.mode not in _MASK_MODES:
+                kind = "16-bit" if m.mode.startswith("I;16") or m.mode == "I" else f"mode {m.mode}"
+                problems.append(f"{mask_name}: mask is {kind} ({m.mode}); masks must be 8-bit L or P "
+                                "with 0 = background and 1..N = instances")
+            else:
+                values = np.unique(np.asarray(m))
+                instances = int((values != 0).sum())
+                if instances == 0:
+                    problems.append(f"{mask_name}: mask has no instance (every pixel is 0 = background)")
+                elif values[0] != 0:
+                    # An all-foreground mask is almost always an inverted one (255 = background).
+                    problems.append(f"{mask_name}: mask has no background pixel (0 = background); "
+                                    "is it inverted?")
+            if size is not None and m.size != size:
+                problems.append(f"{img_name}: image is {size[0]}x{size[1]} but its mask {mask_name} "
+                                f"is {m.size[0]}x{m.size[1]}")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        problems.append(f"{mask_name}: cannot decode as a PNG mask ({_why(e)})")
+    if problems:
+        return None, problems
+    return Item(pair.id, pair.group, pair.image_path, pair.mask_path,
+                sha256_file(pair.image_path), sha256_file(pair.mask_path),
+                pair.image_path.stat().st_size, pair.mask_path.stat().st_size,
+                size[0], size[1], instances), []
+
+
+def validate(pairs: list[Pair], top: Path, source: str, problems: list[str] | None = None,
+             workers: int = 4) -> list[Item]:
+    """Items for all pairs, or a DatasetError listing every problem (layout ones first)."""
+    problems = list(problems or [])
+    if not pairs and not problems:
+        problems.append(f"empty dataset: no images found under {source}")
+    # PIL decodes with the GIL released, so threads use both cores.
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(lambda p: check_pair(p, top), pairs))
+    items = []
+    for item, found in results:
+        problems += found
+        if item is not None:
+            items.append(item)
+    if problems:
+        raise DatasetError(source, problems)
+    return items
+
+
+def _why(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
