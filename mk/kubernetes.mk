@@ -1,0 +1,87 @@
+# Kubernetes side of sam-pipeline: images, a kind cluster with a GPU worker, KFP, submit/schedule.
+# Included by the top-level Makefile (`include mk/kubernetes.mk`); every variable can be overridden
+# on the command line, e.g. `make images IMAGE_REGISTRY=registry.example.com/ml IMAGE_TAG=0.1.1`.
+# Runbook: docs/kubernetes.md.
+
+# Repository root, resolved from this file so the targets work from any include site.
+SAM_K8S_ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST)))/..)
+
+IMAGE_REGISTRY ?= localhost
+IMAGE_TAG ?= 0.1.0
+IMAGE_STEPS := fetch-weights ingest-dataset finetune evaluate register-model
+# Steps that run on the GPU worker; kind-load puts their (large) images only there.
+GPU_IMAGE_STEPS := finetune evaluate
+image_ref = $(IMAGE_REGISTRY)/sam-pipeline-$(1):$(IMAGE_TAG)
+
+DOCKER ?= docker
+KIND ?= kind
+KUBECTL ?= kubectl
+KIND_CLUSTER ?= sam-pipeline
+KIND_CONTEXT := kind-$(KIND_CLUSTER)
+SAM_PIPELINE ?= $(SAM_K8S_ROOT)/.venv/bin/sam-pipeline
+# pipelines/images.py reads SAM_IMAGE_REGISTRY/SAM_IMAGE_TAG, so the compiled pipeline names the images
+# `make images` built. With the defaults the committed pipelines/sam_finetune.yaml is reproduced as is.
+SAM_COMPILE ?= SAM_IMAGE_REGISTRY=$(IMAGE_REGISTRY) SAM_IMAGE_TAG=$(IMAGE_TAG) $(SAM_PIPELINE) compile
+KFP_LOCAL_PORT ?= 8080
+KFP_HOST ?= http://localhost:$(KFP_LOCAL_PORT)
+KFP_EXPERIMENT ?= sam-pipeline
+# Extra arguments for submit/schedule, e.g. SUBMIT_ARGS="-p n_iterations=50 -p model_type=vit_t".
+SUBMIT_ARGS ?=
+SCHEDULE_ARGS ?=
+# KFP recurring runs take a 6-field cron, seconds first: 03:00:00 every day.
+SCHEDULE_CRON ?= 0 0 3 * * *
+S3_LOCAL_PORT ?= 9000
+
+.PHONY: images $(addprefix image-,$(IMAGE_STEPS)) kind-load preflight kind-up kind-gpu-check \
+        kind-kfp kind-model-registry kind-submit kind-schedule kind-ui kind-s3-forward kind-down
+
+images: $(addprefix image-,$(IMAGE_STEPS)) ## build all five step images with one tag
+
+$(addprefix image-,$(IMAGE_STEPS)): image-%:
+	DOCKER_BUILDKIT=1 $(DOCKER) build -f $(SAM_K8S_ROOT)/images/$*/Dockerfile \
+		-t $(call image_ref,$*) $(SAM_K8S_ROOT)
+
+kind-load: ## load the images into the kind cluster (GPU images onto the GPU worker only)
+	$(KIND) load docker-image --name $(KIND_CLUSTER) \
+		$(foreach s,$(filter-out $(GPU_IMAGE_STEPS),$(IMAGE_STEPS)),$(call image_ref,$(s)))
+	gpu_nodes="$$($(KUBECTL) --context $(KIND_CONTEXT) get nodes -l nvidia.com/gpu.present=true \
+		-o jsonpath='{range .items[*]}{.metadata.name}{","}{end}')"; \
+	test -n "$$gpu_nodes" || { echo "no GPU node in kind cluster $(KIND_CLUSTER)" >&2; exit 1; }; \
+	$(KIND) load docker-image --name $(KIND_CLUSTER) --nodes "$${gpu_nodes%,}" \
+		$(foreach s,$(GPU_IMAGE_STEPS),$(call image_ref,$(s)))
+
+preflight: ## check docker, kind, kubectl, helm, the NVIDIA driver and container toolkit
+	$(SAM_K8S_ROOT)/scripts/preflight.sh
+
+kind-up: preflight ## kind cluster + GPU worker + device plugin + GPU smoke test + KFP 2.17.0
+	KIND_CLUSTER=$(KIND_CLUSTER) $(SAM_K8S_ROOT)/scripts/kind-up.sh
+
+kind-gpu-check: ## run nvidia-smi in a pod that requests nvidia.com/gpu: 1
+	KUBE_CONTEXT=$(KIND_CONTEXT) $(SAM_K8S_ROOT)/scripts/gpu-check.sh
+
+kind-kfp: ## (re)install Kubeflow Pipelines standalone and wait until ready
+	KUBE_CONTEXT=$(KIND_CONTEXT) $(SAM_K8S_ROOT)/scripts/kfp-install.sh
+
+kind-model-registry: ## optional: Kubeflow Model Registry in namespace kubeflow
+	$(KUBECTL) --context $(KIND_CONTEXT) apply -k $(SAM_K8S_ROOT)/manifests/model-registry
+	$(KUBECTL) --context $(KIND_CONTEXT) -n kubeflow rollout status deployment/model-registry-deployment --timeout=600s
+	@echo "model registry ready: pass -p model_registry_url=http://model-registry-service.kubeflow.svc.cluster.local:8080"
+
+kind-submit: ## compile, then submit one run to KFP in kind and wait for it
+	$(SAM_COMPILE)
+	KUBE_CONTEXT=$(KIND_CONTEXT) $(SAM_K8S_ROOT)/scripts/port-forward.sh kubeflow ml-pipeline-ui $(KFP_LOCAL_PORT):80 -- \
+		$(SAM_PIPELINE) submit --host $(KFP_HOST) --experiment $(KFP_EXPERIMENT) --wait $(SUBMIT_ARGS)
+
+kind-schedule: ## compile, then create the nightly recurring run ($(SCHEDULE_CRON))
+	$(SAM_COMPILE)
+	KUBE_CONTEXT=$(KIND_CONTEXT) $(SAM_K8S_ROOT)/scripts/port-forward.sh kubeflow ml-pipeline-ui $(KFP_LOCAL_PORT):80 -- \
+		$(SAM_PIPELINE) schedule --host $(KFP_HOST) --cron "$(SCHEDULE_CRON)" $(SCHEDULE_ARGS)
+
+kind-ui: ## KFP UI on http://localhost:$(KFP_LOCAL_PORT) until Ctrl-C
+	$(KUBECTL) --context $(KIND_CONTEXT) -n kubeflow port-forward svc/ml-pipeline-ui $(KFP_LOCAL_PORT):80
+
+kind-s3-forward: ## SeaweedFS S3 on localhost:$(S3_LOCAL_PORT) until Ctrl-C (staging for air-gapped runs)
+	$(KUBECTL) --context $(KIND_CONTEXT) -n kubeflow port-forward svc/seaweedfs $(S3_LOCAL_PORT):9000
+
+kind-down: ## delete the kind cluster
+	$(KIND) delete cluster --name $(KIND_CLUSTER)
