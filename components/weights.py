@@ -1,0 +1,187 @@
+"""fetch-weights: the SAM/MobileSAM checkpoint catalogue, verified download, local and object-store cache.
+
+Lookup order: local cache (`~/.sam_models/`, SAM_MODELS overrides), then the object store
+(`weights/<model_type>/<sha256>/<file>`, so an air-gapped cluster works once weights are staged), then
+the URL. Every hit is re-verified (size and sha256); a corrupt file is fetched again, never used.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from components.download import DownloadError, download
+from components.hashing import sha256_file
+from components.storage import ObjectStore, S3Config
+
+
+class WeightsError(DownloadError):
+    """A one-line weights failure (a DownloadError, so callers can catch both as one)."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    model_type: str
+    url: str
+    bytes: int
+    sha256: str
+    filename: str
+
+
+CATALOGUE: dict[str, Checkpoint] = {c.model_type: c for c in (
+    Checkpoint("vit_t", "https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
+               40_728_226, "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f",
+               "vit_t_mobile_sam.pth"),
+    Checkpoint("vit_b", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+               375_042_383, "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+               "vit_b_sam_vit_b_01ec64.pth"),
+    Checkpoint("vit_h", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+               2_564_550_879, "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+               "vit_h_sam_vit_h_4b8939.pth"),
+)}
+
+
+@dataclass
+class FetchResult:
+    model_type: str
+    path: Path
+    sha256: str
+    bytes: int
+    source_url: str
+    object_uri: str | None
+    origin: str  # "local-cache" | "object-store" | "download": where this call found the file
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get("SAM_MODELS") or "~/.sam_models").expanduser()
+
+
+def _entry(model_type: str) -> Checkpoint:
+    try:
+        return CATALOGUE[model_type]
+    except KeyError:
+        raise WeightsError(f"unknown model type {model_type!r}; choose one of {', '.join(CATALOGUE)}") from None
+
+
+def cache_name(entry: Checkpoint, sha256: str) -> str:
+    # Only the catalogue's own file gets the catalogue's name: anything else is named by its sha256,
+    # so a mirror's different file can never be mistaken for the official checkpoint.
+    return entry.filename if sha256 == entry.sha256 else f"{entry.model_type}_{sha256}.pth"
+
+
+def _verified(path: Path, sha256: str, size: int | None) -> bool:
+    if not path.is_file() or (size is not None and path.stat().st_size != size):
+        return False
+    return sha256_file(path) == sha256
+
+
+class _SourceIndex:
+    """url -> sha256 of what an unpinned URL served last time, so a second call finds its cache entry."""
+
+    def __init__(self, cache_dir: Path):
+        self.path = cache_dir / "sources.json"
+
+    def get(self, url: str) -> str | None:
+        try:
+            return json.loads(self.path.read_text()).get(url)
+        except (OSError, ValueError):
+            return None
+
+    def set(self, url: str, sha256: str) -> None:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        data[url] = sha256
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+def fetch_weights(model_type: str = "vit_t", url: str | None = None, sha256: str | None = None,
+                  cache_dir: str | Path | None = None, store: ObjectStore | None = None) -> FetchResult:
+    """Return a verified local checkpoint, fetching it only when neither cache has it.
+
+    url: a mirror URL or a local file (default: the catalogue's). sha256: pins the file; without it a
+    custom URL is trusted as served and its sha256 is computed and reported.
+    """
+    entry = _entry(model_type)
+    url = url or entry.url
+    pinned = sha256.lower() if sha256 else (entry.sha256 if url == entry.url else None)
+    size = entry.bytes if pinned == entry.sha256 else None
+    cache_dir = Path(cache_dir).expanduser() if cache_dir else models_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    index = _SourceIndex(cache_dir)
+    known = pinned or index.get(url)
+
+    path, origin = None, "download"
+    if known:
+        candidate = cache_dir / cache_name(entry, known)
+        if _verified(candidate, known, size):
+            path, origin = candidate, "local-cache"
+        else:
+            candidate.unlink(missing_ok=True)  # corrupt or truncated: fetch again
+        if path is None and store is not None:
+            path = _from_store(store, entry, known, size, candidate)
+            origin = "object-store" if path else origin
+    if path is None:
+        incoming = cache_dir / f".incoming-{model_type}-{os.getpid()}"
+        try:
+            actual = download(url, incoming, sha256=pinned, size=size, desc=f"{model_type} weights")
+        except DownloadError as e:
+            raise WeightsError(f"{model_type} weights: {e}") from None
+        path = cache_dir / cache_name(entry, actual)
+        os.replace(incoming, path)
+        if not pinned:
+            index.set(url, actual)
+        known = actual
+
+    object_uri = _to_store(store, entry, known, path) if store is not None else None
+    return FetchResult(model_type, path, known, path.stat().st_size, url, object_uri, origin)
+
+
+def _key(store: ObjectStore, entry: Checkpoint, sha256: str) -> str:
+    return store.key("weights", entry.model_type, sha256, cache_name(entry, sha256))
+
+
+def _from_store(store: ObjectStore, entry: Checkpoint, sha256: str, size: int | None, dest: Path) -> Path | None:
+    key = _key(store, entry, sha256)
+    info = store.stat(key)
+    if info is None or (size is not None and info.size != size):
+        return None
+    tmp = dest.with_name(f".{dest.name}.from-store{os.getpid()}")
+    try:
+        store.get_file(key, tmp)
+        if not _verified(tmp, sha256, size):
+            return None  # a damaged object is replaced by the download that follows
+        os.replace(tmp, dest)
+        return dest
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _to_store(store: ObjectStore, entry: Checkpoint, sha256: str, path: Path) -> str:
+    key = _key(store, entry, sha256)
+    info = store.stat(key)
+    if info is None or info.sha256 != sha256 or info.size != path.stat().st_size:
+        store.put_file(key, path, sha256)
+    return store.uri(key)
+
+
+def fetch_step(model_type: str, url: str, sha256: str, s3_endpoint: str, bucket: str, prefix: str,
+               out_path: str) -> dict:
+    """The KFP component body: fetch (or find) the checkpoint and copy it to the output artifact."""
+    store = ObjectStore(S3Config.from_env(endpoint=s3_endpoint, bucket=bucket, prefix=prefix))
+    result = fetch_weights(model_type, url or None, sha256 or None, store=store)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(result.path, out)
+    return {"model_type": model_type, "sha256": result.sha256, "source_url": result.source_url,
+            "bytes": result.bytes, "object_uri": result.object_uri}

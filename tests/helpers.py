@@ -1,0 +1,20 @@
+"""Builders shared by several test files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from components.hashing import sha256_file
+
+
+def make_random_vit_t_checkpoint(path: str | Path, seed: int = 0) -> str:
+    """A randomly initialised state dict of the real MobileSAM vit_t architecture (same keys and shapes
+    as mobile_sam.pt, so every loader accepts it); returns its sha256."""
+    import torch
+    from mobile_sam import sam_model_registry
+
+    torch.manual_seed(seed)
+    model = sam_model_registry["vit_t"]()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return sha256_file(path)
