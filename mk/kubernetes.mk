@@ -19,9 +19,10 @@ KUBECTL ?= kubectl
 KIND_CLUSTER ?= sam-pipeline
 KIND_CONTEXT := kind-$(KIND_CLUSTER)
 SAM_PIPELINE ?= $(SAM_K8S_ROOT)/.venv/bin/sam-pipeline
-# pipelines/images.py reads SAM_IMAGE_REGISTRY/SAM_IMAGE_TAG, so the compiled pipeline names the images
-# `make images` built. With the defaults the committed pipelines/sam_finetune.yaml is reproduced as is.
-SAM_COMPILE ?= SAM_IMAGE_REGISTRY=$(IMAGE_REGISTRY) SAM_IMAGE_TAG=$(IMAGE_TAG) $(SAM_PIPELINE) compile
+# kind-submit/kind-schedule compile a package for the images `make images` built into build/, so the
+# committed pipelines/sam_finetune.yaml stays as it is whatever IMAGE_REGISTRY/IMAGE_TAG say.
+SAM_PACKAGE ?= $(SAM_K8S_ROOT)/build/sam_finetune.yaml
+SAM_COMPILE ?= $(SAM_PIPELINE) compile --registry $(IMAGE_REGISTRY) --tag $(IMAGE_TAG) -o $(SAM_PACKAGE)
 KFP_LOCAL_PORT ?= 8080
 KFP_HOST ?= http://localhost:$(KFP_LOCAL_PORT)
 KFP_EXPERIMENT ?= sam-pipeline
@@ -67,15 +68,17 @@ kind-model-registry: ## optional: Kubeflow Model Registry in namespace kubeflow
 	$(KUBECTL) --context $(KIND_CONTEXT) -n kubeflow rollout status deployment/model-registry-deployment --timeout=600s
 	@echo "model registry ready: pass -p model_registry_url=http://model-registry-service.kubeflow.svc.cluster.local:8080"
 
-kind-submit: ## compile, then submit one run to KFP in kind and wait for it
+kind-submit: ## compile (build/), then submit one run to KFP in kind and wait for it
 	$(SAM_COMPILE)
 	KUBE_CONTEXT=$(KIND_CONTEXT) $(SAM_K8S_ROOT)/scripts/port-forward.sh kubeflow ml-pipeline-ui $(KFP_LOCAL_PORT):80 -- \
-		$(SAM_PIPELINE) submit --host $(KFP_HOST) --experiment $(KFP_EXPERIMENT) --wait $(SUBMIT_ARGS)
+		$(SAM_PIPELINE) submit --host $(KFP_HOST) --package $(SAM_PACKAGE) --experiment $(KFP_EXPERIMENT) \
+		--wait $(SUBMIT_ARGS)
 
-kind-schedule: ## compile, then create the nightly recurring run ($(SCHEDULE_CRON))
+kind-schedule: ## compile (build/), then create the nightly recurring run ($(SCHEDULE_CRON))
 	$(SAM_COMPILE)
 	KUBE_CONTEXT=$(KIND_CONTEXT) $(SAM_K8S_ROOT)/scripts/port-forward.sh kubeflow ml-pipeline-ui $(KFP_LOCAL_PORT):80 -- \
-		$(SAM_PIPELINE) schedule --host $(KFP_HOST) --cron "$(SCHEDULE_CRON)" $(SCHEDULE_ARGS)
+		$(SAM_PIPELINE) schedule --host $(KFP_HOST) --package $(SAM_PACKAGE) --experiment $(KFP_EXPERIMENT) \
+		--cron "$(SCHEDULE_CRON)" $(SCHEDULE_ARGS)
 
 kind-ui: ## KFP UI on http://localhost:$(KFP_LOCAL_PORT) until Ctrl-C
 	$(KUBECTL) --context $(KIND_CONTEXT) -n kubeflow port-forward svc/ml-pipeline-ui $(KFP_LOCAL_PORT):80

@@ -408,12 +408,14 @@ def test_make_targets_exist():
 
 
 def test_kind_submit_and_schedule_commands():
-    out = make_dry("kind-submit", "SUBMIT_ARGS=-p n_iterations=5")
-    assert "SAM_IMAGE_REGISTRY=localhost SAM_IMAGE_TAG=0.1.0" in out and " compile" in out
+    package = ROOT / "build" / "sam_finetune.yaml"
+    out = make_dry("kind-submit", "SUBMIT_ARGS=-p n_iterations=5", "IMAGE_TAG=0.2.0").replace("\\\n", " ")
+    # The package for the images just built goes to build/, never over the committed YAML.
+    assert f"compile --registry localhost --tag 0.2.0 -o {package}" in out
     assert "port-forward.sh kubeflow ml-pipeline-ui 8080:80 --" in out
-    assert re.search(r"sam-pipeline submit --host http://localhost:8080 .*--wait -p n_iterations=5", out)
-    out = make_dry("kind-schedule")
-    assert 'schedule --host http://localhost:8080 --cron "0 0 3 * * *"' in out
+    assert re.search(rf"sam-pipeline submit --host http://localhost:8080 --package {package} .*--wait\s+-p n_iterations=5", out)
+    out = make_dry("kind-schedule").replace("\\\n", " ")
+    assert re.search(rf'schedule --host http://localhost:8080 --package {package} .*--cron "0 0 3 \* \* \*"', out)
 
 
 def test_kind_load_sends_gpu_images_to_gpu_nodes_only():
@@ -494,3 +496,21 @@ def test_runbook_kfp_cli_commands_parse_with_kfp_2_17(tmp_path, monkeypatch):
             assert len(params["cron_expression"].split()) == 6, f"KFP cron has 6 fields (seconds first): {argv}"
         for kv in params.get("args") or ():
             assert "=" in kv, f"{shlex.join(argv)}: pipeline parameters are key=value after the options"
+
+
+# --- air-gapped path of the runbook -----------------------------------------------------------------
+
+def test_air_gapped_dataset_source_is_the_staged_uri(store, tmp_path):
+    """Runbook section 3: after `sam-pipeline ingest` staged a dataset from a workstation, the pipeline's
+    ingest step pointed at the printed dataset_uri (no internet) must find the same version and upload
+    nothing. Also a raw zip dropped into the store works as a source."""
+    from components.datasets.ingest import ingest
+    from components.datasets.synthetic import make_pennfudan_zip
+
+    zip_path = make_pennfudan_zip(tmp_path / "PennFudanPed.zip", n_fudan=3, n_penn=3, seed=1, size_range=(48, 72))
+    staged = ingest(str(zip_path), "penn-fudan", "penn-fudan", store, seed=0)
+    again = ingest(staged.dataset_uri, "auto", "penn-fudan", store, seed=0)
+    assert (again.content_hash, again.uploaded) == (staged.content_hash, 0)
+    store.put_file(store.key("incoming", "PennFudanPed.zip"), zip_path)
+    dropped = ingest(store.uri(store.key("incoming", "PennFudanPed.zip")), "auto", "penn-fudan", store, seed=0)
+    assert (dropped.content_hash, dropped.uploaded) == (staged.content_hash, 0)
