@@ -37,7 +37,8 @@ class Prepared:
 @contextlib.contextmanager
 def prepare(source: str, fmt: str = "auto", *, store: ObjectStore | None = None, seed: int = 0,
             fractions: dict | None = None, cache_dir: Path | None = None, workers: int = 4) -> Iterator[Prepared]:
-    """Fetch, validate and split a dataset; the files stay readable inside the `with` block."""
+    """Fetch, validate and split a dataset; the files stay readable inside the `with` block, and a
+    downloaded zip enters the data cache only when the block ends without an error."""
     fractions = check_fractions(fractions)
     with open_source(source, store, cache_dir) as local:
         layout, problems = get_layout(fmt, local.root)
@@ -45,7 +46,6 @@ def prepare(source: str, fmt: str = "auto", *, store: ObjectStore | None = None,
         if layout is not None:
             pairs, problems = layout.pairs(local.root)
         items = validate(pairs, local.root, local.label, problems, workers=workers)
-        local.keep()
         splits = assign_splits([(it.id, it.group) for it in items], seed, fractions)
         for it in items:
             it.splits = splits[it.id]
@@ -54,6 +54,8 @@ def prepare(source: str, fmt: str = "auto", *, store: ObjectStore | None = None,
         files = [(f"images/{it.image_path.name}", it.image_sha256) for it in items]
         files += [(f"masks/{it.mask_path.name}", it.mask_sha256) for it in items]
         yield Prepared(str(source), layout.name, items, seed, fractions, content_hash(files, seed, fractions))
+        # Only a run that got through (validated and, for ingest, committed) fills the data cache.
+        local.keep()
 
 
 def split_totals(items: list[dict]) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,15 +62,17 @@ def plan_pennfudan(n_fudan: int, n_penn: int, seed: int, size_range=(253, 1017),
 
 
 def _background(rng, h: int, w: int) -> np.ndarray:
-    """A street-like grey gradient with sensor noise (noise keeps PNG sizes photo-like)."""
-    base = rng.uniform(60, 170, size=3).astype(np.float32)
-    ramp = np.linspace(-25, 25, h, dtype=np.float32)[:, None, None] * np.float32(rng.uniform(0.5, 1.0))
-    noise = rng.standard_normal(size=(h, w, 3), dtype=np.float32) * np.float32(2.5)
-    return base + ramp + noise
+    """A street-like grey gradient with sensor noise (noise keeps PNG sizes photo-like); int16 HxWx3."""
+    base = rng.uniform(60, 170, size=3)
+    ramp = np.linspace(-25, 25, h)[:, None, None] * rng.uniform(0.5, 1.0)
+    img = np.broadcast_to((base + ramp).astype(np.int16), (h, w, 3)).copy()
+    img += rng.integers(-4, 5, size=(h, w, 3), dtype=np.int16)
+    return img
 
 
-def _draw_person(img, mask, inst: int, x0: int, x1: int, rng) -> None:
-    """An upright 'pedestrian' (head + ellipse body) inside columns x0..x1, striped in a vivid colour."""
+def _draw_person(img, mask, inst: int, x0: int, x1: int, rng) -> tuple[int, int, int, int]:
+    """An upright 'pedestrian' (head + ellipse body) inside columns x0..x1, striped in a vivid colour;
+    returns its 1-based PASCAL box."""
     h, w = mask.shape
     slot = max(2, x1 - x0)
     body_w = max(1.5, slot * rng.uniform(0.25, 0.4))
@@ -80,17 +83,20 @@ def _draw_person(img, mask, inst: int, x0: int, x1: int, rng) -> None:
     head_r = max(1.0, min(body_w * 0.8, height * 0.12))
     body_top = top + 2 * head_r
     cy, ry = (body_top + foot) / 2, max(1.5, (foot - body_top) / 2)
-    yy, xx = np.mgrid[0:h, x0:x1]
+    y0, y1 = max(0, int(top) - 1), min(h, int(foot) + 2)  # only the rows the figure can touch
+    yy, xx = np.mgrid[y0:y1, x0:x1]
     person = ((xx - cx) / body_w) ** 2 + ((yy - cy) / ry) ** 2 <= 1
     person |= (xx - cx) ** 2 + (yy - (top + head_r)) ** 2 <= head_r ** 2
     if not person.any():  # a degenerate draw on a tiny image: keep at least one pixel
-        person[min(h - 1, int(cy)), min(x1 - x0 - 1, max(0, int(cx) - x0))] = True
+        person[min(y1 - y0 - 1, max(0, int(cy) - y0)), min(x1 - x0 - 1, max(0, int(cx) - x0))] = True
     colour = rng.uniform(0, 255, size=3)
     colour[rng.integers(3)] = rng.uniform(200, 255)  # saturated, so it stands out of the grey street
-    stripes = (np.sin(yy * rng.uniform(0.3, 0.8)) * 30).astype(np.float32)[..., None]
-    region = img[:, x0:x1]
-    region[person] = (colour + stripes)[person] + rng.standard_normal((int(person.sum()), 3), dtype=np.float32) * 4
-    mask[:, x0:x1][person] = inst
+    stripes = (np.sin(yy[person] * rng.uniform(0.3, 0.8)) * 30)[:, None]
+    noise = rng.integers(-6, 7, size=(int(person.sum()), 3))
+    img[y0:y1, x0:x1][person] = (colour + stripes + noise).astype(np.int16)
+    mask[y0:y1, x0:x1][person] = inst
+    ys, xs = np.nonzero(person)
+    return int(xs.min()) + x0 + 1, int(ys.min()) + y0 + 1, int(xs.max()) + x0 + 1, int(ys.max()) + y0 + 1
 
 
 def render(spec: ImageSpec, seed: int) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int, int]]]:
@@ -101,12 +107,8 @@ def render(spec: ImageSpec, seed: int) -> tuple[np.ndarray, np.ndarray, list[tup
     img = _background(rng, h, w)
     mask = np.zeros((h, w), dtype=np.uint8)
     edges = np.linspace(0, w, spec.instances + 1).astype(int)
-    for k in range(spec.instances):
-        _draw_person(img, mask, k + 1, int(edges[k]), int(edges[k + 1]), rng)
-    boxes = []
-    for k in range(1, spec.instances + 1):
-        ys, xs = np.nonzero(mask == k)
-        boxes.append((int(xs.min()) + 1, int(ys.min()) + 1, int(xs.max()) + 1, int(ys.max()) + 1))
+    boxes = [_draw_person(img, mask, k + 1, int(edges[k]), int(edges[k + 1]), rng)
+             for k in range(spec.instances)]
     return np.clip(img, 0, 255).astype(np.uint8), mask, boxes
 
 
@@ -136,18 +138,23 @@ def annotation_text(spec: ImageSpec, boxes) -> str:
 
 
 def make_pennfudan(root: Path, n_fudan: int = 74, n_penn: int = 96, seed: int = 0, size_range=(253, 1017),
-                   total_instances: int | None = None) -> Path:
+                   total_instances: int | None = None, workers: int = 4) -> Path:
     """Write root/PennFudanPed/{PNGImages,PedMasks,Annotation}; returns root/PennFudanPed."""
     base = Path(root) / ROOT
     dirs = {d: base / d for d in ("PNGImages", "PedMasks", "Annotation")}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
-    for spec in plan_pennfudan(n_fudan, n_penn, seed, size_range, total_instances):
+
+    def write(spec: ImageSpec) -> None:
         img, mask, boxes = render(spec, seed)
         # Fast zlib level: these files exist to be moved around, and noise does not compress anyway.
         Image.fromarray(img, "RGB").save(dirs["PNGImages"] / f"{spec.id}.png", compress_level=1)
         Image.fromarray(mask, "L").save(dirs["PedMasks"] / f"{spec.id}_mask.png")
         (dirs["Annotation"] / f"{spec.id}.txt").write_text(annotation_text(spec, boxes))
+
+    # PNG encoding releases the GIL; each image has its own RNG, so threads keep the output deterministic.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(write, plan_pennfudan(n_fudan, n_penn, seed, size_range, total_instances)))
     return base
 
 
