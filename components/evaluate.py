@@ -1,0 +1,266 @@
+"""evaluate: the zero-shot checkpoint, the fine-tuned model and the registered champion, scored alike.
+
+Every ground-truth instance of the test split is prompted twice: with its tight box, and with one
+positive point at its centre (the pixel farthest from the mask's border, so the click is inside even
+for concave shapes). Box prompts decode a single mask; a single point is ambiguous, so it decodes SAM's
+three candidates and keeps the one with the highest predicted IoU, as SamPredictor users do. Per-instance
+Dice and IoU (higher is better) are computed at the original image resolution.
+
+The gate: fine-tuned box Dice >= zero-shot box Dice + margin, and >= champion box Dice + margin when a
+version is registered under the model name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from components.report import Report, overlay
+from components.sam.embeddings import EmbeddingCache
+from components.sam.metrics import dice_iou, summarize
+from components.sam.model import build_sam, decode, load_state_dict_file
+from components.sam.prompts import deepest_points, instance_masks, masks_to_boxes
+from components.sam.transforms import Frame
+
+log = logging.getLogger(__name__)
+ENCODER_PREFIX = "image_encoder."
+PROMPTS = ("box", "point")
+OVERLAY_IMAGES = 4
+
+
+class EvaluationError(ValueError):
+    """A one-line evaluation failure (nothing to evaluate, unreadable checkpoint)."""
+
+
+@dataclass
+class Candidate:
+    label: str  # "zero_shot", "finetuned", "champion": the metric name prefix
+    title: str
+    weights: Path
+    model_type: str
+
+
+def encoder_fingerprint(state: dict) -> str:
+    """sha256 of the image encoder's tensors: models that share it share their image embeddings."""
+    h = hashlib.sha256()
+    for key in sorted(k for k in state if k.startswith(ENCODER_PREFIX)):
+        t = state[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def centre_points(masks: torch.Tensor) -> np.ndarray:
+    """(N, H, W) bool -> (N, 2) x/y of each instance's deepest pixel."""
+    coords, valid = deepest_points(masks)
+    if not bool(valid.all()):
+        raise EvaluationError("an instance mask is empty; cannot place a point inside it")
+    return coords.cpu().numpy().astype(np.float64)
+
+
+@torch.no_grad()
+def score_model(model, embeddings: Sequence[torch.Tensor], samples: Sequence, *, keep_masks: int = 0) -> dict:
+    """Per-instance Dice/IoU for box and centre-point prompts; masks of the first `keep_masks` images
+    are returned for the report's overlays."""
+    device = next(model.parameters()).device
+    rows, kept = [], {}
+    for idx, (sample, emb) in enumerate(zip(samples, embeddings)):
+        ids, gt = instance_masks(np.asarray(sample.mask))
+        if len(ids) == 0:
+            continue
+        h, w = gt.shape[1:]
+        frame = Frame.for_size(h, w)
+        gt_t = torch.from_numpy(gt)
+        boxes = masks_to_boxes(gt)
+        points = centre_points(gt_t)
+        emb = emb.to(device)
+        box_out = decode(model, emb, frame, boxes=boxes)
+        box_masks = box_out.masks[:, 0].cpu()
+        pt_out = decode(model, emb, frame, points=points[:, None, :],
+                        point_labels=np.ones((len(ids), 1)), multimask_output=True)
+        best = pt_out.iou_pred.argmax(dim=1).cpu()
+        pt_masks = pt_out.masks.cpu()[torch.arange(len(ids)), best]
+        box_dice, box_iou = dice_iou(box_masks, gt_t)
+        pt_dice, pt_iou = dice_iou(pt_masks, gt_t)
+        for j, inst in enumerate(ids.tolist()):
+            rows.append({"image": sample.id, "instance": int(inst), "box_dice": float(box_dice[j]),
+                         "box_iou": float(box_iou[j]), "point_dice": float(pt_dice[j]),
+                         "point_iou": float(pt_iou[j])})
+        if idx < keep_masks:
+            kept[sample.id] = box_masks.numpy()
+    return {"instances": rows, "masks": kept}
+
+
+def gate(finetuned: float, zero_shot: float, champion: float | None, margin: float) -> bool:
+    """Register only a model at least `margin` better than the zero-shot checkpoint and the champion."""
+    if not all(math.isfinite(v) for v in (finetuned, zero_shot) + ((champion,) if champion is not None else ())):
+        return False
+    return finetuned >= zero_shot + margin and (champion is None or finetuned >= champion + margin)
+
+
+def _aggregate(label: str, rows: list[dict]) -> dict:
+    out = {}
+    for prompt in PROMPTS:
+        for metric in ("dice", "iou"):
+            s = summarize([r[f"{prompt}_{metric}"] for r in rows])
+            out[f"{label}_{prompt}_{metric}"] = s["mean"]
+            out[f"{label}_{prompt}_{metric}_median"] = s["median"]
+    return out
+
+
+def _per_image(rows: list[dict]) -> dict[str, dict]:
+    by: dict[str, list] = {}
+    for r in rows:
+        by.setdefault(r["image"], []).append(r)
+    return {img: {"instances": len(rs), **{k: float(np.mean([r[k] for r in rs]))
+                                           for k in ("box_dice", "box_iou", "point_dice", "point_iou")}}
+            for img, rs in by.items()}
+
+
+def evaluate(model_type: str, zero_shot_weights: str | Path, finetuned_weights: str | Path,
+             test_samples: Sequence, *, champion_weights: str | Path | None = None,
+             champion_model_type: str | None = None, champion_name: str = "", margin: float = 0.0,
+             device: str = "cpu", report_path: str | Path | None = None, history: dict | None = None,
+             store=None, zero_shot_sha256: str = "") -> dict:
+    """Score every candidate on `test_samples`; returns the metrics and `passed`, writes the report."""
+    from components.finetune import resolve_device
+
+    t0 = time.perf_counter()
+    samples = [s for s in test_samples if int(np.asarray(s.mask).max(initial=0)) > 0]
+    if not samples:
+        raise EvaluationError("the test split has no annotated instance: nothing to evaluate")
+    dev = resolve_device(device)
+    candidates = [Candidate("zero_shot", "zero-shot", Path(zero_shot_weights), model_type),
+                  Candidate("finetuned", "fine-tuned", Path(finetuned_weights), model_type)]
+    if champion_weights:
+        candidates.append(Candidate("champion", f"champion {champion_name}".strip(), Path(champion_weights),
+                                    champion_model_type or model_type))
+
+    embeddings: dict[str, list[torch.Tensor]] = {}  # by encoder fingerprint
+    results: dict[str, dict] = {}
+    keep = min(OVERLAY_IMAGES, len(samples)) if report_path else 0
+    for cand in candidates:
+        state = load_state_dict_file(cand.weights)
+        fp = encoder_fingerprint(state)
+        model = build_sam(cand.model_type, None, "cpu")
+        missing = model.load_state_dict(state, strict=False)
+        if missing.missing_keys or missing.unexpected_keys:
+            raise EvaluationError(f"{cand.title} checkpoint {cand.weights} does not fit SAM {cand.model_type}")
+        model = model.to(dev).eval()
+        del state
+        if fp not in embeddings:
+            # The cache key must name the encoder: the zero-shot file's sha256 for its own encoder
+            # (shared with finetune's cache), the fingerprint for any other.
+            key = zero_shot_sha256 if (cand.label == "zero_shot" and zero_shot_sha256) else fp
+            cache = EmbeddingCache(model, key, store)
+            embeddings[fp] = cache.get(samples)
+        results[cand.label] = score_model(model, embeddings[fp], samples, keep_masks=keep)
+        del model
+
+    metrics: dict = {}
+    for label, res in results.items():
+        metrics.update(_aggregate(label, res["instances"]))
+    n_inst = len(results["zero_shot"]["instances"])
+    metrics.update({"test_images": len(samples), "test_instances": n_inst, "margin": float(margin),
+                    "champion_box_dice": metrics.get("champion_box_dice"),
+                    "champion_version": champion_name or None})
+    metrics["passed"] = gate(metrics["finetuned_box_dice"], metrics["zero_shot_box_dice"],
+                             metrics["champion_box_dice"], margin)
+    metrics["seconds"] = round(time.perf_counter() - t0, 2)
+    if report_path:
+        write_report(report_path, metrics, results, samples, history, keep)
+    return metrics
+
+
+def write_report(path, metrics: dict, results: dict, samples: Sequence, history: dict | None, keep: int) -> None:
+    labels = [k for k in ("zero_shot", "finetuned", "champion") if k in results]
+    titles = {"zero_shot": "zero-shot", "finetuned": "fine-tuned",
+              "champion": f"champion {metrics.get('champion_version') or ''}".strip()}
+    rep = Report("SAM evaluation: zero-shot vs fine-tuned")
+    verdict = "PASSED: the fine-tuned model will be registered" if metrics["passed"] else \
+        "NOT PASSED: the fine-tuned model does not beat the bar and will not be registered"
+    rep.paragraph(f"{verdict} (margin {metrics['margin']:g}; {metrics['test_instances']} instances in "
+                  f"{metrics['test_images']} test images; Dice and IoU per instance, higher is better).")
+    rep.heading("Summary")
+    rows = []
+    for label in labels:
+        rows.append([titles[label]] + [metrics[f"{label}_{p}_{m}{s}"] for p in PROMPTS for m in ("dice", "iou")
+                                       for s in ("", "_median")])
+    rep.table(["model"] + [f"{p} {m} {s}".strip() for p in PROMPTS for m in ("Dice", "IoU")
+                           for s in ("mean", "median")], rows)
+    rep.heading("Training")
+    rep.history(history)
+    if keep:
+        rep.heading("Examples (box prompts)")
+        grid = []
+        for sample in samples[:keep]:
+            row = [(sample.id, sample.image), ("ground truth", overlay(sample.image, np.asarray(sample.mask)))]
+            for label in labels:
+                masks = results[label]["masks"].get(sample.id)
+                if masks is not None:
+                    row.append((titles[label], overlay(sample.image, list(masks))))
+            grid.append(row)
+        rep.image_grid(grid)
+    rep.heading("Per image")
+    per = {label: _per_image(results[label]["instances"]) for label in labels}
+    table = []
+    for img, base in per["zero_shot"].items():
+        table.append([img, base["instances"]] + [per[label][img][k] for k in ("box_dice", "point_dice")
+                                                  for label in labels])
+    rep.table(["image", "instances"] + [f"{titles[label]} {k}" for k in ("box Dice", "point Dice")
+                                        for label in labels], table, max_rows=200)
+    rep.write(path)
+
+
+def _history(model_metadata: dict | None) -> dict | None:
+    hist = (model_metadata or {}).get("history")
+    if isinstance(hist, str):
+        try:
+            hist = json.loads(hist)
+        except json.JSONDecodeError:
+            return None
+    return hist if isinstance(hist, dict) else None
+
+
+def evaluate_step(weights_path: str, model_path: str, manifest_path: str, model_type: str, margin: float,
+                  model_name: str, device: str, s3_endpoint: str, bucket: str, prefix: str, out_report_path: str,
+                  model_metadata: dict | None = None) -> dict:
+    """The KFP component body: load the test split, find the champion, evaluate, write the report."""
+    from components.datasets.reader import load_manifest, load_split
+    from components.hashing import sha256_file
+    from components.registry import ObjectStoreRegistry
+    from components.storage import ObjectStore, S3Config
+
+    if not math.isfinite(float(margin)):
+        raise EvaluationError(f"margin must be a finite number (got {margin})")
+    store = ObjectStore(S3Config.from_env(endpoint=s3_endpoint, bucket=bucket, prefix=prefix))
+    manifest = load_manifest(store, manifest_path)
+    test = load_split(store, manifest, "test")
+    registry = ObjectStoreRegistry(store)
+    pointer = registry.latest(model_name) if model_name else None
+    with tempfile.TemporaryDirectory() as tmp:
+        champion, champion_type = None, None
+        if pointer is not None:
+            champion = registry.fetch(model_name, pointer["version"], Path(tmp) / "champion.pt")
+            champion_type = registry.card(model_name, pointer["version"]).get("model", {}).get("model_type")
+            log.info("champion: %s %s (%s)", model_name, pointer["version"], pointer.get("model_uri"))
+        metrics = evaluate(model_type, weights_path, model_path, test, champion_weights=champion,
+                           champion_model_type=champion_type,
+                           champion_name=pointer["version"] if pointer else "", margin=float(margin),
+                           device=device, report_path=out_report_path, history=_history(model_metadata),
+                           store=store, zero_shot_sha256=sha256_file(weights_path))
+    metrics["dataset_content_hash"] = manifest.get("content_hash")
+    print(f"box Dice: fine-tuned {metrics['finetuned_box_dice']:.4f}, zero-shot {metrics['zero_shot_box_dice']:.4f}"
+          + (f", champion {metrics['champion_box_dice']:.4f}" if metrics["champion_box_dice"] is not None else "")
+          + f"; margin {metrics['margin']:g} -> passed={metrics['passed']}")
+    return metrics

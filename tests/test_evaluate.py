@@ -1,0 +1,149 @@
+"""evaluate and the HTML reports: real (random-weight) MobileSAM models on small synthetic images."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from components.evaluate import (EvaluationError, centre_points, encoder_fingerprint, evaluate, evaluate_step,
+                                 gate)
+from components.report import Report, line_chart_svg, overlay
+
+
+# -- report -----------------------------------------------------------------------------------------
+
+def test_chart_is_inline_svg_and_skips_nan():
+    svg = line_chart_svg({"loss": ([1, 2, 3, 4], [1.0, float("nan"), 0.5, 0.25])}, title="Training loss")
+    assert svg.startswith("<svg") and svg.endswith("</svg>")
+    (points,) = re.findall(r'<polyline[^>]*points="([^"]+)"', svg)
+    assert len(points.split()) == 3
+    assert "no data" in line_chart_svg({"x": ([], [])}, title="empty")
+
+
+def test_report_is_self_contained(tmp_path):
+    img = np.zeros((40, 60, 3), np.uint8)
+    mask = np.zeros((40, 60), np.uint8)
+    mask[10:20, 10:30] = 1
+    mask[25:35, 40:55] = 2
+    over = overlay(img, mask)
+    assert over[15, 15].any() and not over[2, 2].any()  # coloured inside instances only
+    assert not np.array_equal(over[15, 20], over[30, 45])  # instances get different colours
+    path = Report("r <&> t").kv({"Dice": 0.5}).history(
+        {"iteration": [1, 2], "loss": [1.0, 0.5], "val_iteration": [0, 2], "val_dice": [0.1, 0.4]}
+    ).image_grid([[("image", img), ("gt", over)]]).write(tmp_path / "r.html")
+    html = path.read_text()
+    assert "r &lt;&amp;&gt; t" in html
+    assert html.count("<svg") == 2  # loss and validation Dice
+    assert not re.search(r'(src|href)="(?!data:)', html)  # nothing to fetch
+    from PIL import Image
+
+    (b64,) = re.findall(r'src="data:image/png;base64,([^"]+)"', html)[:1]
+    assert Image.open(io.BytesIO(base64.b64decode(b64))).size == (60, 40)
+
+
+# -- prompts and the gate ---------------------------------------------------------------------------
+
+def test_centre_point_is_inside_concave_masks():
+    m = torch.zeros((1, 40, 40), dtype=torch.bool)
+    m[0, 5:35, 5:12] = True   # a U: its centroid lies outside the mask
+    m[0, 5:35, 28:35] = True
+    m[0, 28:35, 5:35] = True
+    x, y = centre_points(m)[0].astype(int)
+    assert m[0, y, x]
+    with pytest.raises(EvaluationError, match="empty"):
+        centre_points(torch.zeros((1, 5, 5), dtype=torch.bool))
+
+
+@pytest.mark.parametrize("ft,zs,ch,margin,expected", [
+    (0.8, 0.7, None, 0.0, True), (0.7, 0.7, None, 0.0, True), (0.75, 0.7, None, 0.1, False),
+    (0.8, 0.7, 0.85, 0.0, False), (0.8, 0.7, 0.8, 0.0, True), (0.8, 0.7, None, 2.0, False),
+    (float("nan"), 0.7, None, 0.0, False)])
+def test_gate(ft, zs, ch, margin, expected):
+    assert gate(ft, zs, ch, margin) is expected
+
+
+# -- evaluate ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A random vit_t (the 'zero-shot' weights) and a copy whose decoder moved (the 'fine-tuned' one)."""
+    from components.sam.model import atomic_torch_save, build_sam
+
+    d = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    model = build_sam("vit_t")
+    atomic_torch_save(model.state_dict(), d / "zero_shot.pt")
+    with torch.no_grad():
+        for p in model.mask_decoder.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    atomic_torch_save(model.state_dict(), d / "finetuned.pt")
+    return d / "zero_shot.pt", d / "finetuned.pt"
+
+
+def test_fine_tuning_keeps_the_encoder_fingerprint(checkpoints):
+    zs, ft = (torch.load(p, weights_only=True) for p in checkpoints)
+    assert encoder_fingerprint(zs) == encoder_fingerprint(ft)
+    zs["image_encoder.neck.0.weight"] = zs["image_encoder.neck.0.weight"] + 1
+    assert encoder_fingerprint(zs) != encoder_fingerprint(ft)
+
+
+def test_evaluate_scores_every_instance_and_writes_the_report(checkpoints, tmp_path):
+    from components.datasets.synthetic import make_samples
+
+    samples = make_samples(2, seed=3, size=(48, 64))
+    n_instances = sum(int(s.mask.max()) for s in samples)
+    zs, ft = checkpoints
+    m = evaluate("vit_t", zs, ft, samples, champion_weights=zs, champion_name="v7", margin=0.0, device="cpu",
+                 report_path=tmp_path / "eval.html",
+                 history={"iteration": [1, 2], "loss": [0.9, 0.7], "val_iteration": [0, 2], "val_dice": [.2, .3]})
+    assert m["test_images"] == 2 and m["test_instances"] == n_instances
+    for label in ("zero_shot", "finetuned", "champion"):
+        for key in ("box_dice", "box_iou", "point_dice", "point_iou"):
+            assert 0.0 <= m[f"{label}_{key}"] <= 1.0 and 0.0 <= m[f"{label}_{key}_median"] <= 1.0
+            assert m[f"{label}_{key.replace('dice', 'iou')}"] <= m[f"{label}_{key.replace('iou', 'dice')}"] + 1e-9
+    # The champion is the zero-shot file: identical weights must score identically.
+    assert m["champion_box_dice"] == m["zero_shot_box_dice"]
+    assert m["passed"] == gate(m["finetuned_box_dice"], m["zero_shot_box_dice"], m["champion_box_dice"], 0.0)
+    html = (tmp_path / "eval.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 * 5  # image, truth, zero-shot, fine-tuned, champion
+    assert "champion v7" in html and html.count("<svg") == 2
+    json.dumps(m)  # the KFP wrapper passes it on as JSON
+
+    with pytest.raises(EvaluationError, match="no annotated instance"):
+        evaluate("vit_t", zs, ft, [type(samples[0])("empty", samples[0].image, samples[0].mask * 0, "x")])
+
+
+def test_evaluate_step_finds_the_champion(checkpoints, store, s3_env, tmp_path):
+    """The step reads the test split through the manifest, and the bar rises to the registered champion."""
+    from components.datasets.ingest import ingest
+    from components.datasets.synthetic import make_folder
+    from components.registry import register_step
+
+    cfg = store.config
+    folder = make_folder(tmp_path / "data", [f"img{i}" for i in range(4)], seed=1, size=(48, 64))
+    result = ingest(str(folder), "folder", "tiny", store)
+    manifest_path = tmp_path / "manifest.json"
+    manifest_path.write_text(json.dumps(result.manifest))
+    zs, ft = checkpoints
+    args = dict(weights_path=str(zs), model_path=str(ft), manifest_path=str(manifest_path), model_type="vit_t",
+                margin=0.0, model_name="sam-eval-test", device="cpu", s3_endpoint=cfg.endpoint,
+                bucket=cfg.bucket, prefix=cfg.prefix,
+                model_metadata={"history": json.dumps({"iteration": [1], "loss": [0.5]})})
+    first = evaluate_step(**args, out_report_path=str(tmp_path / "r1.html"))
+    assert first["champion_box_dice"] is None and first["champion_version"] is None
+    assert first["test_instances"] > 0 and first["dataset_content_hash"] == result.content_hash
+    assert "<svg" in (tmp_path / "r1.html").read_text()
+
+    # Register the zero-shot weights as the champion: the fine-tuned model must now beat it as well.
+    register_step(str(zs), json.dumps({"finetuned_box_dice": first["zero_shot_box_dice"]}), "sam-eval-test", "",
+                  "run-0", cfg.endpoint, cfg.bucket, cfg.prefix)
+    second = evaluate_step(**{**args, "margin": 0.001}, out_report_path=str(tmp_path / "r2.html"))
+    assert second["champion_version"] == "v1"
+    assert math.isclose(second["champion_box_dice"], first["zero_shot_box_dice"])
+    assert second["passed"] == (second["finetuned_box_dice"] >= second["champion_box_dice"] + 0.001)
