@@ -207,6 +207,10 @@ def _loads(what: str, text: str | dict | None) -> dict:
     return value
 
 
+def _scalars(meta: dict) -> dict:
+    return {k: v for k, v in sorted(meta.items()) if isinstance(v, (str, int, float, bool)) and k != "display_name"}
+
+
 def build_card(metrics: dict, *, run_id: str, model_metadata: dict, dataset_metadata: dict,
                weights_metadata: dict) -> dict:
     """The model card: what was measured, on which data, from which weights, by which run."""
@@ -220,10 +224,8 @@ def build_card(metrics: dict, *, run_id: str, model_metadata: dict, dataset_meta
         "zero_shot": zero_shot,
         "champion": champion or None,
         "evaluation": {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))},
-        "dataset": {k: dataset_metadata.get(k) for k in ("name", "content_hash", "uri", "manifest_uri", "totals",
-                                                         "splits", "source") if k in dataset_metadata},
-        "weights": {k: weights_metadata.get(k) for k in ("model_type", "sha256", "source_url", "bytes",
-                                                         "object_uri") if k in weights_metadata},
+        "dataset": _scalars(dataset_metadata),
+        "weights": _scalars(weights_metadata),
         "training": training,
         "model": {"model_type": model_metadata.get("model_type") or weights_metadata.get("model_type"),
                   "format": "pytorch state_dict (segment_anything / mobile_sam Sam)"},

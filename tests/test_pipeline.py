@@ -1,0 +1,130 @@
+"""The compiled pipeline: committed YAML is byte-identical to a fresh compile, and carries the cluster settings."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.images import STEPS, image_refs
+from pipelines.sam_finetune import DEFAULT_YAML, Placement, compile_pipeline
+
+EXECUTORS = {f"exec-{s}": s for s in STEPS}
+STORAGE_TASKS = set(STEPS)  # every step reads or writes the object store
+
+
+def _load(path: Path) -> tuple[dict, dict]:
+    spec, platform = list(yaml.safe_load_all(path.read_text()))
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> Path:
+    return compile_pipeline(tmp_path_factory.mktemp("yaml") / "sam_finetune.yaml")
+
+
+def test_committed_yaml_matches_a_fresh_compile(compiled):
+    assert DEFAULT_YAML.is_file(), "pipelines/sam_finetune.yaml is missing: run `sam-pipeline compile`"
+    assert compiled.read_bytes() == DEFAULT_YAML.read_bytes(), \
+        "pipelines/sam_finetune.yaml is stale: run `sam-pipeline compile` and commit it"
+
+
+def test_five_executors_with_their_own_images(compiled):
+    spec, _ = _load(compiled)
+    executors = spec["deploymentSpec"]["executors"]
+    assert set(executors) == set(EXECUTORS)
+    images = {name: ex["container"]["image"] for name, ex in executors.items()}
+    assert images == {name: f"localhost/sam-pipeline-{step}:0.1.0" for name, step in EXECUTORS.items()}
+    for ex in executors.values():
+        command = " ".join(ex["container"]["command"])
+        assert "pip install" not in command  # install_kfp_package=False, no packages_to_install
+        assert "from components." in command
+
+
+def test_gpu_steps_placement_and_retry(compiled):
+    spec, k8s = _load(compiled)
+    for step in ("finetune", "evaluate"):
+        res = spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"]["resources"]
+        assert res["accelerator"]["resourceType"] == "nvidia.com/gpu" and res["accelerator"]["resourceCount"] == "1"
+        assert res["resourceCpuRequest"] and res["resourceMemoryRequest"]
+        cfg = k8s[f"exec-{step}"]
+        assert cfg["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+        assert cfg["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        assert cfg["emptyDirMounts"] == [{"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory",
+                                          "sizeLimit": "2Gi"}]
+    for step in ("fetch-weights", "ingest-dataset", "register-model"):
+        assert "accelerator" not in spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"].get(
+            "resources", {})
+    tasks = spec["root"]["dag"]["tasks"]
+    retry = tasks["finetune"]["retryPolicy"]
+    assert retry["maxRetryCount"] == 3 and retry["backoffDuration"] == "60s" and retry["backoffFactor"] == 2.0
+    # A retry of the same run resumes: finetune gets the run's id, not a fresh one per attempt.
+    assert tasks["finetune"]["inputs"]["parameters"]["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+
+
+def test_caching_and_the_register_gate(compiled):
+    spec, _ = _load(compiled)
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["fetch-weights"]["cachingOptions"] == {"enableCache": True}
+    assert tasks["ingest-dataset"]["cachingOptions"] == {"enableCache": True}
+    assert tasks["finetune"]["cachingOptions"] == {} and tasks["evaluate"]["cachingOptions"] == {}
+    (cond_name,) = [n for n in tasks if n.startswith("condition")]
+    cond = tasks[cond_name]
+    assert "evaluate-passed" in cond["triggerPolicy"]["condition"] and "== true" in cond["triggerPolicy"]["condition"]
+    inner = spec["components"][cond["componentRef"]["name"]]["dag"]["tasks"]
+    assert list(inner) == ["register-model"] and inner["register-model"]["cachingOptions"] == {}
+
+
+def test_storage_tasks_get_the_secret_and_no_credential_is_compiled_in(compiled):
+    _, k8s = _load(compiled)
+    for step in STORAGE_TASKS:
+        (sec,) = k8s[f"exec-{step}"]["secretAsEnv"]
+        assert sec["secretName"] == "mlpipeline-minio-artifact"
+        assert {(k["secretKey"], k["envVar"]) for k in sec["keyToEnv"]} == {
+            ("accesskey", "AWS_ACCESS_KEY_ID"), ("secretkey", "AWS_SECRET_ACCESS_KEY")}
+    text = compiled.read_text()
+    from components.s3server import ANON_KEYS
+
+    # The embedded server's placeholder keys and KFP's well-known default MinIO password.
+    for secret in (*ANON_KEYS, "minio123"):
+        assert secret not in text
+    assert not re.search(r"AKIA[0-9A-Z]{12,}", text)  # an AWS access key id
+    spec, _ = _load(compiled)
+    for ex in spec["deploymentSpec"]["executors"].values():
+        assert not [e for e in ex["container"].get("env", []) if "AWS" in e["name"] or "KEY" in e["name"]]
+
+
+def test_pipeline_parameters_and_defaults(compiled):
+    spec, _ = _load(compiled)
+    params = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
+    assert params["debug_with_one_example"] is False and params["checkpoint_name"] == "sam_instance_seg"
+    assert params["model_type"] == "vit_t" and params["device"] == "cuda"
+    assert (params["batch_size"], params["n_objects_per_batch"], params["n_iterations"],
+            params["n_sub_iteration"]) == (1, 25, 200, 2)
+    assert params["dataset_source"].endswith("PennFudanPed.zip") and params["dataset_format"] == "auto"
+    assert (params["bucket"], params["prefix"], params["s3_endpoint"]) == (
+        "mlpipeline", "sam-pipeline/", "seaweedfs.kubeflow:9000")
+    assert params["margin"] == 0.0 and params["model_name"] == "sam-pennfudan"
+    assert params["model_registry_url"] == "" and params["weights_url"] == "" and params["weights_sha256"] == ""
+
+
+def test_compile_time_overrides(tmp_path):
+    placement = Placement(images=image_refs("ghcr.io/acme", "1.2.3"), gpu_node_selector={"pool": "gpu"},
+                          gpu_tolerations=(("dedicated", "NoExecute"),), shm_size="8Gi", finetune_retries=0)
+    spec, k8s = _load(compile_pipeline(tmp_path / "p.yaml", placement))
+    assert {ex["container"]["image"] for ex in spec["deploymentSpec"]["executors"].values()} == {
+        f"ghcr.io/acme/sam-pipeline-{s}:1.2.3" for s in STEPS}
+    assert k8s["exec-finetune"]["nodeSelector"]["labels"] == {"pool": "gpu"}
+    assert k8s["exec-finetune"]["tolerations"][0]["key"] == "dedicated"
+    assert k8s["exec-finetune"]["emptyDirMounts"][0]["sizeLimit"] == "8Gi"
+    assert "retryPolicy" not in spec["root"]["dag"]["tasks"]["finetune"]
+
+
+def test_bad_image_settings_are_rejected():
+    from pipelines.images import ImageError
+
+    with pytest.raises(ImageError, match="invalid image tag"):
+        image_refs("localhost", "bad tag")
+    with pytest.raises(ImageError, match="invalid image registry"):
+        image_refs("Not A Registry", "1")
