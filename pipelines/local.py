@@ -1,0 +1,266 @@
+"""`sam-pipeline run`: the whole pipeline on this machine through kfp.local.
+
+The SubprocessRunner (use_venv=False) runs each component's own source with this interpreter, in this
+working directory, with this process's environment: the S3 credentials of the run's store are set as
+environment variables here (never as pipeline parameters) and the subprocesses inherit them. kfp-kubernetes
+settings (GPU, secrets, node selector) are ignored locally.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from pipelines.sam_finetune import PIPELINE_NAME, Placement, build_pipeline
+
+TASKS = ("fetch-weights", "ingest-dataset", "finetune", "evaluate", "register-model")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class RunError(RuntimeError):
+    """A one-line failure of a local run."""
+
+
+# -- reachability ---------------------------------------------------------------------------------
+
+def check_reachable(url: str, what: str, timeout: float = 5.0) -> None:
+    """Fail in one line, before any task starts, when an http(s) source cannot be reached."""
+    if not url.startswith(("http://", "https://")):
+        return
+    offline = ("no internet here? Use local files (--dataset-source PATH/zip/folder, --weights-url PATH "
+               "--weights-sha256 HEX) or `sam-pipeline run --demo` (synthetic data, random vit_t)")
+    req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "sam-pipeline"})
+    try:
+        urllib.request.urlopen(req, timeout=timeout).close()
+    except urllib.error.HTTPError as e:
+        if e.code in (404, 410):
+            raise RunError(f"{what} {url} does not exist (HTTP {e.code})") from None
+        # Some servers refuse HEAD (403/405) but serve GET: reachable is all we check here.
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise RunError(f"cannot reach {what} {url} ({reason}); {offline}") from None
+
+
+def default_weights_url(model_type: str) -> tuple[str, str | None]:
+    """(catalogue URL, cached local file or None) for a model type."""
+    from components import weights
+
+    ckpt = weights.CATALOGUE[model_type]
+    cached = weights.models_dir() / ckpt.filename
+    return ckpt.url, str(cached) if cached.is_file() else None
+
+
+# -- demo assets ------------------------------------------------------------------------------------
+
+def make_demo_assets(work_dir: Path, *, images: int = 12, size_range=(96, 160), seed: int = 0) -> dict:
+    """A small synthetic Penn-Fudan zip and a randomly initialised vit_t checkpoint, for offline runs."""
+    import torch
+
+    from components.datasets.synthetic import make_pennfudan_zip
+    from components.hashing import sha256_file
+    from components.sam.model import atomic_torch_save, build_sam
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    n_fudan = images // 2
+    zip_path = work_dir / f"PennFudanPed-synthetic-{images}-{size_range[0]}-{size_range[1]}-s{seed}.zip"
+    if not zip_path.is_file():
+        make_pennfudan_zip(zip_path, n_fudan=n_fudan, n_penn=images - n_fudan, seed=seed, size_range=size_range)
+    ckpt = work_dir / f"vit_t_random_s{seed}.pth"
+    if not ckpt.is_file():
+        torch.manual_seed(seed)
+        atomic_torch_save(build_sam("vit_t").state_dict(), ckpt)
+    return {"dataset_source": str(zip_path), "weights_url": str(ckpt), "weights_sha256": sha256_file(ckpt),
+            "model_type": "vit_t"}
+
+
+# -- running ----------------------------------------------------------------------------------------
+
+class _TaskEvents(logging.Filter):
+    """kfp.local reports task starts, ends and skips through the root logger (whose handlers it swaps):
+    a logger-level filter sees every record and times each task."""
+
+    def __init__(self):
+        super().__init__()
+        self.events: list[tuple[float, str]] = []
+
+    def filter(self, record):
+        self.events.append((record.created, _ANSI.sub("", str(record.getMessage()))))
+        return True
+
+    def tasks(self) -> dict:
+        out: dict[str, dict] = {}
+        for t, msg in self.events:
+            if m := re.match(r"Executing task '?([\w-]+)'?", msg):
+                out.setdefault(m.group(1), {}).update(state="RUNNING", started=t)
+            elif m := re.match(r"Task '?([\w-]+)'? finished with status (\w+)", msg):
+                info = out.setdefault(m.group(1), {})
+                info["state"] = "SUCCEEDED" if m.group(2) == "SUCCESS" else "FAILED"
+                if "started" in info:
+                    info["seconds"] = round(t - info["started"], 2)
+            elif m := re.match(r"Skipping (?:conditional )?task '?([\w-]+)'?(.*)", msg):
+                out.setdefault(m.group(1), {}).update(state="SKIPPED", reason=m.group(2).strip(" :()") or None)
+        for info in out.values():
+            info.pop("started", None)
+        return out
+
+
+def _read_outputs(task_dir: Path) -> dict:
+    path = task_dir / "executor_output.json"
+    if not path.is_file():
+        return {}
+    raw = json.loads(path.read_text())
+    out = {"parameters": raw.get("parameterValues", {}), "artifacts": {}}
+    for name, group in (raw.get("artifacts") or {}).items():
+        art = (group.get("artifacts") or [{}])[0]
+        uri = art.get("uri", "")
+        out["artifacts"][name] = {"uri": uri, "path": uri.replace("file://", "", 1) if uri else None,
+                                  "metadata": art.get("metadata", {})}
+    return out
+
+
+def _local_artifact_paths(run_dir: Path) -> dict:
+    """Artifact files kfp.local left in the run folder: {task: {output: path}}."""
+    found: dict = {}
+    for task in TASKS:
+        tdir = run_dir / task
+        if tdir.is_dir():
+            found[task] = {p.name: str(p) for p in sorted(tdir.iterdir()) if p.name != "executor_output.json"}
+    return found
+
+
+@contextlib.contextmanager
+def _environ(values: dict):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: v for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def object_store(endpoint: str | None):
+    """The run's store: the given endpoint (credentials from the environment) or an embedded one."""
+    from components.storage import S3Config
+
+    if endpoint:
+        yield S3Config.from_env(endpoint=endpoint), False
+        return
+    from components.s3server import embedded_s3
+
+    with embedded_s3() as cfg:
+        yield cfg, True
+
+
+def run_local(params: dict, *, pipeline_root: Path, s3_endpoint: str | None = None, retries: int = 0) -> dict:
+    """Run the pipeline with kfp.local; returns the summary (task states, metrics, uris). Never raises for a
+    failed task: the summary says which one failed."""
+    from kfp import local
+
+    from components.storage import ObjectStore
+
+    pipeline_root = pipeline_root.resolve()
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with object_store(s3_endpoint) as (cfg, embedded):
+        params = {**params, "s3_endpoint": cfg.endpoint, "bucket": params.get("bucket") or cfg.bucket,
+                  "prefix": params.get("prefix") or cfg.prefix}
+        env = {"AWS_ACCESS_KEY_ID": cfg.access_key, "AWS_SECRET_ACCESS_KEY": cfg.secret_key,
+               "AWS_REGION": cfg.region or os.environ.get("AWS_REGION"),
+               "S3_SECURE": "true" if cfg.secure else None}
+        # A local retry re-runs at once: the cluster's 60 s backoff would only make a failing run slow.
+        pipeline = build_pipeline(dataclasses.replace(Placement(), finetune_retries=retries, retry_backoff="0s"))
+        before = {p.name for p in pipeline_root.glob(f"{PIPELINE_NAME}-*")}
+        events = _TaskEvents()
+        root = logging.getLogger()
+        root.addFilter(events)
+        try:
+            with _environ(env):
+                local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
+                           raise_on_error=False)
+                pipeline(**params)
+        finally:
+            root.removeFilter(events)
+        new = sorted(p for p in pipeline_root.glob(f"{PIPELINE_NAME}-*") if p.name not in before)
+        run_dir = new[-1] if new else None
+        tasks = events.tasks()
+        for name in TASKS:
+            info = tasks.setdefault(name, {"state": "NOT_RUN"})
+            if run_dir is not None:
+                info.update(_read_outputs(run_dir / name))
+        summary = {
+            "pipeline": PIPELINE_NAME,
+            "succeeded": all(tasks[t]["state"] in ("SUCCEEDED", "SKIPPED") for t in TASKS)
+            and tasks["evaluate"]["state"] == "SUCCEEDED",
+            "seconds": round(time.time() - started, 1),
+            "run_dir": str(run_dir) if run_dir else None,
+            "parameters": {k: v for k, v in params.items()},
+            "object_store": {"endpoint": cfg.endpoint, "bucket": cfg.bucket, "prefix": params["prefix"],
+                             "embedded": embedded},
+            "tasks": tasks,
+        }
+        summary.update(_digest(summary))
+        if embedded and tasks["finetune"]["state"] == "SUCCEEDED":
+            # The embedded store disappears with the run: keep what the user asked for on local disk.
+            summary["registered_copy"] = _keep_registered(ObjectStore(
+                dataclasses.replace(cfg, prefix=params["prefix"]), create_bucket=False), summary,
+                pipeline_root / "registry")
+    return summary
+
+
+def _digest(summary: dict) -> dict:
+    """The numbers and places a person looks for first."""
+    t = summary["tasks"]
+    meta = lambda task, art: t[task].get("artifacts", {}).get(art, {})  # noqa: E731
+    metrics = {**meta("finetune", "metrics").get("metadata", {}), **meta("evaluate", "metrics").get("metadata", {})}
+    reg = t["register-model"].get("parameters", {})
+    return {
+        "metrics": metrics,
+        "passed": t["evaluate"].get("parameters", {}).get("passed"),
+        "reports": {task: meta(task, "report").get("path") for task in ("finetune", "evaluate")
+                    if meta(task, "report").get("path")},
+        "model": meta("finetune", "model").get("path"),
+        "model_metadata": {k: v for k, v in meta("finetune", "model").get("metadata", {}).items() if k != "history"},
+        "dataset": meta("ingest-dataset", "dataset").get("metadata", {}),
+        "weights": meta("fetch-weights", "weights").get("metadata", {}),
+        "registered": {"version": reg.get("version"), "model_uri": reg.get("model_uri")} if reg else None,
+    }
+
+
+def _keep_registered(store, summary: dict, dest_root: Path) -> dict | None:
+    reg = summary.get("registered")
+    if not reg or not reg.get("model_uri"):
+        return None
+    _, key = store.parse_uri(reg["model_uri"])
+    folder = dest_root / Path(key).parent.relative_to(store.config.prefix)
+    store.get_file(key, folder / "model.pt")
+    card_key = key.rsplit("/", 1)[0] + "/model_card.json"
+    store.get_file(card_key, folder / "model_card.json")
+    return {"model": str(folder / "model.pt"), "card": str(folder / "model_card.json")}
+
+
+def copy_checkpoints(summary: dict, checkpoint_name: str, dest: Path = Path("checkpoints")) -> dict:
+    """Where best.pt/latest.pt are; the finetune subprocess runs in this working directory and writes them
+    here like the seed did."""
+    folder = dest / checkpoint_name
+    found = {name: str(folder / f"{name}.pt") for name in ("best", "latest") if (folder / f"{name}.pt").is_file()}
+    return found
+
+
+def remove_old_runs(pipeline_root: Path, keep: int = 5) -> None:
+    """kfp.local keeps every run's artifacts (checkpoints included); keep only the most recent ones."""
+    runs = sorted(pipeline_root.glob(f"{PIPELINE_NAME}-*"))
+    for old in runs[:-keep] if keep else runs:
+        shutil.rmtree(old, ignore_errors=True)

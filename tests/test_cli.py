@@ -1,0 +1,193 @@
+"""`sam-pipeline` commands other than `run`: compile, submit and schedule (against a recording KFP API
+stand-in), bad input, and the standalone fetch-weights/ingest steps."""
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+import yaml
+
+from pipelines.cli import main, parse_interval, validate_cron
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- a recording KFP API --------------------------------------------------------------------------
+
+class FakeKFP(BaseHTTPRequestHandler):
+    """Answers the kfp_server_api v2beta1 calls that kfp.Client makes for runs and recurring runs."""
+    calls: list
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        url = urlparse(self.path)
+        self.calls.append(("GET", url.path, {k: v[0] for k, v in parse_qs(url.query).items()}))
+        if url.path == "/apis/v2beta1/healthz":
+            return self._send(200, {"multi_user": False})
+        if url.path == "/apis/v2beta1/experiments":
+            return self._send(200, {})  # none yet: the client creates it
+        if url.path.startswith("/apis/v2beta1/runs/"):
+            return self._send(200, {"run_id": url.path.rsplit("/", 1)[1], "state": "SUCCEEDED"})
+        self._send(404, {"error": f"unexpected {url.path}", "code": 5})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        path = urlparse(self.path).path
+        self.calls.append(("POST", path, body))
+        if path == "/apis/v2beta1/experiments":
+            return self._send(200, {**body, "experiment_id": "exp-1"})
+        if path == "/apis/v2beta1/runs":
+            return self._send(200, {**body, "run_id": "run-1", "state": "PENDING"})
+        if path == "/apis/v2beta1/recurringruns":
+            return self._send(200, {**body, "recurring_run_id": "rr-1"})
+        self._send(404, {"error": f"unexpected {path}", "code": 5})
+
+
+@pytest.fixture
+def kfp_api():
+    calls: list = []
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), type("H", (FakeKFP,), {"calls": calls}))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", calls
+    srv.shutdown()
+    srv.server_close()
+
+
+def _posted(calls, path):
+    return [body for method, p, body in calls if method == "POST" and p == path]
+
+
+def test_submit_sends_the_package_and_typed_parameters(kfp_api, capsys):
+    """Contract test: a stand-in for the KFP API server records what `submit` sends."""
+    host, calls = kfp_api
+    code, out, err = run_cli(capsys, "submit", "--host", host, "--experiment", "sam-exp", "-p", "n_iterations=50",
+                             "-p", "debug_with_one_example=true", "-p", "margin=0.02", "-p", "device=cuda",
+                             "--run-name", "nightly", "--wait")
+    assert code == 0, err
+    assert "run run-1 created" in out and "SUCCEEDED" in out
+    assert ("GET", "/apis/v2beta1/healthz", {}) in calls
+    (exp,) = _posted(calls, "/apis/v2beta1/experiments")
+    assert exp["display_name"] == "sam-exp"
+    (run,) = _posted(calls, "/apis/v2beta1/runs")
+    assert run["display_name"] == "nightly" and run["experiment_id"] == "exp-1"
+    assert run["runtime_config"]["parameters"] == {"n_iterations": 50, "debug_with_one_example": True,
+                                                   "margin": 0.02, "device": "cuda"}
+    from pipelines.sam_finetune import DEFAULT_YAML
+
+    committed = next(yaml.safe_load_all(DEFAULT_YAML.read_text()))
+    assert run["pipeline_spec"]["pipeline_spec"] == json.loads(json.dumps(committed))
+    assert "platform_spec" in run["pipeline_spec"]  # the kfp-kubernetes settings travel with it
+    assert any(p == "/apis/v2beta1/runs/run-1" for m, p, _ in calls if m == "GET")
+
+
+def test_schedule_cron_is_a_recurring_run_without_catch_up(kfp_api, capsys):
+    """Contract test: recurring run body as KFP v2beta1 expects it."""
+    host, calls = kfp_api
+    code, out, err = run_cli(capsys, "schedule", "--host", host, "--cron", "0 0 3 * * *", "-p", "n_iterations=300")
+    assert code == 0, err
+    (rr,) = _posted(calls, "/apis/v2beta1/recurringruns")
+    assert rr["trigger"] == {"cron_schedule": {"cron": "0 0 3 * * *"}}
+    assert rr["max_concurrency"] == "1" or rr["max_concurrency"] == 1
+    assert rr["no_catchup"] is True and rr["mode"] == "ENABLE" and rr["experiment_id"] == "exp-1"
+    assert rr["runtime_config"]["parameters"] == {"n_iterations": 300}
+    assert rr["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "sam-finetune"
+    assert "rr-1" in out
+
+
+def test_schedule_every_is_a_periodic_trigger(kfp_api, capsys):
+    host, calls = kfp_api
+    assert run_cli(capsys, "schedule", "--host", host, "--every", "24h")[0] == 0
+    (rr,) = _posted(calls, "/apis/v2beta1/recurringruns")
+    assert rr["trigger"]["periodic_schedule"]["interval_second"] in (86400, "86400")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["run", "-m", "vit_x"], "invalid choice: 'vit_x'"),
+    (["run", "-i", "-5"], "-5 must be >= 1"),
+    (["run", "-g", "gpu0"], "is not a device"),
+    (["schedule", "--host", "http://127.0.0.1:9", "--cron", "0 0 3 * *"], "has 5 fields; KFP needs 6"),
+    (["schedule", "--host", "http://127.0.0.1:9", "--cron", "0 0 25 * * *"], "'25' is not a valid hour"),
+    (["schedule", "--host", "http://127.0.0.1:9", "--every", "soon"], "use a duration like 24h"),
+    (["submit", "--host", "localhost:8080"], "must start with http:// or https://"),
+    (["submit", "--host", "http://127.0.0.1:9", "-p", "bogus=1"], "-p bogus: not a parameter"),
+    (["submit", "--host", "http://127.0.0.1:9", "-p", "n_iterations=many"], "expected integer"),
+    (["compile", "--tag", "bad tag"], "invalid image tag"),
+    (["fetch-weights", "-m", "vit_q"], "invalid choice: 'vit_q'"),
+])
+def test_bad_input_is_one_line_and_non_zero(capsys, argv, needle):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and needle in err
+    assert err.startswith("sam-pipeline") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_unreachable_host_is_one_line(capsys):
+    from components.s3server import free_port
+
+    code, _, err = run_cli(capsys, "submit", "--host", f"http://127.0.0.1:{free_port()}")
+    assert code == 1 and "is unreachable" in err and err.count("\n") == 1
+
+
+def test_cron_and_interval_parsing():
+    for ok in ("0 0 3 * * *", "0 */15 * * * ?", "0 30 9 ? * MON-FRI", "0 0 0 1,15 JAN-JUN *"):
+        assert validate_cron(ok) == ok
+    assert parse_interval("1h30m") == 5400 and parse_interval("1d") == 86400
+
+
+def test_compile_with_overrides(tmp_path, capsys):
+    out = tmp_path / "p.yaml"
+    code, stdout, err = run_cli(capsys, "compile", "-o", str(out), "--registry", "registry.example:5000/ml",
+                                "--tag", "2.0", "--gpu-node-selector", "gpu=yes", "--gpu-toleration", "gpu-only",
+                                "--retries", "1")
+    assert code == 0, err
+    spec, platform = list(yaml.safe_load_all(out.read_text()))
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert "registry.example:5000/ml/sam-pipeline-finetune:2.0" in images and len(images) == 5
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-finetune"]
+    assert k8s["nodeSelector"]["labels"] == {"gpu": "yes"}
+    assert k8s["tolerations"] == [{"key": "gpu-only", "operator": "Exists", "effect": "NoSchedule"}]
+    assert spec["root"]["dag"]["tasks"]["finetune"]["retryPolicy"]["maxRetryCount"] == 1
+
+
+def test_fetch_weights_and_ingest_alone(tmp_path, http_server, s3_env, capsys):
+    import torch
+
+    from components.datasets.synthetic import make_pennfudan_zip
+    from components.hashing import sha256_file
+
+    ckpt = tmp_path / "w.pth"
+    torch.save({"w": torch.zeros(3)}, ckpt)
+    base = http_server(tmp_path)
+    code, out, err = run_cli(capsys, "fetch-weights", "-m", "vit_t", "--url", f"{base}/w.pth",
+                             "--sha256", sha256_file(ckpt), "--s3-endpoint", s3_env.endpoint,
+                             "--prefix", s3_env.prefix)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["sha256"] == sha256_file(ckpt) and result["object_uri"].startswith("s3://")
+
+    make_pennfudan_zip(tmp_path / "pf.zip", n_fudan=3, n_penn=3, seed=0, size_range=(60, 90))
+    code, out, err = run_cli(capsys, "ingest", "--source", str(tmp_path / "pf.zip"), "--s3-endpoint",
+                             s3_env.endpoint, "--prefix", s3_env.prefix)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["images"] == 6 and result["manifest_uri"].endswith("manifest.json")
+
+    code, _, err = run_cli(capsys, "ingest", "--source", str(tmp_path / "missing.zip"),
+                           "--s3-endpoint", s3_env.endpoint, "--prefix", s3_env.prefix)
+    assert code == 1 and err.startswith("sam-pipeline: error: ") and err.count("\n") == 1
