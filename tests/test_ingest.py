@@ -84,6 +84,15 @@ def test_ingest_from_url_uploads_everything_then_manifest(pf, tmp_path, http_ser
     assert again.manifest["created"] == m["created"]  # the committed manifest, not a rewrite
 
 
+def test_damaged_data_cache_is_fetched_again(pf, tmp_path, http_server, store, data_dir):
+    url = serve_zip(pf, tmp_path, http_server)
+    cached = cache_path(url, data_dir)
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"PK\x03\x04 half a zip")
+    assert ingest(url, "auto", "pf", store).manifest["totals"]["images"] == 9
+    assert cached.read_bytes() == (tmp_path / "www" / "PennFudanPed.zip").read_bytes()
+
+
 def test_official_url_caches_like_the_seed(data_dir):
     assert cache_path(PENNFUDAN_URL) == data_dir / "PennFudanPed.zip"
 
