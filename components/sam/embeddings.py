@@ -1,0 +1,139 @@
+"""Image embeddings of the frozen encoder, computed once per (weights, image) and cached.
+
+The cache key is `embeddings/<weights_sha>/<image_sha>` in the object store, so a retried, re-run or
+scheduled pipeline skips the encoder when neither the checkpoint nor the image changed. Objects are
+fp16 tensors (half the bytes). In memory they are float32, but always rounded through fp16 first:
+a freshly computed embedding and one read back from the store are then bit-identical, which keeps
+training reproducible (and resumable) whether or not the cache was warm.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import time
+from contextlib import nullcontext
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from components.hashing import sha256_bytes
+from components.sam.transforms import preprocess_image
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_SHAPE = (256, 64, 64)
+
+
+def image_key(sample) -> str:
+    """The sample's content hash; in-memory images without one are hashed from their pixels."""
+    sha = getattr(sample, "image_sha256", "") or ""
+    if sha:
+        return sha
+    img = np.ascontiguousarray(sample.image)
+    return sha256_bytes(f"{img.shape}{img.dtype}".encode() + img.tobytes())
+
+
+def encode_bytes(embedding: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    torch.save(embedding.detach().to("cpu", torch.float16).contiguous(), buf)
+    return buf.getvalue()
+
+
+def decode_bytes(data: bytes, what: str = "embedding") -> torch.Tensor:
+    try:
+        t = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{what} is not a readable tensor: {str(e).splitlines()[0]}") from e
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != EMBEDDING_SHAPE:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{what} has shape {shape}, expected {EMBEDDING_SHAPE}")
+    return t.float()
+
+
+def _autocast(device: torch.device, amp: bool):
+    # fp16 autocast on CUDA: the encoder is frozen and its output is stored in fp16 anyway.
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def compute_embeddings(model: nn.Module, images: Sequence[np.ndarray], *, batch_size: int = 4,
+                       amp: bool | None = None) -> torch.Tensor:
+    """(N, 256, 64, 64) float32 (fp16-rounded) embeddings of HxWx3 uint8 images, on the model's device."""
+    device = next(model.parameters()).device
+    amp = device.type == "cuda" if amp is None else amp
+    out = []
+    for start in range(0, len(images), max(1, batch_size)):
+        batch = torch.stack([preprocess_image(im)[0] for im in images[start:start + batch_size]]).to(device)
+        with _autocast(device, amp):
+            emb = model.image_encoder(batch)
+        out.append(emb.to(torch.float16).float())
+    if not out:
+        return torch.zeros((0, *EMBEDDING_SHAPE), device=device)
+    return torch.cat(out)
+
+
+class EmbeddingCache:
+    """Embeddings by image content hash: memory, then the object store, then the encoder."""
+
+    def __init__(self, model: nn.Module, weights_sha256: str, store=None, *, batch_size: int = 4,
+                 amp: bool | None = None):
+        if store is not None and not weights_sha256:
+            raise ValueError("an object-store embedding cache needs the weights' sha256 for its keys")
+        self.model = model
+        self.weights_sha256 = weights_sha256
+        self.store = store
+        self.batch_size = batch_size
+        self.amp = amp
+        self._memory: dict[str, torch.Tensor] = {}
+        self.stats = {"memory": 0, "store": 0, "computed": 0, "encode_seconds": 0.0}
+
+    def key(self, image_sha: str) -> str:
+        return self.store.key("embeddings", self.weights_sha256, image_sha)
+
+    def _from_store(self, sha: str) -> torch.Tensor | None:
+        if self.store is None:
+            return None
+        key = self.key(sha)
+        if self.store.stat(key) is None:
+            return None
+        try:
+            return decode_bytes(self.store.get_bytes(key), what=self.store.uri(key))
+        except ValueError as e:
+            log.warning("recomputing a damaged cached embedding: %s", e)
+            return None
+
+    def get(self, samples: Sequence) -> list[torch.Tensor]:
+        """One (256, 64, 64) float32 embedding per sample (objects with .image and .image_sha256)."""
+        device = next(self.model.parameters()).device
+        shas = [image_key(s) for s in samples]
+        missing: dict[str, np.ndarray] = {}
+        for sha, s in zip(shas, samples):
+            if sha in self._memory:
+                self.stats["memory"] += 1
+                continue
+            if sha in missing:
+                continue
+            emb = self._from_store(sha)
+            if emb is not None:
+                self._memory[sha] = emb.to(device)
+                self.stats["store"] += 1
+            else:
+                missing[sha] = s.image
+        items = list(missing.items())
+        # Chunk by batch so a pod killed mid-way keeps what it already uploaded.
+        for start in range(0, len(items), max(1, self.batch_size)):
+            chunk = items[start:start + self.batch_size]
+            t0 = time.perf_counter()
+            embs = compute_embeddings(self.model, [im for _, im in chunk], batch_size=self.batch_size,
+                                      amp=self.amp)
+            self.stats["encode_seconds"] += time.perf_counter() - t0
+            self.stats["computed"] += len(chunk)
+            for (sha, _), emb in zip(chunk, embs):
+                self._memory[sha] = emb
+                if self.store is not None:
+                    self.store.put_bytes(self.key(sha), encode_bytes(emb))
+        return [self._memory[sha] for sha in shas]
