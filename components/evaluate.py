@@ -222,13 +222,33 @@ def write_report(path, metrics: dict, results: dict, samples: Sequence, history:
     rep.write(path)
 
 
-def _history(model_metadata: dict | None) -> dict | None:
-    hist = (model_metadata or {}).get("history")
+def _history(model_metadata: dict | None, store=None) -> dict | None:
+    """Training curves: from the model's metadata, else from the run's latest.pt in the object store
+    (finetune's checkpoint carries the full history)."""
+    meta = model_metadata or {}
+    hist = meta.get("history")
     if isinstance(hist, str):
         try:
             hist = json.loads(hist)
         except json.JSONDecodeError:
+            hist = None
+    if isinstance(hist, dict):
+        return hist
+    run_id = meta.get("run_id")
+    if store is None or not run_id:
+        return None
+    key = store.key("runs", str(run_id), "checkpoints", "latest.pt")
+    if store.stat(key) is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "latest.pt"
+        store.get_file(key, path)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a report without curves beats a failed evaluation
+            log.warning("no training curves: %s is unreadable (%s)", store.uri(key), str(e).splitlines()[0])
             return None
+    hist = ckpt.get("history") if isinstance(ckpt, dict) else None
     return hist if isinstance(hist, dict) else None
 
 
@@ -257,7 +277,7 @@ def evaluate_step(weights_path: str, model_path: str, manifest_path: str, model_
         metrics = evaluate(model_type, weights_path, model_path, test, champion_weights=champion,
                            champion_model_type=champion_type,
                            champion_name=pointer["version"] if pointer else "", margin=float(margin),
-                           device=device, report_path=out_report_path, history=_history(model_metadata),
+                           device=device, report_path=out_report_path, history=_history(model_metadata, store),
                            store=store, zero_shot_sha256=sha256_file(weights_path))
     metrics["dataset_content_hash"] = manifest.get("content_hash")
     print(f"box Dice: fine-tuned {metrics['finetuned_box_dice']:.4f}, zero-shot {metrics['zero_shot_box_dice']:.4f}"

@@ -281,7 +281,7 @@ def cmd_run(args) -> int:
 
     summary = local.run_local(run_params(args), pipeline_root=args.pipeline_root, s3_endpoint=args.s3_endpoint,
                               retries=args.retries)
-    summary["checkpoints"] = local.copy_checkpoints(summary, args.checkpoint_name)
+    summary["checkpoints"] = local.find_checkpoints(args.checkpoint_name)
     local.remove_old_runs(args.pipeline_root, keep=args.keep_runs)
     if args.summary_json:
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import shutil
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 from pipelines.sam_finetune import PIPELINE_NAME, Placement, build_pipeline
@@ -83,6 +84,32 @@ def make_demo_assets(work_dir: Path, *, images: int = 12, size_range=(96, 160), 
 
 # -- running ----------------------------------------------------------------------------------------
 
+def _fix_kfp_local_conditions() -> None:
+    """kfp.local 2.17.3 reads a condition's `pipelinechannel--<task>-<output>` as a *parent input* unless
+    the output is named `Output`, so `dsl.If(evaluate.outputs["passed"] == True)` always skips locally
+    (the cluster's driver resolves it correctly). Resolve it as the task output it is, then fall back to
+    kfp's own lookup. In-process only: the compiled pipeline is untouched."""
+    from kfp.local.orchestrator import enhanced_dag_orchestrator as dag
+
+    original = dag.ConditionEvaluator._resolve_pipeline_channel
+    if getattr(original, "_sam_pipeline_fix", False):
+        return
+
+    def resolve(channel_ref, io_store):
+        ref = channel_ref.replace("pipelinechannel--", "", 1)
+        if "--" not in ref and "-Output" not in ref:
+            parts = ref.split("-")
+            for i in range(len(parts) - 1, 0, -1):
+                try:
+                    return io_store.get_task_output("-".join(parts[:i]), "-".join(parts[i:]))
+                except (ValueError, KeyError):
+                    continue
+        return original(channel_ref, io_store)
+
+    resolve._sam_pipeline_fix = True
+    dag.ConditionEvaluator._resolve_pipeline_channel = staticmethod(resolve)
+
+
 class _TaskEvents(logging.Filter):
     """kfp.local reports task starts, ends and skips through the root logger (whose handlers it swaps):
     a logger-level filter sees every record and times each task."""
@@ -109,6 +136,10 @@ class _TaskEvents(logging.Filter):
                 out.setdefault(m.group(1), {}).update(state="SKIPPED", reason=m.group(2).strip(" :()") or None)
         for info in out.values():
             info.pop("started", None)
+        # A false dsl.If skips its sub-DAG ("condition-N"), not the tasks inside it.
+        for name, info in list(out.items()):
+            if name.startswith("condition-") and info.get("state") == "SKIPPED":
+                out.setdefault("register-model", {"state": "SKIPPED", "reason": "evaluate.passed is false"})
         return out
 
 
@@ -186,13 +217,23 @@ def run_local(params: dict, *, pipeline_root: Path, s3_endpoint: str | None = No
         events = _TaskEvents()
         root = logging.getLogger()
         root.addFilter(events)
+        level = root.level
+        # kfp.local logs skips with logging.info outside its own logger context; let them reach the filter
+        # (with no handler of ours attached, nothing extra is printed).
+        root.setLevel(min(level, logging.INFO) if level else logging.INFO)
         try:
-            with _environ(env):
+            with _environ(env), warnings.catch_warnings():
+                # Expected locally: our images are not "python" images, and GPU/resource settings only
+                # apply in a cluster. The same code runs in both places; the noise would hide real warnings.
+                warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
+                warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
+                _fix_kfp_local_conditions()
                 local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                            raise_on_error=False)
                 pipeline(**params)
         finally:
             root.removeFilter(events)
+            root.setLevel(level)
         new = sorted(p for p in pipeline_root.glob(f"{PIPELINE_NAME}-*") if p.name not in before)
         run_dir = new[-1] if new else None
         tasks = events.tasks()
@@ -212,6 +253,12 @@ def run_local(params: dict, *, pipeline_root: Path, s3_endpoint: str | None = No
             "tasks": tasks,
         }
         summary.update(_digest(summary))
+        # KFP names an HTML artifact after its output ("report"); a .html copy opens in a browser.
+        for task, path in list(summary["reports"].items()):
+            if run_dir is not None and Path(path).is_file():
+                copy = run_dir / f"{task}-report.html"
+                shutil.copyfile(path, copy)
+                summary["reports"][task] = str(copy)
         if embedded and tasks["finetune"]["state"] == "SUCCEEDED":
             # The embedded store disappears with the run: keep what the user asked for on local disk.
             summary["registered_copy"] = _keep_registered(ObjectStore(
@@ -224,7 +271,9 @@ def _digest(summary: dict) -> dict:
     """The numbers and places a person looks for first."""
     t = summary["tasks"]
     meta = lambda task, art: t[task].get("artifacts", {}).get(art, {})  # noqa: E731
-    metrics = {**meta("finetune", "metrics").get("metadata", {}), **meta("evaluate", "metrics").get("metadata", {})}
+    evaluation = t["evaluate"].get("parameters", {}).get("metrics_json")
+    metrics = {**meta("finetune", "metrics").get("metadata", {}), **meta("evaluate", "metrics").get("metadata", {}),
+               **(json.loads(evaluation) if evaluation else {})}
     reg = t["register-model"].get("parameters", {})
     return {
         "metrics": metrics,
@@ -251,12 +300,11 @@ def _keep_registered(store, summary: dict, dest_root: Path) -> dict | None:
     return {"model": str(folder / "model.pt"), "card": str(folder / "model_card.json")}
 
 
-def copy_checkpoints(summary: dict, checkpoint_name: str, dest: Path = Path("checkpoints")) -> dict:
-    """Where best.pt/latest.pt are; the finetune subprocess runs in this working directory and writes them
-    here like the seed did."""
-    folder = dest / checkpoint_name
-    found = {name: str(folder / f"{name}.pt") for name in ("best", "latest") if (folder / f"{name}.pt").is_file()}
-    return found
+def find_checkpoints(checkpoint_name: str, root: Path = Path("checkpoints")) -> dict:
+    """best.pt/latest.pt as the seed left them: the finetune subprocess runs in this working directory
+    (kfp.local's SubprocessRunner does not change it), so `checkpoints/<name>/` lands here."""
+    folder = root / checkpoint_name
+    return {name: str(folder / f"{name}.pt") for name in ("best", "latest") if (folder / f"{name}.pt").is_file()}
 
 
 def remove_old_runs(pipeline_root: Path, keep: int = 5) -> None:

@@ -1,0 +1,95 @@
+"""The whole pipeline through kfp.local (SubprocessRunner, this interpreter), as `sam-pipeline run` runs it:
+a synthetic Penn-Fudan zip and a random vit_t checkpoint served over HTTP, the S3 server on loopback."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines.cli import main
+
+TASKS = ("fetch-weights", "ingest-dataset", "finetune", "evaluate", "register-model")
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    import torch
+
+    from components.datasets.synthetic import make_pennfudan_zip
+    from components.hashing import sha256_file
+    from components.sam.model import atomic_torch_save, build_sam
+
+    d = tmp_path_factory.mktemp("sources")
+    make_pennfudan_zip(d / "PennFudanPed.zip", n_fudan=4, n_penn=4, seed=0, size_range=(64, 96))
+    torch.manual_seed(0)
+    atomic_torch_save(build_sam("vit_t").state_dict(), d / "vit_t_random.pth")
+    return d, sha256_file(d / "vit_t_random.pth")
+
+
+def _run(tmp_path, capsys, *extra) -> tuple[int, dict, str]:
+    summary = tmp_path / f"summary{len(list(tmp_path.glob('summary*')))}.json"
+    code = main(["run", *extra, "--pipeline-root", str(tmp_path / "outputs"), "--summary-json", str(summary)])
+    out, err = capsys.readouterr()
+    return code, json.loads(summary.read_text()) if summary.is_file() else {}, out + err
+
+
+@pytest.mark.slow
+def test_run_end_to_end_then_gate_skips_register(sources, http_server, store, s3_env, tmp_path, monkeypatch,
+                                                  capsys):
+    src, weights_sha = sources
+    base = http_server(src)
+    monkeypatch.chdir(tmp_path)  # finetune leaves checkpoints/<name>/ in the working directory, like the seed
+    common = ["-d", "-i", "3", "-g", "cpu", "-n", "4", "--val-every", "3", "--dataset-source", f"{base}/PennFudanPed.zip",
+              "--weights-url", f"{base}/vit_t_random.pth", "--weights-sha256", weights_sha,
+              "--s3-endpoint", s3_env.endpoint, "--prefix", s3_env.prefix, "--model-name", "sam-e2e"]
+
+    # margin -1: any fine-tuned model beats the bar, so all five tasks run.
+    code, summary, log = _run(tmp_path, capsys, *common, "--margin", "-1")
+    assert code == 0, log[-3000:]
+    assert {t: summary["tasks"][t]["state"] for t in TASKS} == dict.fromkeys(TASKS, "SUCCEEDED")
+    for task, output in (("fetch-weights", "weights"), ("ingest-dataset", "dataset"), ("finetune", "model"),
+                         ("finetune", "report"), ("evaluate", "report")):
+        art = summary["tasks"][task]["artifacts"][output]
+        assert art["path"] and (tmp_path / art["path"]).is_file(), (task, output)
+    assert summary["dataset"]["content_hash"] and summary["weights"]["sha256"] == weights_sha
+    m = summary["metrics"]
+    assert 0 <= m["finetuned_box_dice"] <= 1 and 0 <= m["zero_shot_box_dice"] <= 1
+    assert summary["passed"] is True and summary["registered"]["version"] == "v1"
+    assert {"best", "latest"} <= set(summary["checkpoints"])
+    assert (tmp_path / "checkpoints" / "sam_instance_seg" / "best.pt").is_file()
+    html = (tmp_path / summary["reports"]["evaluate"]).read_text()
+    assert "data:image/png;base64," in html and "<svg" in html
+
+    # The registered version loads with the official MobileSAM builder.
+    from mobile_sam import sam_model_registry
+
+    from components.registry import ObjectStoreRegistry
+
+    reg = ObjectStoreRegistry(store)
+    card = reg.card("sam-e2e", "v1")
+    assert card["dataset"]["content_hash"] == summary["dataset"]["content_hash"]
+    assert card["weights"]["sha256"] == weights_sha and card["run_id"]
+    assert card["metrics"]["box_dice"] == m["finetuned_box_dice"]
+    path = reg.fetch("sam-e2e", "latest", tmp_path / "registered.pt")
+    sam_model_registry["vit_t"](checkpoint=str(path))
+
+    # An impossible margin: evaluate runs (against v1 as the champion too) and register-model is skipped.
+    code, summary, log = _run(tmp_path, capsys, *common, "--margin", "2.0")
+    assert code == 0, log[-3000:]
+    states = {t: summary["tasks"][t]["state"] for t in TASKS}
+    assert states == {**dict.fromkeys(TASKS[:4], "SUCCEEDED"), "register-model": "SKIPPED"}
+    assert summary["passed"] is False and summary["metrics"]["champion_version"] == "v1"
+    assert reg.versions("sam-e2e") == ["v1"]
+    assert "register-model skipped" in log
+
+
+def test_run_stops_in_one_line_when_a_source_is_unreachable(tmp_path, capsys, monkeypatch):
+    from components.s3server import free_port
+
+    monkeypatch.chdir(tmp_path)
+    url = f"http://127.0.0.1:{free_port()}/PennFudanPed.zip"
+    code = main(["run", "-g", "cpu", "--dataset-source", url])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert url in err and "--dataset-source" in err and "--demo" in err
+    assert not (tmp_path / "local_outputs").exists()  # stopped before anything ran
