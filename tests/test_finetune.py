@@ -1,0 +1,233 @@
+"""Training on CPU with synthetic data and a randomly initialised vit_t: it learns, resumes exactly,
+exports a model the official builder loads, caches embeddings in the object store."""
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from components.datasets.synthetic import make_samples
+from components.finetune import TrainConfig, Trainer, _prepare, resolve_amp, train
+from components.hashing import sha256_file
+from components.sam.embeddings import EmbeddingCache, decode_bytes, image_key
+from components.sam.model import build_sam, decode, load_trainable_state_dict
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory):
+    """A random vit_t checkpoint (no download): the decoder starts from scratch."""
+    from mobile_sam import sam_model_registry
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "vit_t_random.pt"
+    torch.save(sam_model_registry["vit_t"]().state_dict(), path)
+    return path, sha256_file(path)
+
+
+@pytest.fixture(scope="session")
+def samples():
+    return make_samples(8, seed=1, size=(128, 160), max_instances=3)
+
+
+@pytest.fixture(scope="session")
+def emb_store(s3, weights, samples):
+    """An object store whose embedding cache is warm for `samples`: the encoder (~1.5 s/image on
+    two cores) runs once per session and every train() below reads the cache, as a pipeline re-run does."""
+    from components.storage import ObjectStore
+
+    store = ObjectStore(replace(s3, prefix=f"t-finetune-{uuid.uuid4().hex[:8]}/"))
+    model = build_sam("vit_t", weights[0])
+    cache = EmbeddingCache(model, weights[1], store, batch_size=2)
+    cache.get(samples)
+    assert cache.stats["computed"] == len(samples)
+    return store
+
+
+def cfg(tmp_path, **kw) -> TrainConfig:
+    base = dict(device="cpu", n_iterations=4, n_objects_per_batch=3, batch_size=2, val_every=2, lr=1e-4,
+                checkpoint_dir=str(tmp_path / "ck"), show_progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_embedding_cache_round_trips_through_the_store(emb_store, weights, samples):
+    model = build_sam("vit_t", weights[0])
+    cache = EmbeddingCache(model, weights[1], emb_store)
+    got = cache.get(samples[:2] + samples[:1])
+    assert cache.stats == {"memory": 1, "store": 2, "computed": 0, "encode_seconds": 0.0}
+    key = emb_store.key("embeddings", weights[1], image_key(samples[0]))
+    raw = emb_store.get_bytes(key)
+    assert len(raw) < 256 * 64 * 64 * 2 + 4096  # stored as fp16
+    torch.testing.assert_close(decode_bytes(raw), got[0])
+    # Fresh computation equals what the store returns (both rounded through fp16).
+    fresh = EmbeddingCache(model, weights[1], None).get(samples[:1])[0]
+    torch.testing.assert_close(fresh, got[0], atol=1e-3, rtol=0)
+    # A damaged object is recomputed, never used.
+    emb_store.put_bytes(key, b"not a tensor")
+    again = EmbeddingCache(model, weights[1], emb_store)
+    again.get(samples[:1])
+    assert again.stats["computed"] == 1
+    torch.testing.assert_close(decode_bytes(emb_store.get_bytes(key)), got[0], atol=1e-3, rtol=0)
+
+
+def test_decode_matches_the_official_predictor(weights, samples):
+    from mobile_sam import SamPredictor
+
+    model = build_sam("vit_t", weights[0])
+    s = samples[0]
+    predictor = SamPredictor(model)
+    predictor.set_image(s.image)
+    box = np.array([10.0, 12.0, 90.0, 70.0])
+    masks, iou, low = predictor.predict(box=box, multimask_output=False, return_logits=True)
+    d = decode(model, predictor.features, s.image.shape[:2], boxes=box[None])
+    torch.testing.assert_close(d.low_res_logits[0].detach(), torch.as_tensor(low), atol=1e-4, rtol=1e-4)
+    assert (d.masks[0, 0].numpy() == (masks[0] > 0)).mean() > 0.999
+    torch.testing.assert_close(d.iou_pred[0].detach(), torch.as_tensor(iou), atol=1e-4, rtol=1e-4)
+
+
+def test_it_learns(tmp_path, weights, samples, emb_store, capsys):
+    """A short run lifts per-instance validation Dice by >= 0.15 over the untrained decoder."""
+    c = cfg(tmp_path, n_iterations=24, val_every=8, n_objects_per_batch=4, batch_size=1, lr=3e-4)
+    result = train(c, weights[0], samples[:6], samples[6:], store=emb_store, weights_sha256=weights[1])
+    dice = result.history["val_dice"]
+    print(f"val Dice: {[round(x, 3) for x in dice]} in {result.train_seconds:.0f}s")
+    assert result.history["val_iteration"] == [0, 8, 16, 24]
+    assert result.best_val_dice >= dice[0] + 0.15, dice
+    assert result.embedding_stats["computed"] == 0 and result.embedding_stats["store"] == len(samples)
+    out = capsys.readouterr().out
+    assert "Epoch 0: Dice Score = " in out and "(best: " in out
+    assert (result.best_path.exists() and result.latest_path.exists() and result.model_path.exists())
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, weights, samples, emb_store):
+    tmp = tmp_path_factory.mktemp("straight")
+    return train(cfg(tmp, n_iterations=4), weights[0], samples[:6], samples[6:], store=emb_store,
+                 weights_sha256=weights[1])
+
+
+def _trainable(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["trainable_state"]
+
+
+def _assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_resume_from_local_latest_gives_the_same_weights(tmp_path, straight, weights, samples, emb_store):
+    half = train(cfg(tmp_path, n_iterations=2), weights[0], samples[:6], samples[6:], store=emb_store,
+                 weights_sha256=weights[1])
+    assert half.resumed_from is None
+    full = train(cfg(tmp_path, n_iterations=4), weights[0], samples[:6], samples[6:], store=emb_store,
+                 weights_sha256=weights[1])
+    assert full.resumed_from == 2
+    _assert_same_state(_trainable(straight.latest_path), _trainable(full.latest_path))
+    np.testing.assert_allclose(full.history["loss"], straight.history["loss"], rtol=1e-5)
+    assert full.history["val_dice"] == pytest.approx(straight.history["val_dice"], abs=1e-6)
+
+
+def test_resume_from_the_object_store_on_another_pod(tmp_path, straight, weights, samples, emb_store):
+    """A KFP retry lands on a fresh pod: no local files, latest.pt comes from runs/<run_id>/."""
+    run_id = f"run-{uuid.uuid4().hex[:6]}"
+    train(cfg(tmp_path / "pod1", n_iterations=2), weights[0], samples[:6], samples[6:], store=emb_store,
+          run_id=run_id, weights_sha256=weights[1])
+    assert emb_store.exists(emb_store.key("runs", run_id, "checkpoints", "latest.pt"))
+    assert emb_store.exists(emb_store.key("runs", run_id, "checkpoints", "best.pt"))
+    full = train(cfg(tmp_path / "pod2", n_iterations=4), weights[0], samples[:6], samples[6:], store=emb_store,
+                 run_id=run_id, weights_sha256=weights[1])
+    assert full.resumed_from == 2
+    _assert_same_state(_trainable(straight.latest_path), _trainable(full.latest_path))
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path, weights, samples, emb_store):
+    train(cfg(tmp_path, n_iterations=2), weights[0], samples[:6], samples[6:], store=emb_store,
+          weights_sha256=weights[1])
+    other = train(cfg(tmp_path, n_iterations=2, lr=2e-4), weights[0], samples[:6], samples[6:], store=emb_store,
+                  weights_sha256=weights[1])
+    assert other.resumed_from is None
+    ckpt = torch.load(other.latest_path, map_location="cpu", weights_only=True)
+    assert ckpt["config"]["lr"] == 2e-4 and ckpt["weights_sha256"] == weights[1]
+    assert {"optimizer", "scheduler", "scaler", "rng", "iteration", "best_val_dice", "dataset_hash"} <= ckpt.keys()
+
+
+def test_exported_model_loads_in_the_official_builder(straight, weights, samples, emb_store):
+    from mobile_sam import sam_model_registry
+
+    official = sam_model_registry["vit_t"](checkpoint=str(straight.model_path))
+    ours = build_sam("vit_t", weights[0])
+    best = torch.load(straight.best_path, map_location="cpu", weights_only=True)
+    load_trainable_state_dict(ours, best["trainable_state"])
+    emb = EmbeddingCache(ours, weights[1], emb_store).get(samples[6:7])[0]
+    boxes = np.array([[5.0, 5.0, 80.0, 60.0], [40.0, 30.0, 150.0, 120.0]])
+    with torch.no_grad():
+        a = decode(official, emb, samples[6].image.shape[:2], boxes=boxes)
+        b = decode(ours, emb, samples[6].image.shape[:2], boxes=boxes)
+    torch.testing.assert_close(a.low_res_logits, b.low_res_logits)
+    assert torch.equal(a.masks, b.masks)
+    # The exported decoder is the trained one, not the starting point.
+    start = build_sam("vit_t", weights[0])
+    with torch.no_grad():
+        c = decode(start, emb, samples[6].image.shape[:2], boxes=boxes)
+    assert not torch.allclose(a.low_res_logits, c.low_res_logits)
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path, weights, samples, emb_store):
+    result = train(cfg(tmp_path, n_iterations=2, amp=True, amp_dtype="bf16", n_sub_iteration=3), weights[0],
+                   samples[:6], samples[6:], store=emb_store, weights_sha256=weights[1])
+    assert result.amp == "bf16"
+    assert all(np.isfinite(result.history["loss"]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback; this machine has CUDA")
+def test_cuda_request_falls_back_to_cpu_with_a_warning(tmp_path, weights, samples, emb_store):
+    with pytest.warns(UserWarning, match="CUDA is not available"):
+        result = train(cfg(tmp_path, n_iterations=1, device="cuda", debug_with_one_example=True), weights[0],
+                       samples[:6], [], store=emb_store, weights_sha256=weights[1])
+    assert result.device == "cpu" and result.amp == "off"
+    assert result.history["val_iteration"] == [0, 1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; none on this machine")
+@pytest.mark.parametrize("amp_dtype", ["fp16", "bf16"])
+def test_cuda_amp_paths_train(tmp_path, weights, samples, amp_dtype):
+    result = train(cfg(tmp_path, n_iterations=4, device="cuda", amp=True, amp_dtype=amp_dtype), weights[0],
+                   samples[:6], samples[6:], weights_sha256=weights[1])
+    assert result.device.startswith("cuda")
+    assert result.amp.startswith(amp_dtype if torch.cuda.is_bf16_supported() else "fp16")
+    assert all(np.isfinite(result.history["loss"]))
+
+
+def test_nonfinite_losses_skip_steps_then_stop(weights, samples):
+    model = build_sam("vit_t", weights[0])
+    nan = torch.full((256, 64, 64), float("nan"))
+    items = _prepare(samples[:2], [nan, nan], torch.device("cpu"))
+    c = TrainConfig(device="cpu", n_objects_per_batch=2)
+    trainer = Trainer(c, model, items, items, torch.device("cpu"), resolve_amp(c, torch.device("cpu")))
+    before = {k: v.clone() for k, v in model.mask_decoder.state_dict().items()}
+    for i in range(4):
+        assert np.isnan(trainer.train_step(i + 1))
+    for k, v in model.mask_decoder.state_dict().items():
+        assert torch.equal(v, before[k])
+    with pytest.raises(FloatingPointError, match="5 non-finite losses in a row"):
+        trainer.train_step(5)
+
+
+def test_bad_config_and_inputs_are_clear_errors(tmp_path, weights, samples):
+    with pytest.raises(ValueError, match="n_sub_iteration must be >= 1"):
+        train(cfg(tmp_path, n_sub_iteration=0), weights[0], samples[:1], samples[1:2])
+    with pytest.raises(ValueError, match="no validation samples"):
+        train(cfg(tmp_path), weights[0], samples[:1], [])
+    bad = tmp_path / "bad.pt"
+    torch.save({"something": torch.zeros(1)}, bad)
+    with pytest.raises(ValueError, match="does not fit SAM vit_t"):
+        build_sam("vit_t", bad)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        build_sam("vit_t", tmp_path / "missing.pt")
