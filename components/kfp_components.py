@@ -59,7 +59,12 @@ def finetune(weights: Input[Model], dataset: Input[Dataset], debug_with_one_exam
         n_sub_iteration=n_sub_iteration, lr=lr, seed=seed, val_every=val_every, run_id=run_id,
         s3_endpoint=s3_endpoint, bucket=bucket, prefix=prefix, out_model_path=model.path,
         out_report_path=report.path)
-    publish(result, model, metrics)
+    # The model card records how the model was trained: the run's own settings travel with the model.
+    config = dict(debug_with_one_example=debug_with_one_example, checkpoint_name=checkpoint_name,
+                  model_type=model_type, batch_size=batch_size, n_objects_per_batch=n_objects_per_batch,
+                  device=device, n_iterations=n_iterations, n_sub_iteration=n_sub_iteration, lr=lr, seed=seed,
+                  val_every=val_every)
+    publish({**result, "config": config}, model, metrics)
 
 
 def evaluate(weights: Input[Model], model: Input[Model], dataset: Input[Dataset], model_type: str, margin: float,

@@ -21,7 +21,10 @@ def _load(path: Path) -> tuple[dict, dict]:
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory) -> Path:
-    return compile_pipeline(tmp_path_factory.mktemp("yaml") / "sam_finetune.yaml")
+    with pytest.MonkeyPatch.context() as mp:  # the committed YAML is for the default images
+        mp.delenv("SAM_IMAGE_REGISTRY", raising=False)
+        mp.delenv("SAM_IMAGE_TAG", raising=False)
+        return compile_pipeline(tmp_path_factory.mktemp("yaml") / "sam_finetune.yaml")
 
 
 def test_committed_yaml_matches_a_fresh_compile(compiled):

@@ -69,6 +69,8 @@ def test_run_end_to_end_then_gate_skips_register(sources, http_server, store, s3
     card = reg.card("sam-e2e", "v1")
     assert card["dataset"]["content_hash"] == summary["dataset"]["content_hash"]
     assert card["weights"]["sha256"] == weights_sha and card["run_id"]
+    assert card["training"]["config"]["n_iterations"] == 3 and card["training"]["config"]["device"] == "cpu"
+    assert card["zero_shot"]["box_dice"] == m["zero_shot_box_dice"]
     assert card["metrics"]["box_dice"] == m["finetuned_box_dice"]
     path = reg.fetch("sam-e2e", "latest", tmp_path / "registered.pt")
     sam_model_registry["vit_t"](checkpoint=str(path))
