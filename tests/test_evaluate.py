@@ -23,6 +23,13 @@ def test_chart_is_inline_svg_and_skips_nan():
     assert svg.startswith("<svg") and svg.endswith("</svg>")
     (points,) = re.findall(r'<polyline[^>]*points="([^"]+)"', svg)
     assert len(points.split()) == 3
+    # Every point lies inside the plot frame, also when the data do not end on a tick.
+    svg = line_chart_svg({"loss": ([1, 2, 3], [0.8201, 0.8172, 0.8185])})
+    x, y, w, h = map(float, re.search(r'<rect x="([\d.]+)" y="([\d.]+)" width="([\d.]+)" height="([\d.]+)"',
+                                      svg).groups())
+    (points,) = re.findall(r'<polyline[^>]*points="([^"]+)"', svg)
+    for px, py in (map(float, p.split(",")) for p in points.split()):
+        assert x <= px <= x + w and y <= py <= y + h
     assert "no data" in line_chart_svg({"x": ([], [])}, title="empty")
 
 
