@@ -157,16 +157,6 @@ def _read_outputs(task_dir: Path) -> dict:
     return out
 
 
-def _local_artifact_paths(run_dir: Path) -> dict:
-    """Artifact files kfp.local left in the run folder: {task: {output: path}}."""
-    found: dict = {}
-    for task in TASKS:
-        tdir = run_dir / task
-        if tdir.is_dir():
-            found[task] = {p.name: str(p) for p in sorted(tdir.iterdir()) if p.name != "executor_output.json"}
-    return found
-
-
 @contextlib.contextmanager
 def _environ(values: dict):
     old = {k: os.environ.get(k) for k in values}

@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from components.registry import (CARD_FILE, ObjectStoreRegistry, RegistryError, build_card, register_step)
+from components.registry import ObjectStoreRegistry, RegistryError, build_card, register_step
 
 METRICS = {"finetuned_box_dice": 0.81, "zero_shot_box_dice": 0.70, "finetuned_point_dice": 0.6,
            "zero_shot_point_dice": 0.5, "passed": True, "margin": 0.0}
