@@ -35,7 +35,8 @@ from components.sam.embeddings import EmbeddingCache, image_key
 from components.sam.losses import sam_loss
 from components.sam.metrics import dice_iou
 from components.sam.model import (atomic_torch_save, build_sam, decode, decode_input_frame, export_state_dict,
-                                  load_trainable_state_dict, set_trainable, trainable_state_dict)
+                                  load_trainable_state_dict, set_trainable, trainable_state_dict,
+                                  use_broadcast_decoder)
 from components.sam.prompts import corrective_clicks, instance_masks, jitter_boxes, masks_to_boxes, sample_points
 from components.sam.transforms import LOW_RES, IMAGE_SIZE, Frame, crop_low_res, masks_to_low_res
 
@@ -214,8 +215,10 @@ class Trainer:
     """The training state and one iteration of it; `train()` drives it, benchmarks reuse it."""
 
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, train_items: list[_Item],
-                 val_items: list[_Item], device: torch.device, amp: AmpSettings):
+                 val_items: list[_Item], device: torch.device, amp: AmpSettings, *, broadcast_decoder: bool = True):
         self.cfg, self.model, self.device, self.amp = cfg, model, device, amp
+        if broadcast_decoder:
+            use_broadcast_decoder(model)
         self.train_items, self.val_items = train_items, val_items
         self.params = set_trainable(model, cfg.freeze_prompt_encoder)
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr)
@@ -419,10 +422,12 @@ def _find_resume(cfg: TrainConfig, latest: Path, store, run_id: str | None, iden
     if not cfg.resume:
         return None
     if not latest.exists() and store is not None and run_id:
-        key = store.key("runs", run_id, "checkpoints", "latest.pt")
-        if store.stat(key) is not None:
-            log.info("resuming from %s", store.uri(key))
-            store.get_file(key, latest)
+        # A retry on a fresh pod: both checkpoints come back from the store (best.pt is what gets exported).
+        for name in ("best.pt", "latest.pt"):
+            key = store.key("runs", run_id, "checkpoints", name)
+            if store.stat(key) is not None:
+                log.info("fetching %s", store.uri(key))
+                store.get_file(key, latest.with_name(name))
     if not latest.exists():
         return None
     ckpt = _load_checkpoint(latest)
@@ -542,7 +547,8 @@ def train(cfg: TrainConfig, weights_path: str | Path, train_samples: Sequence, v
     train_seconds = time.perf_counter() - t_train
 
     if not best_path.exists():
-        raise RuntimeError(f"no best checkpoint at {best_path}: training ran no validation")
+        raise RuntimeError(f"no best checkpoint at {best_path}: it should have been written beside latest.pt "
+                           f"(or fetched with it from the object store)")
     best_state = _load_checkpoint(best_path)
     load_trainable_state_dict(model, {k: v.to(device) for k, v in best_state["trainable_state"].items()})
     export_state_dict(model, model_path)
