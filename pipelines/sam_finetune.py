@@ -96,7 +96,10 @@ def build_pipeline(placement: Placement | None = None):
 
         dataset = c.ingest_dataset(source=dataset_source, dataset_format=dataset_format,
                                    dataset_name=dataset_name, split_seed=split_seed, **store)
-        dataset.set_display_name("ingest-dataset").set_caching_options(True)
+        # Not cached, although its output is content-addressed: the cache key is the source string, so a
+        # scheduled run reading a fixed s3:// drop folder would never see new data. Ingest hashes first and
+        # uploads nothing when the content is unchanged, so running it every time costs seconds.
+        dataset.set_display_name("ingest-dataset").set_caching_options(False)
 
         train = c.finetune(
             weights=weights.outputs["weights"], dataset=dataset.outputs["dataset"],

@@ -70,8 +70,9 @@ def test_caching_and_the_register_gate(compiled):
     spec, _ = _load(compiled)
     tasks = spec["root"]["dag"]["tasks"]
     assert tasks["fetch-weights"]["cachingOptions"] == {"enableCache": True}
-    assert tasks["ingest-dataset"]["cachingOptions"] == {"enableCache": True}
-    assert tasks["finetune"]["cachingOptions"] == {} and tasks["evaluate"]["cachingOptions"] == {}
+    # Ingest re-reads its source every run (new data at a fixed s3:// prefix must reach training).
+    for name in ("ingest-dataset", "finetune", "evaluate"):
+        assert tasks[name]["cachingOptions"] == {}, name
     (cond_name,) = [n for n in tasks if n.startswith("condition")]
     cond = tasks[cond_name]
     assert "evaluate-passed" in cond["triggerPolicy"]["condition"] and "== true" in cond["triggerPolicy"]["condition"]
