@@ -70,6 +70,7 @@ class TrainConfig:
     prompt_mode: str = "alternate"  # "alternate" box/point per object, or only "box" / only "point"
     box_jitter: float = 0.05  # fraction of the box's size each edge may move
     n_points: int = 1  # positive points for point-prompted objects
+    click_largest_area: bool = False  # corrective clicks in the largest-area region, not the thickest (slower)
     embed_batch_size: int = 4
     resume: bool = True
     show_progress: bool = True
@@ -341,7 +342,7 @@ class Trainer:
         return total
 
     def _add_corrections(self, g: _Group, logits: torch.Tensor, low: torch.Tensor) -> None:
-        coords, labels = corrective_clicks(logits > 0, g.target > 0.5)
+        coords, labels = corrective_clicks(logits > 0, g.target > 0.5, by_area=self.cfg.click_largest_area)
         # A low-res pixel covers a 4x4 block of the input frame; click its centre.
         scale = IMAGE_SIZE / LOW_RES
         coords = torch.where(labels.unsqueeze(-1) >= 0, coords * scale + (scale - 1) / 2, coords)

@@ -144,10 +144,22 @@ def test_corrective_clicks_on_a_hand_made_error():
     pred[0, 40:50, 40:50] = True  # a false 10x10 blob
     pred[0, 55:57, 0:2] = True  # and a smaller false one, which must not win
     pred[1] = gt[1]  # perfect: nothing to correct
-    coords, labels = corrective_clicks(pred, gt)
-    assert labels.tolist() == [[1, 0], [-1, -1]]
-    assert coords[0].tolist() == [[24.0, 14.0], [44.0, 44.0]]
+    for by_area in (False, True):
+        coords, labels = corrective_clicks(pred, gt, by_area=by_area)
+        assert labels.tolist() == [[1, 0], [-1, -1]]
+        assert coords[0].tolist() == [[24.0, 14.0], [44.0, 44.0]]
     assert gt[0, 14, 24] and not pred[0, 14, 24] and pred[0, 44, 44] and not gt[0, 44, 44]
+
+
+def test_corrective_click_deepest_versus_largest_region():
+    gt = torch.zeros(1, 40, 60, dtype=torch.bool)
+    pred = torch.zeros_like(gt)
+    pred[0, 0:3, 0:60] = True  # a long thin false strip: 180 px, depth 2
+    pred[0, 20:27, 20:27] = True  # a small thick false square: 49 px, depth 4
+    coords, _ = corrective_clicks(pred, gt)
+    assert coords[0, 1].tolist() == [23.0, 23.0]  # the thickest region
+    coords, _ = corrective_clicks(pred, gt, by_area=True)
+    assert coords[0, 1, 1] == 1.0  # inside the strip (rows 0-2), its middle row
 
 
 # -- metrics and losses ---------------------------------------------------------------------------

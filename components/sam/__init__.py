@@ -1,6 +1,7 @@
 """Segment Anything building blocks shared by fine-tuning and evaluation.
 
-model: build_sam, set_trainable, export_state_dict, decode / decode_input_frame.
+model: build_sam, set_trainable, export_state_dict, decode (prompts in original pixels -> low-res
+logits, masks at original size, predicted IoU) / decode_input_frame, use_broadcast_decoder.
 transforms: SAM's resize-longest-side / normalise / pad and the way back (Frame).
 prompts: boxes, points, corrective clicks. losses: Dice + IoU-MSE. metrics: per-instance Dice/IoU.
 embeddings: the frozen encoder's output, cached by (weights sha, image sha).
