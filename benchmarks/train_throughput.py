@@ -139,7 +139,7 @@ def embed_timing(weights: str, device: str, n: int, dtype: str, threads: int) ->
     ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bf16" else torch.autocast(dev.type, enabled=False)
     t0 = time.perf_counter()
     with ctx:
-        compute_embeddings(model, images, batch_size=2 if dev.type == "cpu" else 8, amp=(dtype == "fp16"))
+        compute_embeddings(model, images, batch_size=1 if dev.type == "cpu" else 8, amp=(dtype == "fp16"))
     if dev.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / n

@@ -480,7 +480,9 @@ def train(cfg: TrainConfig, weights_path: str | Path, train_samples: Sequence, v
         from components.hashing import sha256_file
         weights_sha256 = sha256_file(weights_path)
     model = build_sam(cfg.model_type, weights_path, device)
-    cache = EmbeddingCache(model, weights_sha256, store, batch_size=cfg.embed_batch_size, amp=amp.enabled)
+    # On CPU TinyViT is faster one image at a time (measured: 2 images take 2.8 s at batch 1, 4.0 s at 2).
+    embed_batch = cfg.embed_batch_size if device.type == "cuda" else 1
+    cache = EmbeddingCache(model, weights_sha256, store, batch_size=embed_batch, amp=amp.enabled)
     train_items = _prepare(train_samples, cache.get(train_samples), device)
     val_items = _prepare(val_samples, cache.get(val_samples), device)
     if not train_items:

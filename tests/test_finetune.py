@@ -93,7 +93,8 @@ def test_decode_matches_the_official_predictor(weights, samples):
 def test_it_learns(tmp_path, weights, samples, emb_store, capsys):
     """A short run lifts per-instance validation Dice by >= 0.15 over the untrained decoder."""
     # Box prompts: with a random encoder the decoder can still learn "fill the box" from the box
-    # embedding and the positional encoding. Measured on 2 shared cores: 0.110 -> 0.202, 0.299, 0.315 in 12 s of training.
+    # embedding and the positional encoding. Measured on 2 shared cores: 0.110 -> 0.202, 0.299, 0.315
+    # in 12 s of training (24 iterations).
     c = cfg(tmp_path, n_iterations=24, val_every=8, n_objects_per_batch=4, batch_size=1, lr=1e-3, prompt_mode="box")
     result = train(c, weights[0], samples[:6], samples[6:], store=emb_store, weights_sha256=weights[1])
     dice = result.history["val_dice"]
