@@ -30,6 +30,7 @@ from components.sam.metrics import dice_iou, summarize
 from components.sam.model import build_sam, decode, load_state_dict_file
 from components.sam.prompts import deepest_points, instance_masks, masks_to_boxes
 from components.sam.transforms import Frame
+from components.storage import StorageError
 
 log = logging.getLogger(__name__)
 ENCODER_PREFIX = "image_encoder."
@@ -223,32 +224,16 @@ def write_report(path, metrics: dict, results: dict, samples: Sequence, history:
 
 
 def _history(model_metadata: dict | None, store=None) -> dict | None:
-    """Training curves: from the model's metadata, else from the run's latest.pt in the object store
-    (finetune's checkpoint carries the full history)."""
-    meta = model_metadata or {}
-    hist = meta.get("history")
-    if isinstance(hist, str):
-        try:
-            hist = json.loads(hist)
-        except json.JSONDecodeError:
-            hist = None
-    if isinstance(hist, dict):
-        return hist
-    run_id = meta.get("run_id")
-    if store is None or not run_id:
+    """Training curves, from the small JSON finetune leaves beside the run's checkpoints."""
+    uri = (model_metadata or {}).get("history_uri")
+    if store is None or not uri:
         return None
-    key = store.key("runs", str(run_id), "checkpoints", "latest.pt")
-    if store.stat(key) is None:
+    bucket, key = store.parse_uri(uri)
+    try:
+        hist = store.for_bucket(bucket).get_json(key)
+    except (StorageError, json.JSONDecodeError) as e:  # a report without curves beats a failed evaluation
+        log.warning("no training curves: %s", str(e).splitlines()[0])
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "latest.pt"
-        store.get_file(key, path)
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a report without curves beats a failed evaluation
-            log.warning("no training curves: %s is unreadable (%s)", store.uri(key), str(e).splitlines()[0])
-            return None
-    hist = ckpt.get("history") if isinstance(ckpt, dict) else None
     return hist if isinstance(hist, dict) else None
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import html
 import logging
 import math
 import random
@@ -491,6 +490,10 @@ def train(cfg: TrainConfig, weights_path: str | Path, train_samples: Sequence, v
     identity = {"weights_sha256": weights_sha256, "dataset_hash": dataset_hash,
                 "samples_fingerprint": samples_fingerprint(train_samples) + samples_fingerprint(val_samples),
                 "trajectory_config": _trajectory_config(cfg)}
+    if run_id:
+        # Resume is for retries of the same run; a new run (a second `sam-pipeline run`, tonight's
+        # scheduled retraining) starts fresh even when everything else matches.
+        identity["run_id"] = run_id
     out_dir = Path(cfg.checkpoint_dir) / cfg.checkpoint_name
     out_dir.mkdir(parents=True, exist_ok=True)
     best_path, latest_path, model_path = out_dir / "best.pt", out_dir / "latest.pt", out_dir / "model.pt"
@@ -567,38 +570,11 @@ def train(cfg: TrainConfig, weights_path: str | Path, train_samples: Sequence, v
 
 # -- the pipeline step ---------------------------------------------------------------------------
 
-def _svg_curve(xs: list, ys: list, width: int = 480, height: int = 200) -> str:
-    pts = [(x, y) for x, y in zip(xs, ys) if y == y]  # drop NaN
-    if len(pts) < 2:
-        return "<p>(not enough points for a curve)</p>"
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    sx = (width - 40) / ((x1 - x0) or 1)
-    sy = (height - 30) / ((y1 - y0) or 1)
-    path = " ".join(f"{20 + (x - x0) * sx:.1f},{height - 15 - (y - y0) * sy:.1f}" for x, y in pts)
-    return (f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">'
-            f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{path}"/>'
-            f'<text x="2" y="12" font-size="11">{y1:.3f}</text><text x="2" y="{height - 2}" font-size="11">'
-            f'{y0:.3f}</text></svg>')
-
-
 def write_report(path: str | Path, metrics: dict, history: dict) -> Path:
-    """A small self-contained HTML page: the run's metrics and its validation/loss curves."""
-    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
-                   for k, v in metrics.items())
-    page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>SAM fine-tuning</title></head><body>"
-        "<h1>SAM fine-tuning</h1>"
-        f"<table border='1' cellpadding='3'>{rows}</table>"
-        "<h2>Validation Dice (per instance, box prompts)</h2>"
-        f"{_svg_curve(history.get('val_iteration', []), history.get('val_dice', []))}"
-        "<h2>Training loss</h2>"
-        f"{_svg_curve(history.get('iteration', []), history.get('loss', []))}"
-        "</body></html>")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page)
-    return path
+    """The finetune step's page: the run's metrics and its loss / validation Dice curves."""
+    from components.report import Report
+
+    return Report("SAM fine-tuning").kv(metrics).history(history).write(path)
 
 
 def finetune_step(weights_path: str, manifest_path: str, debug_with_one_example: bool = False,
@@ -652,5 +628,7 @@ def finetune_step(weights_path: str, manifest_path: str, debug_with_one_example:
     }
     if run_id:
         metrics["checkpoint_uri"] = store.uri(store.key("runs", run_id, "checkpoints", "best.pt"))
+        metrics["history_uri"] = store.uri(store.put_json(store.key("runs", run_id, "history.json"),
+                                                          result.history).key)
     write_report(out_report_path, metrics, result.history)
     return metrics

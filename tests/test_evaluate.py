@@ -141,7 +141,8 @@ def test_evaluate_step_finds_the_champion(checkpoints, store, s3_env, tmp_path):
     args = dict(weights_path=str(zs), model_path=str(ft), manifest_path=str(manifest_path), model_type="vit_t",
                 margin=0.0, model_name="sam-eval-test", device="cpu", s3_endpoint=cfg.endpoint,
                 bucket=cfg.bucket, prefix=cfg.prefix,
-                model_metadata={"history": json.dumps({"iteration": [1], "loss": [0.5]})})
+                model_metadata={"history_uri": store.uri(store.put_json(
+                    store.key("runs", "r0", "history.json"), {"iteration": [1, 2], "loss": [0.5, 0.4]}).key)})
     first = evaluate_step(**args, out_report_path=str(tmp_path / "r1.html"))
     assert first["champion_box_dice"] is None and first["champion_version"] is None
     assert first["test_instances"] > 0 and first["dataset_content_hash"] == result.content_hash

@@ -161,6 +161,16 @@ def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path, weights, samples, 
     assert {"optimizer", "scheduler", "scaler", "rng", "iteration", "best_val_dice", "dataset_hash"} <= ckpt.keys()
 
 
+def test_a_new_run_id_starts_fresh_in_the_same_folder(tmp_path, weights, samples, emb_store):
+    """A second local `sam-pipeline run` (or tonight's scheduled run) must train, not resume the last one."""
+    first = train(cfg(tmp_path, n_iterations=2), weights[0], samples[:6], samples[6:], store=emb_store,
+                  run_id="run-a", weights_sha256=weights[1])
+    second = train(cfg(tmp_path, n_iterations=2), weights[0], samples[:6], samples[6:], store=emb_store,
+                   run_id="run-b", weights_sha256=weights[1])
+    assert first.resumed_from is None and second.resumed_from is None
+    assert second.history["iteration"] == [1, 2]
+
+
 def test_exported_model_loads_in_the_official_builder(straight, weights, samples, emb_store):
     from mobile_sam import sam_model_registry
 
