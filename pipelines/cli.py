@@ -270,7 +270,10 @@ def cmd_run(args) -> int:
         args.dataset_name = "synthetic-penn-fudan"
         if args.model_name == "sam-pennfudan":
             args.model_name = "sam-demo"
-    local.check_reachable(args.dataset_source, "dataset")
+    from components.datasets.sources import cache_path
+
+    if not cache_path(args.dataset_source).is_file():  # a dataset cached by an earlier run works offline
+        local.check_reachable(args.dataset_source, "dataset")
     if args.weights_url:
         local.check_reachable(args.weights_url, "weights")
     else:
