@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 import pytest
 import yaml
 
 from pipelines.cli import main, parse_interval, validate_cron
+from helpers import JSONHandler
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -21,20 +22,9 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 
 # -- a recording KFP API --------------------------------------------------------------------------
 
-class FakeKFP(BaseHTTPRequestHandler):
+class FakeKFP(JSONHandler):
     """Answers the kfp_server_api v2beta1 calls that kfp.Client makes for runs and recurring runs."""
     calls: list
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, code: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self):
         url = urlparse(self.path)

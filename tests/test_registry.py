@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 import pytest
 
 from components.registry import ObjectStoreRegistry, RegistryError, build_card, register_step
+from helpers import JSONHandler
 
 METRICS = {"finetuned_box_dice": 0.81, "zero_shot_box_dice": 0.70, "finetuned_point_dice": 0.6,
            "zero_shot_point_dice": 0.5, "passed": True, "margin": 0.0}
@@ -85,20 +86,9 @@ def test_card_prefixes():
 
 # -- Kubeflow Model Registry ---------------------------------------------------------------------------
 
-class FakeModelRegistry(BaseHTTPRequestHandler):
+class FakeModelRegistry(JSONHandler):
     """Serves the model-registry v1 REST endpoints that `ModelRegistry.register_model` calls."""
     state: dict
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, code: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def _new_id(self) -> str:
         self.state["next_id"] += 1
