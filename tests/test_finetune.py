@@ -11,9 +11,9 @@ import torch
 
 from components.datasets.synthetic import make_samples
 from components.finetune import TrainConfig, Trainer, _prepare, resolve_amp, train
-from components.hashing import sha256_file
 from components.sam.embeddings import EmbeddingCache, decode_bytes, image_key
 from components.sam.model import build_sam, decode, load_trainable_state_dict
+from helpers import make_random_vit_t_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -21,12 +21,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.fixture(scope="session")
 def weights(tmp_path_factory):
     """A random vit_t checkpoint (no download): the decoder starts from scratch."""
-    from mobile_sam import sam_model_registry
-
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights") / "vit_t_random.pt"
-    torch.save(sam_model_registry["vit_t"]().state_dict(), path)
-    return path, sha256_file(path)
+    return path, make_random_vit_t_checkpoint(path, seed=0)
 
 
 @pytest.fixture(scope="session")
