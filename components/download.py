@@ -70,5 +70,3 @@ def download(url: str, dest: str | Path, *, sha256: str | None = None, size: int
         raise DownloadError(f"{url}: download failed ({e})") from None
     finally:
         tmp.unlink(missing_ok=True)
-
-
