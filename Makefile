@@ -42,8 +42,8 @@ compile: setup
 	$(BIN)/sam-pipeline compile
 
 bench: setup
-	$(BIN)/python benchmarks/ingest.py
-	$(BIN)/python benchmarks/train_throughput.py
-	$(BIN)/python benchmarks/e2e.py
+	$(BIN)/python -m benchmarks.ingest
+	$(BIN)/python -m benchmarks.train_throughput
+	$(BIN)/python -m benchmarks.e2e
 
 -include mk/kubernetes.mk

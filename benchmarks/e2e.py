@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
+from benchmarks.results import write_section
+
 SECTION = "## End to end"
 COMMAND = ".venv/bin/python -m benchmarks.e2e --repeats 3 --write"
 RUN_ARGS = ["run", "--demo", "-d", "-i", "5", "-g", "cpu"]
@@ -98,20 +99,6 @@ def table(runs: list[dict], info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(section: str) -> None:
-    """Replace only the end-to-end section; other sections belong to other benchmarks."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == SECTION), None)
-    if start is None:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        tail = "".join(lines[end:])
-        text = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
-    RESULTS.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -121,7 +108,7 @@ def main() -> None:
     section = table(runs, info)
     print(section)
     if args.write:
-        write_section(section)
+        write_section(SECTION, section)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,12 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
+from benchmarks.results import write_section
 from components.datasets import synthetic
 from components.datasets.ingest import build_manifest, ingest, prepare
 from components.s3server import embedded_s3
 from components.storage import ObjectStore
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 COMMAND = ".venv/bin/python -m benchmarks.ingest --workers 1 8 --repeats 3 --write"
 
 
@@ -92,20 +92,6 @@ def table(rows: list[dict], info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(section: str) -> None:
-    """Replace only the `## Ingest` section; other sections belong to other benchmarks."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == "## Ingest"), None)
-    if start is None:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        tail = "".join(lines[end:])
-        text = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
-    RESULTS.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 8])
@@ -116,7 +102,7 @@ def main() -> None:
     section = table(rows, info)
     print(section)
     if args.write:
-        write_section(section)
+        write_section("## Ingest", section)
 
 
 if __name__ == "__main__":
