@@ -103,8 +103,9 @@ def _cached_object(store: ObjectStore, ref: dict, cache_dir: Path) -> Path:
         path.unlink()
     tmp = path.with_name(f".{sha}.part{os.getpid()}")
     try:
-        store.get_file(ref["key"], tmp)
-        actual = sha256_file(tmp)
+        # get_file has already checked the bytes against the object's recorded sha256; hash again only
+        # for an object written without one.
+        actual = store.get_file(ref["key"], tmp).sha256 or sha256_file(tmp)
         if actual != sha:
             raise StorageError(f"{store.uri(ref['key'])}: sha256 {actual} does not match the manifest's {sha}")
         os.replace(tmp, path)
