@@ -12,10 +12,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from components.errors import UserError
+
 _CHUNK = 1 << 20
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A one-line, user-facing download failure."""
 
 

@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from components.errors import UserError
 from components.report import Report, overlay
 from components.sam.embeddings import EmbeddingCache
 from components.sam.metrics import dice_iou, summarize
@@ -38,7 +39,7 @@ PROMPTS = ("box", "point")
 OVERLAY_IMAGES = 4
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
     """A one-line evaluation failure (nothing to evaluate, unreadable checkpoint)."""
 
 

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from components.errors import UserError
 from components.hashing import sha256_file
 from components.storage import ObjectStore, S3Config
 
@@ -27,7 +28,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _AUTO_VERSION = re.compile(r"^v(\d+)$")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(UserError, RuntimeError):
     """A one-line, user-facing registry failure."""
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from minio import Minio
 from minio.error import S3Error
 
+from components.errors import UserError
 from components.hashing import sha256_bytes, sha256_file
 
 SHA_META = "sha256"  # stored as x-amz-meta-sha256
@@ -25,7 +26,7 @@ _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenie
 _TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"}
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """A one-line, user-facing storage failure."""
 
 

@@ -12,11 +12,13 @@ import re
 import sys
 from pathlib import Path
 
+from components.errors import UserError
+
 MODEL_TYPES = ("vit_t", "vit_b", "vit_h")
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 
 
-class CLIError(Exception):
+class CLIError(UserError):
     def __init__(self, message: str, code: int = EXIT_FAILURE):
         super().__init__(message)
         self.code = code

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import re
 
+from components.errors import UserError
+
 STEPS = ("fetch-weights", "ingest-dataset", "finetune", "evaluate", "register-model")
 IMAGE_PREFIX = "sam-pipeline-"
 DEFAULT_REGISTRY = "localhost"
@@ -19,7 +21,7 @@ _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _REGISTRY = re.compile(r"^[a-z0-9]([a-z0-9._:/-]*[a-z0-9])?$")
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """A bad registry or tag, reported in one line."""
 
 

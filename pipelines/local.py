@@ -20,13 +20,14 @@ import urllib.request
 import warnings
 from pathlib import Path
 
+from components.errors import UserError
 from pipelines.sam_finetune import PIPELINE_NAME, Placement, build_pipeline
 
 TASKS = ("fetch-weights", "ingest-dataset", "finetune", "evaluate", "register-model")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-class RunError(RuntimeError):
+class RunError(UserError, RuntimeError):
     """A one-line failure of a local run."""
 
 

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from components.datasets.adapters import Pair, _rel
+from components.errors import UserError
 from components.hashing import sha256_file
 
 # Modes PIL turns into RGB faithfully; 16-bit and float images would be silently mangled.
@@ -16,7 +17,7 @@ _RGB_READABLE = {"RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr"}
 _MASK_MODES = {"L", "P"}
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """Everything wrong with a dataset: a summary line, then one problem per line, each naming its file."""
 
     def __init__(self, source: str, problems: list[str]):
