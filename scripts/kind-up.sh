@@ -62,11 +62,17 @@ for node in "${gpu_nodes[@]}"; do
     '
   fi
 
-  # Default runtime too: KFP task pods cannot set runtimeClassName, and without the nvidia runtime
-  # the GPU the device plugin allocated would never be mounted into them.
+  # --config-source=file, as upstream nvkind does since NVIDIA/nvkind PR #76 (pkg/nvkind/node.go,
+  # ConfigureContainerRuntime): `command` reads `containerd config dump`, which on the containerd 2.x
+  # of kind v0.29 nodes does not tell which schema version /etc/containerd/config.toml uses (kind
+  # writes version 2), so nvidia-ctk generated a config for the wrong version. kind's file holds
+  # everything nvidia-ctk needs. The pinned toolkit (1.17.8) already has the flag.
+  # Unlike nvkind we also pass --set-as-default: KFP task pods cannot set runtimeClassName (the KFP
+  # kubernetes platform spec has no such field), and without the nvidia runtime the GPU the device
+  # plugin allocated would never be mounted into them.
   step "containerd in $node: nvidia runtime (default)"
   docker exec "$node" bash -euo pipefail -c '
-    nvidia-ctk runtime configure --runtime=containerd --config-source=command --set-as-default
+    nvidia-ctk runtime configure --runtime=containerd --config-source=file --set-as-default
     systemctl restart containerd
   '
 done

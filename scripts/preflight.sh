@@ -2,23 +2,40 @@
 # Host preflight for `make kind-up`: checks every tool and GPU setting the kind GPU cluster needs,
 # prints the fix for each missing piece, and exits non-zero listing all of them (not just the first).
 #
-#   scripts/preflight.sh          fast checks (no containers started)
-#   scripts/preflight.sh --deep   also runs a container the way kind's GPU worker will (pulls ubuntu)
+#   scripts/preflight.sh                 fast checks (no containers started)
+#   scripts/preflight.sh --deep          also runs a container the way kind's GPU worker will (pulls ubuntu)
+#   scripts/preflight.sh --gpu-operator  also requires helm (the GPU Operator route in docs/kubernetes.md)
 #
 # NVIDIA_CTK_CONFIG overrides the toolkit config path (default /etc/nvidia-container-runtime/config.toml).
 set -uo pipefail
 
-deep=0
-case "${1:-}" in
-  --deep) deep=1 ;;
-  "") ;;
-  *) echo "usage: $0 [--deep]" >&2; exit 2 ;;
-esac
+deep=0 gpu_operator=0
+for arg in "$@"; do
+  case "$arg" in
+    --deep) deep=1 ;;
+    --gpu-operator) gpu_operator=1 ;;
+    *) echo "usage: $0 [--deep] [--gpu-operator]" >&2; exit 2 ;;
+  esac
+done
+
+# Minimums, each with the reason it exists.
+# kind v0.29.0 is the release whose node image (kindest/node:v1.33.1) manifests/kind/cluster.yaml pins.
+KIND_MIN=0.29.0
+# kubectl 1.31: its built-in kustomize (v5) renders the pinned KFP and Model Registry bases.
+KUBECTL_MIN=1.31.0
+# The finetune and evaluate images carry torch 2.14.1's CUDA 13 build from PyPI, whose CUDA 13.0
+# runtime needs an R580 or newer driver on the node (NVIDIA's CUDA toolkit release notes, table of
+# minimum driver versions); an older driver leaves torch.cuda.is_available() False in the pod.
+DRIVER_MIN=580
+# kind's known issues: below these, pods fail with "too many open files" once KFP runs.
+INOTIFY_INSTANCES_MIN=512
+INOTIFY_WATCHES_MIN=524288
 
 ctk_config="${NVIDIA_CTK_CONFIG:-/etc/nvidia-container-runtime/config.toml}"
 missing=()
 
 ok() { printf '  ok       %-46s %s\n' "$1" "$2"; }
+info() { printf '  -        %-46s %s\n' "$1" "$2"; }
 warn() { printf '  warning  %-46s %s\n' "$1" "$2"; }
 bad() {
   # $1 = what, $2 = why, $3 = fix
@@ -26,6 +43,22 @@ bad() {
   missing+=("$1")
 }
 have() { command -v "$1" >/dev/null 2>&1; }
+# First dotted version number (digits only) in stdin, e.g. "kind v0.29.0 go1.24" -> 0.29.0.
+version_in() { grep -Eo '[0-9]+(\.[0-9]+)+' | head -n1; }
+# version_ge A B: A >= B, comparing up to three dot-separated numeric fields.
+version_ge() {
+  local IFS=.
+  local -a a b
+  read -r -a a <<<"$1"
+  read -r -a b <<<"$2"
+  for i in 0 1 2; do
+    if (( 10#${a[i]:-0} != 10#${b[i]:-0} )); then
+      (( 10#${a[i]:-0} > 10#${b[i]:-0} ))
+      return
+    fi
+  done
+  return 0
+}
 
 echo "sam-pipeline preflight (kind cluster with a GPU worker)"
 
@@ -39,25 +72,40 @@ else
   ok docker "$(docker version --format '{{.Server.Version}}' 2>/dev/null || echo present)"
 fi
 
-if have kind; then
-  ok kind "$(kind version 2>/dev/null | head -n1)"
+kind_fix="go install sigs.k8s.io/kind@v$KIND_MIN, or https://kind.sigs.k8s.io/docs/user/quick-start/#installation"
+if ! have kind; then
+  bad kind "not on PATH (v$KIND_MIN or newer: the node image is kindest/node:v1.33.1)" "$kind_fix"
 else
-  bad kind "not on PATH (v0.29.0 or newer: the node image is kindest/node:v1.33.1)" \
-    "go install sigs.k8s.io/kind@v0.29.0, or https://kind.sigs.k8s.io/docs/user/quick-start/#installation"
+  kind_out="$(kind version 2>/dev/null | head -n1)"
+  kind_ver="$(printf '%s\n' "$kind_out" | version_in)"
+  if [ -n "$kind_ver" ] && version_ge "$kind_ver" "$KIND_MIN"; then
+    ok kind "$kind_out"
+  else
+    bad "kind >= v$KIND_MIN" "found '${kind_out:-no version}' (the node image is kindest/node:v1.33.1)" "$kind_fix"
+  fi
 fi
 
-if have kubectl; then
-  ok kubectl "$(kubectl version --client 2>/dev/null | head -n1)"
+kubectl_fix="https://kubernetes.io/docs/tasks/tools/ (any kubectl v${KUBECTL_MIN%.0} or newer)"
+if ! have kubectl; then
+  bad kubectl "not on PATH (v${KUBECTL_MIN%.0} or newer; its built-in kustomize installs KFP)" "$kubectl_fix"
 else
-  bad kubectl "not on PATH (1.31 or newer; its built-in kustomize installs KFP)" \
-    "https://kubernetes.io/docs/tasks/tools/"
+  kubectl_out="$(kubectl version --client 2>/dev/null | head -n1)"
+  kubectl_ver="$(printf '%s\n' "$kubectl_out" | version_in)"
+  if [ -n "$kubectl_ver" ] && version_ge "$kubectl_ver" "$KUBECTL_MIN"; then
+    ok kubectl "$kubectl_out"
+  else
+    bad "kubectl >= v${KUBECTL_MIN%.0}" "found '${kubectl_out:-no version}' (its built-in kustomize installs KFP)" \
+      "$kubectl_fix"
+  fi
 fi
 
+# helm: nothing in `make kind-up` uses it; only the GPU Operator route (docs/kubernetes.md section 5).
 if have helm; then
-  ok helm "$(helm version --short 2>/dev/null || echo present)"
+  ok "helm (GPU Operator route only)" "$(helm version --short 2>/dev/null || echo present)"
+elif [ "$gpu_operator" = 1 ]; then
+  bad helm "not on PATH (the GPU Operator is installed with its helm chart)" "https://helm.sh/docs/intro/install/"
 else
-  bad helm "not on PATH (for the NVIDIA GPU Operator route in docs/kubernetes.md and chart-based add-ons)" \
-    "https://helm.sh/docs/intro/install/"
+  info "helm (GPU Operator route only)" "not on PATH; not needed for 'make kind-up'"
 fi
 
 if have git; then
@@ -76,6 +124,17 @@ elif ! gpus="$(nvidia-smi -L 2>&1)" || [ -z "$gpus" ]; then
     "check the driver install (dmesg | grep -i nvidia); reboot after a driver upgrade"
 else
   ok "NVIDIA driver (nvidia-smi)" "$(printf '%s\n' "$gpus" | head -n1)"
+  # One line per GPU, all with the same driver; the first is enough.
+  driver="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n1 | version_in)"
+  if [ -z "$driver" ]; then
+    bad "NVIDIA driver >= R$DRIVER_MIN" "could not read the driver version (nvidia-smi --query-gpu=driver_version)" \
+      "check the driver install (dmesg | grep -i nvidia)"
+  elif version_ge "$driver" "$DRIVER_MIN"; then
+    ok "NVIDIA driver >= R$DRIVER_MIN" "$driver (the images' torch 2.14.1 CUDA 13 build needs R$DRIVER_MIN+)"
+  else
+    bad "NVIDIA driver >= R$DRIVER_MIN" "driver $driver is too old: the finetune/evaluate images carry torch 2.14.1's CUDA 13 build, which needs R$DRIVER_MIN or newer (torch would not see the GPU)" \
+      "install an R$DRIVER_MIN+ driver: https://www.nvidia.com/download/index.aspx (or your distribution's nvidia-driver-$DRIVER_MIN package), then reboot"
+  fi
 fi
 
 if have nvidia-ctk; then
@@ -104,14 +163,25 @@ else
     "sudo nvidia-ctk config --set accept-nvidia-visible-devices-as-volume-mounts=true --in-place && sudo systemctl restart docker"
 fi
 
-# --- soft limits ------------------------------------------------------------------------------------
-# KFP plus kind exhaust the default inotify instances ("too many open files" in pods).
-if [ -r /proc/sys/fs/inotify/max_user_instances ]; then
-  inst="$(cat /proc/sys/fs/inotify/max_user_instances)"
-  if [ "$inst" -lt 512 ]; then
-    warn "fs.inotify.max_user_instances" "$inst < 512; fix: sudo sysctl fs.inotify.max_user_instances=512"
+# --- kernel limits ----------------------------------------------------------------------------------
+# KFP plus kind exhaust the default inotify instances and watches: pods (kube-proxy, the KFP
+# controllers) then fail with "too many open files" long after the cluster came up.
+inotify_check() {
+  # $1 = sysctl key, $2 = minimum
+  local value
+  if ! have sysctl; then
+    warn "$1" "cannot check: sysctl not on PATH"
+  elif ! value="$(sysctl -n "$1" 2>/dev/null)" || ! [[ "$value" =~ ^[0-9]+$ ]]; then
+    warn "$1" "cannot check: 'sysctl -n $1' failed"
+  elif [ "$value" -ge "$2" ]; then
+    ok "$1" "$value"
+  else
+    bad "$1 >= $2" "is $value; kind pods fail with \"too many open files\"" \
+      "sudo sysctl -w $1=$2 (and add '$1 = $2' to /etc/sysctl.d/99-kind.conf to keep it)"
   fi
-fi
+}
+inotify_check fs.inotify.max_user_instances "$INOTIFY_INSTANCES_MIN"
+inotify_check fs.inotify.max_user_watches "$INOTIFY_WATCHES_MIN"
 
 if [ "$deep" = 1 ] && [ ${#missing[@]} -eq 0 ]; then
   if out="$(docker run --rm -v /dev/null:/var/run/nvidia-container-devices/all ubuntu:24.04 nvidia-smi -L 2>&1)"; then
