@@ -166,6 +166,12 @@ def _flat_metadata(card: dict) -> dict[str, str | int | float | bool]:
     return out
 
 
+def _client_version() -> str:
+    from importlib.metadata import version
+
+    return version("model-registry")
+
+
 def register_in_model_registry(url: str, registered: RegisteredVersion, *, author: str = "sam-pipeline",
                                format_version: str = "2") -> dict:
     """Record a registered version in Kubeflow Model Registry (metadata only; the bytes stay in S3)."""
@@ -189,8 +195,13 @@ def register_in_model_registry(url: str, registered: RegisteredVersion, *, autho
         )
         mv = client.get_model_version(registered.name, registered.version)
     except Exception as e:  # the client raises many types (StoreError, aiohttp, openapi); one line for all
-        raise RegistryError(f"Kubeflow Model Registry at {url}: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else 'failed'}") from None
+        detail = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'failed'}"
+        if type(e).__name__ == "NotFoundException":
+            # The client's first call (a registered-model listing under /api/model_registry/v1/) found
+            # no such path: a server of another API line, e.g. v0.3.5, which serves only /v1alpha3/.
+            detail += (f" (the server does not serve the REST API of client model-registry "
+                       f"{_client_version()}; deploy the paired server: docs/kubernetes.md, Model Registry)")
+        raise RegistryError(f"Kubeflow Model Registry at {url}: {detail}") from None
     return {"model_registry_url": url, "model_registry_version_id": getattr(mv, "id", None)}
 
 

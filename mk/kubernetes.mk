@@ -51,7 +51,7 @@ kind-load: ## load the images into the kind cluster (GPU images onto the GPU wor
 	$(KIND) load docker-image --name $(KIND_CLUSTER) --nodes "$${gpu_nodes%,}" \
 		$(foreach s,$(GPU_IMAGE_STEPS),$(call image_ref,$(s)))
 
-preflight: ## check docker, kind, kubectl, helm, the NVIDIA driver and container toolkit
+preflight: ## check docker, kind and kubectl versions, the NVIDIA driver (R580+), toolkit and inotify limits
 	$(SAM_K8S_ROOT)/scripts/preflight.sh
 
 kind-up: preflight ## kind cluster + GPU worker + device plugin + GPU smoke test + KFP 2.17.0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
@@ -86,52 +87,106 @@ def test_card_prefixes():
 
 # -- Kubeflow Model Registry ---------------------------------------------------------------------------
 
+# The REST API of the server release paired with the client pin (docs/kubernetes.md, "Model Registry"):
+# kubeflow/hub api/openapi/model-registry.yaml at v0.3.18, the spec the installed client's generated
+# mr_openapi package is built from. Paths moved from /api/model_registry/v1alpha3/ to /v1/ in that
+# line (kubeflow/hub#2992); a v0.3.5 server answers /v1/ with 404.
+MR_BASE = "/api/model_registry/v1/"
+MR_ID = re.compile(r"^[1-9][0-9]{0,8}$")  # every *Id field and path id: `pattern: "^[1-9][0-9]{0,8}$"`
+MR_INT32 = re.compile(r"^-?([1-9][0-9]{0,8}|0)$")  # MetadataIntValue.int_value (int32, as a string)
+# MetadataValue is a oneOf on metadataType; each variant has additionalProperties: false.
+MR_METADATA = {"MetadataStringValue": ("string_value", str), "MetadataDoubleValue": ("double_value", (int, float)),
+               "MetadataIntValue": ("int_value", str), "MetadataBoolValue": ("bool_value", bool)}
+MR_ARTIFACT_TYPES = {"model-artifact", "doc-artifact", "dataset-artifact", "metric", "parameter"}
+
+
+def mr_problems(kind: str, body: dict) -> list[str]:
+    """What the server's OpenAPI validation would reject in a create body (the fields this client sends)."""
+    problems = []
+    required = {"registered_model": ["name"], "model_version": ["name", "registeredModelId"], "artifact": []}[kind]
+    for field in required:
+        if not isinstance(body.get(field), str) or not body[field]:
+            problems.append(f"{kind}: required {field} missing or empty")
+    if kind == "model_version" and not MR_ID.match(str(body.get("registeredModelId", ""))):
+        problems.append(f"{kind}: registeredModelId {body.get('registeredModelId')!r} is not an id")
+    if kind == "artifact" and body.get("artifactType") not in MR_ARTIFACT_TYPES:
+        problems.append(f"{kind}: artifactType {body.get('artifactType')!r} is not one of {sorted(MR_ARTIFACT_TYPES)}")
+    for key, value in (body.get("customProperties") or {}).items():
+        variant = MR_METADATA.get(value.get("metadataType") if isinstance(value, dict) else None)
+        if variant is None or set(value) != {"metadataType", variant[0]} or not isinstance(value[variant[0]], variant[1]):
+            problems.append(f"{kind}: customProperties[{key!r}] = {value!r} is not a MetadataValue")
+        elif variant[0] == "int_value" and not MR_INT32.match(value["int_value"]):
+            problems.append(f"{kind}: customProperties[{key!r}] int_value {value['int_value']!r} is not an int32")
+    return problems
+
+
 class FakeModelRegistry(JSONHandler):
-    """Serves the model-registry v1 REST endpoints that `ModelRegistry.register_model` calls."""
+    """Stand-in for the Model Registry REST server (MR_BASE): the endpoints `ModelRegistry.register_model`
+    and `get_model_version` call, with the server's required fields, id patterns and MetadataValue shapes.
+    What the server would reject gets its 400 and is recorded in state["rejected"]."""
     state: dict
+    base = MR_BASE
 
     def _new_id(self) -> str:
         self.state["next_id"] += 1
         return str(self.state["next_id"])
 
+    def _error(self, status: int, message: str):
+        self._send(status, {"code": str(status), "message": message})  # the spec's Error: code, message
+
     def do_GET(self):
         url = urlparse(self.path)
         q = {k: v[0] for k, v in parse_qs(url.query).items()}
         self.state["calls"].append(("GET", url.path, q))
-        base = "/api/model_registry/v1/"
-        if url.path == base + "registered_models":
+        if url.path == self.base + "registered_models":
             items = list(self.state["models"].values())
             return self._send(200, {"items": items, "nextPageToken": "", "pageSize": 1, "size": len(items)})
-        if url.path == base + "registered_model":
+        if url.path == self.base + "registered_model":
             found = [m for m in self.state["models"].values() if m["name"] == q.get("name")]
-            return self._send(200, found[0]) if found else self._send(404, {"code": "404", "message": "not found"})
-        if url.path == base + "model_version":
+            return self._send(200, found[0]) if found else self._error(404, "not found")
+        if url.path == self.base + "model_version":
             found = [v for v in self.state["versions"].values()
                      if v["name"] == q.get("name") and v["registeredModelId"] == q.get("parentResourceId")]
-            return self._send(200, found[0]) if found else self._send(404, {"code": "404", "message": "not found"})
-        self._send(404, {"code": "404", "message": f"unexpected {url.path}"})
+            return self._send(200, found[0]) if found else self._error(404, "not found")
+        self._error(404, f"unexpected {url.path}")
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         path = urlparse(self.path).path
         self.state["calls"].append(("POST", path, body))
-        base = "/api/model_registry/v1/"
-        obj = {**body, "id": self._new_id(), "createTimeSinceEpoch": "1", "lastUpdateTimeSinceEpoch": "1"}
-        if path == base + "registered_models":
-            self.state["models"][obj["id"]] = obj
-        elif path == base + "model_versions":
-            self.state["versions"][obj["id"]] = obj
-        elif path.startswith(base + "model_versions/") and path.endswith("/artifacts"):
-            self.state["artifacts"][obj["id"]] = {**obj, "modelVersionId": path.split("/")[-2]}
+        version_id = path[len(self.base + "model_versions/"):-len("/artifacts")] if path.endswith("/artifacts") else ""
+        if path == self.base + "registered_models":
+            kind, table = "registered_model", "models"
+        elif path == self.base + "model_versions":
+            kind, table = "model_version", "versions"
+        elif path.startswith(self.base + "model_versions/") and MR_ID.match(version_id):
+            kind, table = "artifact", "artifacts"
         else:
-            return self._send(404, {"code": "404", "message": f"unexpected {path}"})
+            return self._error(404, f"unexpected {path}")
+        problems = mr_problems(kind, body)
+        if kind == "model_version" and body.get("registeredModelId") not in self.state["models"]:
+            problems.append(f"model_version: registered model {body.get('registeredModelId')!r} does not exist")
+        if kind == "artifact" and version_id not in self.state["versions"]:
+            return self._error(404, f"model version {version_id} not found")
+        if problems:
+            self.state["rejected"] += problems
+            return self._error(400, "; ".join(problems))
+        # Server-set fields of BaseResource (ids and epoch millis are strings in this API).
+        obj = {**body, "id": self._new_id(), "createTimeSinceEpoch": "1", "lastUpdateTimeSinceEpoch": "1"}
+        if kind != "artifact":
+            obj.setdefault("state", "LIVE")
+        else:
+            obj["modelVersionId"] = version_id
+        self.state[table][obj["id"]] = obj
         self._send(201, obj)
 
 
 @pytest.fixture
-def model_registry():
-    state = {"next_id": 0, "models": {}, "versions": {}, "artifacts": {}, "calls": []}
-    handler = type("Handler", (FakeModelRegistry,), {"state": state})
+def model_registry(request):
+    """(url, state) of a stand-in server; parametrize indirectly with an API base path to stand in for
+    a server of another API line."""
+    state = {"next_id": 0, "models": {}, "versions": {}, "artifacts": {}, "calls": [], "rejected": []}
+    handler = type("Handler", (FakeModelRegistry,), {"state": state, "base": getattr(request, "param", MR_BASE)})
     srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_address[1]}", state
@@ -141,9 +196,14 @@ def model_registry():
 
 def test_model_registry_contract(store, s3_env, model_file, model_registry):
     """Contract test: no Model Registry server can run here, so a loopback HTTP server stands in for the
-    endpoints the real `model-registry` client calls (paths and JSON shapes of its v1 REST API)."""
+    endpoints the real `model-registry` client calls, with the paths, required fields and value shapes of
+    kubeflow/hub api/openapi/model-registry.yaml at v0.3.18 (the server paired with the client pin)."""
     url, state = model_registry
     result = _step(store, model_file, model_registry_url=url, dataset_metadata={"content_hash": "abc"})
+    assert state["rejected"] == []
+    assert {path for _, path, _ in state["calls"]} <= {MR_BASE + p for p in (
+        "registered_models", "registered_model", "model_versions", "model_version",
+        f"model_versions/{next(iter(state['versions']))}/artifacts")}
     assert result["version"] == "v1" and result["model_registry_version_id"]
     (model,) = state["models"].values()
     (version,) = state["versions"].values()
@@ -164,3 +224,33 @@ def test_model_registry_unreachable_is_one_line(store, s3_env, model_file):
     with pytest.raises(RegistryError, match=r"Kubeflow Model Registry at http://127\.0\.0\.1:\d+: ") as err:
         _step(store, model_file, model_registry_url=f"http://127.0.0.1:{free_port()}")
     assert "\n" not in str(err.value)
+
+
+def test_model_registry_stand_in_rejects_what_the_server_would():
+    """The stand-in's checks are what make the contract test meaningful: they must reject bodies the
+    v0.3.18 server's OpenAPI validation rejects."""
+    assert mr_problems("registered_model", {"name": "m"}) == []
+    assert mr_problems("registered_model", {"name": ""})
+    assert mr_problems("model_version", {"name": "v1", "registeredModelId": "model-1"})
+    assert mr_problems("artifact", {"artifactType": "model", "uri": "s3://b/k"})
+    ok = {"a": {"metadataType": "MetadataDoubleValue", "double_value": 0.5},
+          "b": {"metadataType": "MetadataIntValue", "int_value": "7"}}
+    assert mr_problems("registered_model", {"name": "m", "customProperties": ok}) == []
+    for bad in ({"metadataType": "MetadataDoubleValue", "string_value": "0.5"},
+                {"metadataType": "MetadataIntValue", "int_value": "4294967296"},
+                {"metadataType": "MetadataStringValue", "string_value": "x", "extra": 1}):
+        assert mr_problems("registered_model", {"name": "m", "customProperties": {"k": bad}}), bad
+
+
+@pytest.mark.parametrize("model_registry", ["/api/model_registry/v1alpha3/"], indirect=True)
+def test_model_registry_of_another_api_line_is_named(store, s3_env, model_file, model_registry):
+    """A v0.3.5 server (the pair this project shipped before) serves only /api/model_registry/v1alpha3/:
+    the user gets one line that says the server does not speak this client's API, not a bare 404."""
+    from importlib.metadata import version
+
+    url, state = model_registry
+    client = re.escape(version("model-registry"))
+    with pytest.raises(RegistryError, match=rf"does not serve the REST API of client model-registry {client}") as err:
+        _step(store, model_file, model_registry_url=url)
+    assert "\n" not in str(err.value)
+    assert state["calls"][0][1] == MR_BASE + "registered_models"
