@@ -200,11 +200,18 @@ def test_kfp_backend_matches_sdk_minor():
     assert kfp.__version__.split(".")[:2] == KFP_VERSION.split(".")[:2]
 
 
-def test_model_registry_kustomization_is_pinned():
+def test_model_registry_server_and_client_are_one_release():
+    """Upstream tags the REST server and the Python client together; a server of another release line
+    speaks another REST API (v0.3.5 serves /api/model_registry/v1alpha3/, client 0.3.18 calls /v1/)."""
     doc = yaml.safe_load((MANIFESTS / "model-registry" / "kustomization.yaml").read_text())
     assert doc["namespace"] == "kubeflow"
     [base] = doc["resources"]
-    assert re.fullmatch(r"github\.com/kubeflow/model-registry/manifests/kustomize/overlays/db\?ref=v\d+\.\d+\.\d+", base)
+    m = re.fullmatch(r"github\.com/kubeflow/hub/manifests/kustomize/overlays/db\?ref=v(\d+\.\d+\.\d+)", base)
+    assert m, base
+    pin = re.search(r'"model-registry==([^"]+)"', (ROOT / "pyproject.toml").read_text())
+    assert pin, "pyproject.toml pins no model-registry client"
+    assert m.group(1) == pin.group(1), f"server v{m.group(1)} vs client {pin.group(1)}"
+    assert f"v{m.group(1)}" in DOCS.read_text(), "docs/kubernetes.md does not name the Model Registry pair"
 
 
 # --- GPU pieces agree with the worker --------------------------------------------------------------
@@ -315,10 +322,10 @@ def test_script_syntax_and_shellcheck(script):
 
 
 def make_fake_path(tmp_path: Path, fakes: dict[str, str]) -> str:
-    """A PATH with only the basic utilities the preflight uses, plus fake tools (shell snippets)."""
+    """A PATH with only the basic utilities the scripts use, plus fake tools (shell snippets)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool in ("bash", "cat", "grep", "head", "tail", "sed", "printf"):
+    for tool in ("bash", "cat", "grep", "head", "tail", "sed", "printf", "dirname"):
         real = shutil.which(tool)
         if real:
             (bin_dir / tool).symlink_to(real)
@@ -329,23 +336,42 @@ def make_fake_path(tmp_path: Path, fakes: dict[str, str]) -> str:
     return str(bin_dir)
 
 
-def run_preflight(tmp_path, fakes, config_text=None):
+def run_preflight(tmp_path, fakes, config_text=None, *args):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     config = tmp_path / "config.toml"
     if config_text is not None:
         config.write_text(config_text)
     env = {"PATH": make_fake_path(tmp_path, fakes), "NVIDIA_CTK_CONFIG": str(config), "HOME": str(tmp_path)}
-    return subprocess.run([shutil.which("bash"), str(ROOT / "scripts" / "preflight.sh")], env=env,
+    return subprocess.run([shutil.which("bash"), str(ROOT / "scripts" / "preflight.sh"), *args], env=env,
                           capture_output=True, text=True, timeout=30)
+
+
+def fake_nvidia_smi(driver: str) -> str:
+    return f"""case "$*" in
+  -L) echo 'GPU 0: NVIDIA H100 (UUID: GPU-0)';;
+  *--query-gpu=driver_version*) echo {driver};;
+  *) exit 2;;
+esac"""
+
+
+def fake_sysctl(instances: int, watches: int) -> str:
+    return f"""[ "$1" = -n ] || exit 2
+case "$2" in
+  fs.inotify.max_user_instances) echo {instances};;
+  fs.inotify.max_user_watches) echo {watches};;
+  *) exit 1;;
+esac"""
 
 
 HEALTHY = {
     "docker": 'case "$1" in info) [ "${2:-}" = --format ] && echo nvidia; exit 0;; version) echo 28.2.2;; esac',
-    "kind": "echo kind v0.29.0",
-    "kubectl": "echo Client Version: v1.33.1",
+    "kind": "echo kind v0.29.0 go1.24.2 linux/amd64",
+    "kubectl": "printf 'Client Version: v1.33.1\\nKustomize Version: v5.6.0\\n'",
     "helm": "echo v3.18.0",
     "git": "echo git version 2.43.0",
-    "nvidia-smi": "echo 'GPU 0: NVIDIA H100 (UUID: GPU-0)'",
+    "nvidia-smi": fake_nvidia_smi("580.65.06"),
     "nvidia-ctk": "echo NVIDIA Container Toolkit CLI version 1.17.8",
+    "sysctl": fake_sysctl(8192, 524288),
 }
 CTK_OK = "[nvidia-container-runtime]\naccept-nvidia-visible-devices-as-volume-mounts = true\n"
 
@@ -355,13 +381,15 @@ def test_preflight_lists_every_missing_piece_with_its_fix(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     for piece, fix in [("docker", "docs.docker.com"), ("kind", "sigs.k8s.io/kind"), ("kubectl", "kubernetes.io"),
-                       ("helm", "helm.sh"), ("git", "apt-get install -y git"), ("NVIDIA driver", "nvidia.com/download"),
+                       ("git", "apt-get install -y git"), ("NVIDIA driver", "nvidia.com/download"),
                        ("nvidia-ctk", "container-toolkit"),
                        ("accept-nvidia-visible-devices-as-volume-mounts",
                         "nvidia-ctk config --set accept-nvidia-visible-devices-as-volume-mounts=true")]:
         assert re.search(rf"MISSING\s+.*{re.escape(piece)}", out), f"{piece} not reported:\n{out}"
         assert fix in out, f"no fix for {piece}:\n{out}"
-    assert "preflight FAILED: 8 missing" in out
+    assert "preflight FAILED: 7 missing" in out
+    # helm is for the GPU Operator route only; its absence is noted, not counted.
+    assert not re.search(r"MISSING\s+helm", out) and "not needed for 'make kind-up'" in out
 
 
 def test_preflight_passes_on_a_ready_host(tmp_path):
@@ -378,6 +406,49 @@ def test_preflight_flags_docker_default_runtime_and_mount_flag(tmp_path):
     assert "default runtime is 'runc'" in out
     assert "nvidia-ctk runtime configure --runtime=docker --set-as-default" in out
     assert "preflight FAILED: 2 missing" in out
+
+
+def test_preflight_enforces_the_versions_it_prints(tmp_path):
+    fakes = dict(HEALTHY, kind="echo kind v0.20.0 go1.20.4 linux/amd64",
+                 kubectl="printf 'Client Version: v1.29.3\\nKustomize Version: v5.0.4\\n'")
+    proc = run_preflight(tmp_path, fakes, CTK_OK)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert re.search(r"MISSING\s+kind >= v0\.29\.0\s+found 'kind v0\.20\.0", out), out
+    assert "go install sigs.k8s.io/kind@v0.29.0" in out
+    assert re.search(r"MISSING\s+kubectl >= v1\.31\s+found 'Client Version: v1\.29\.3'", out), out
+    assert "preflight FAILED: 2 missing" in out
+    # Newer minors and patch levels pass (numeric, not string, comparison: 0.100 > 0.29).
+    fakes = dict(HEALTHY, kind="echo kind v0.100.0", kubectl="echo Client Version: v1.31.0")
+    assert run_preflight(tmp_path / "newer", fakes, CTK_OK).returncode == 0
+
+
+def test_preflight_requires_an_r580_driver_for_the_cuda13_images(tmp_path):
+    proc = run_preflight(tmp_path, dict(HEALTHY, **{"nvidia-smi": fake_nvidia_smi("570.172.08")}), CTK_OK)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert re.search(r"MISSING\s+NVIDIA driver >= R580\s+driver 570\.172\.08 is too old", out), out
+    assert "torch 2.14.1's CUDA 13 build" in out and "install an R580+ driver" in out
+    ok = run_preflight(tmp_path / "ok", HEALTHY, CTK_OK).stdout
+    assert re.search(r"ok\s+NVIDIA driver >= R580\s+580\.65\.06", ok), ok
+
+
+def test_preflight_checks_inotify_watches_and_instances(tmp_path):
+    proc = run_preflight(tmp_path, dict(HEALTHY, sysctl=fake_sysctl(128, 8192)), CTK_OK)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert "sudo sysctl -w fs.inotify.max_user_watches=524288" in out
+    assert "sudo sysctl -w fs.inotify.max_user_instances=512" in out
+    assert "preflight FAILED: 2 missing: fs.inotify.max_user_instances >= 512, fs.inotify.max_user_watches >= 524288" in out
+    proc = run_preflight(tmp_path / "watches", dict(HEALTHY, sysctl=fake_sysctl(512, 524287)), CTK_OK)
+    assert "preflight FAILED: 1 missing: fs.inotify.max_user_watches" in proc.stderr
+
+
+def test_preflight_requires_helm_only_for_the_gpu_operator_route(tmp_path):
+    no_helm = {k: v for k, v in HEALTHY.items() if k != "helm"}
+    assert run_preflight(tmp_path, no_helm, CTK_OK).returncode == 0
+    proc = run_preflight(tmp_path / "operator", no_helm, CTK_OK, "--gpu-operator")
+    assert proc.returncode == 1 and re.search(r"MISSING\s+helm", proc.stdout) and "helm.sh" in proc.stdout
 
 
 def test_preflight_flags_a_broken_driver(tmp_path):
@@ -416,6 +487,27 @@ def test_kind_submit_and_schedule_commands():
     assert re.search(rf"sam-pipeline submit --host http://localhost:8080 --package {package} .*--wait\s+-p n_iterations=5", out)
     out = make_dry("kind-schedule").replace("\\\n", " ")
     assert re.search(rf'schedule --host http://localhost:8080 --package {package} .*--cron "0 0 3 \* \* \*"', out)
+
+
+def test_kind_up_does_not_need_helm():
+    """Nothing in `make kind-up` uses helm: not the make recipe, not the scripts it runs (the preflight
+    passing without helm is tested above)."""
+    out = make_dry("kind-up")
+    assert "helm" not in out
+    scripts = re.findall(r"scripts/[\w-]+\.sh", out)
+    assert "scripts/preflight.sh" in scripts and "scripts/kind-up.sh" in scripts
+    ran = set(scripts) | set(re.findall(r"scripts/[\w-]+\.sh", (ROOT / "scripts" / "kind-up.sh").read_text()))
+    for script in ran - {"scripts/preflight.sh"}:
+        assert "helm" not in (ROOT / script).read_text(), f"{script} uses helm"
+
+
+def test_kind_up_configures_containerd_like_upstream_nvkind():
+    """NVIDIA/nvkind PR #76: --config-source=file (command mis-detects the config version on containerd
+    2.x); plus --set-as-default, since KFP task pods cannot choose a runtime class."""
+    text = (ROOT / "scripts" / "kind-up.sh").read_text()
+    [configure] = re.findall(r"nvidia-ctk runtime configure [^\n]*", text)
+    assert "--runtime=containerd" in configure and "--config-source=file" in configure
+    assert "--set-as-default" in configure and "--config-source=command" not in text
 
 
 def test_kind_load_sends_gpu_images_to_gpu_nodes_only():
