@@ -457,6 +457,56 @@ def test_preflight_flags_a_broken_driver(tmp_path):
     assert proc.returncode == 1 and "could not communicate" in proc.stdout
 
 
+def run_gpu_check(tmp_path, statuses: list[str], timeout: str = "300s"):
+    """scripts/gpu-check.sh against a fake kubectl whose `get pod` answers the given "<phase> <waiting
+    reason>" lines in turn (the last one repeats) and a fake sleep; returns the run and the calls made."""
+    calls = tmp_path / "calls"
+    answers = tmp_path / "answers"
+    answers.write_text("\n".join(statuses) + "\n")
+    kubectl = f"""echo "kubectl $*" >> {calls}
+case "$*" in
+  *" get pod nvidia-smi "*)
+    n=$(grep -c ' get pod nvidia-smi ' {calls})
+    line=$(sed -n "${{n}}p" {answers}); [ -n "$line" ] || line=$(tail -n1 {answers})
+    printf '%s' "$line";;
+  *" logs "*) echo 'GPU 0: NVIDIA H100 (UUID: GPU-0)';;
+  *" describe "*) echo 'Events: ...';;
+esac"""
+    env = {"PATH": make_fake_path(tmp_path, {"kubectl": kubectl, "sleep": f'echo "sleep $*" >> {calls}'}),
+           "GPU_CHECK_TIMEOUT": timeout, "HOME": str(tmp_path)}
+    proc = subprocess.run([shutil.which("bash"), str(ROOT / "scripts" / "gpu-check.sh")], env=env,
+                          capture_output=True, text=True, timeout=30)
+    return proc, calls.read_text().splitlines()
+
+
+def test_gpu_check_stops_at_once_when_the_pod_fails(tmp_path):
+    proc, calls = run_gpu_check(tmp_path, ["Failed "])
+    assert proc.returncode == 1
+    assert "GPU check FAILED: pod nvidia-smi failed" in proc.stderr
+    assert len([c for c in calls if " get pod nvidia-smi " in c]) == 1, calls
+    assert not [c for c in calls if c.startswith("sleep")], "waited after the pod had failed"
+    assert any(" describe pod nvidia-smi" in c for c in calls) and "Events:" in proc.stderr
+
+
+def test_gpu_check_stops_at_once_when_the_container_cannot_start(tmp_path):
+    proc, calls = run_gpu_check(tmp_path, ["Pending ContainerCreating", "Pending ErrImagePull"])
+    assert proc.returncode == 1 and "cannot run its container: ErrImagePull" in proc.stderr
+    assert len([c for c in calls if c.startswith("sleep")]) == 1, calls
+
+
+def test_gpu_check_passes_and_waits_for_a_pending_pod(tmp_path):
+    proc, calls = run_gpu_check(tmp_path, ["Pending ", "Running ", "Succeeded "])
+    assert proc.returncode == 0, proc.stderr
+    assert "GPU check passed" in proc.stdout and "NVIDIA H100" in proc.stdout
+    assert len([c for c in calls if c.startswith("sleep")]) == 2
+
+
+def test_gpu_check_gives_up_after_its_timeout(tmp_path):
+    proc, calls = run_gpu_check(tmp_path, ["Pending "], timeout="4s")
+    assert proc.returncode == 1 and "did not succeed within 4s (phase Pending)" in proc.stderr
+    assert [c for c in calls if c.startswith("sleep")] == ["sleep 2", "sleep 2"]
+
+
 # --- make fragment and runbook ---------------------------------------------------------------------
 
 def mk_targets() -> set[str]:
