@@ -13,6 +13,7 @@ import re
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -176,16 +177,16 @@ def connect(host: str, token: str | None = None, namespace: str | None = None) -
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     health = _get_json(host, "/apis/v2beta1/healthz", headers)
     # The UI's own server (kubeflow/pipelines frontend/server/handlers/healthz.ts) answers healthz itself with
-    # 200 and `apiServerReady: false` when the API server behind it is down; a real API server answers
-    # GetHealthzResponse (backend/api/v2beta1/healthz.proto: multi_user, pipeline_store).
-    if not isinstance(health, dict) or not health.keys() & {"multi_user", "pipeline_store", "apiServerReady"}:
+    # 200 and `apiServerReady: false` when the API server behind it is down; the API server itself answers
+    # its healthzResponse (backend/src/apiserver/main.go: commit_sha, tag_name, multi_user, pipeline_store).
+    if not isinstance(health, dict) or not health.keys() & {"commit_sha", "multi_user", "apiServerReady"}:
         raise KFPError(f"{host} answered /apis/v2beta1/healthz, but not like a KFP API server; is --host the KFP "
                        "endpoint (e.g. kubectl port-forward svc/ml-pipeline-ui 8080:80)?")
     if health.get("apiServerReady") is False:
         raise KFPError(f"the KFP UI at {host} answers, but its API server does not (apiServerReady: false); "
                        "check `kubectl -n kubeflow get deploy ml-pipeline`")
     # A real call through the same path as the commands that follow (the cheapest one there is).
-    query = "?page_size=1" + (f"&namespace={namespace}" if namespace else "")
+    query = "?" + urllib.parse.urlencode({"page_size": 1, **({"namespace": namespace} if namespace else {})})
     _get_json(host, f"/apis/v2beta1/experiments{query}", headers, client_errors_ok=True)
     import warnings
 
@@ -264,7 +265,6 @@ def _version_named(conn: Connection, pipeline_id: str, name: str):
 def upload(conn: Connection, package: Path, pipeline: str, version: str, description: str) -> dict:
     """One new version of `pipeline` per call (creating the pipeline the first time); refuses a version name
     that is already there rather than shadowing it."""
-    load_package(package)  # a missing package is a one-line error, not a kfp traceback
     pipeline_id = _pipeline_id(conn, pipeline)
     created = pipeline_id is None
     if created:

@@ -96,7 +96,9 @@ class KFPStandIn(JSONHandler):
             return
         w = self.world
         if path == "/apis/v2beta1/healthz":
-            return self._send(200, {"multi_user": False, "pipeline_store": "database"})
+            # backend/src/apiserver/main.go healthzResponse
+            return self._send(200, {"commit_sha": "0" * 40, "tag_name": "2.17.0", "multi_user": False,
+                                    "pipeline_store": "database"})
         if path == "/apis/v2beta1/experiments":
             return self._send(200, {"experiments": self._named(w["experiments"], query)})
         if path.startswith("/apis/v2beta1/runs/"):

@@ -77,6 +77,17 @@ def test_a_connection_that_comes_back_is_waited_through(kfp_api, capsys):
     assert "ended SUCCEEDED" in out
 
 
+def test_wait_timeout_leaves_the_run_alone(kfp_api, capsys, monkeypatch):
+    monkeypatch.setattr(kfp_client, "POLL_SECONDS", 0.05)
+    host, world = kfp_api
+    world["run_states"] = ["RUNNING"]
+    code, out, err = run_cli(capsys, "submit", "--host", host, "--wait", "--timeout", "1")
+    run_id = out.split()[1]
+    assert code == 1
+    _one_line_error(err, f"run {run_id} did not end within 1 s; the run continues on the cluster")
+    assert not [c for c in world["calls"] if c[0] == "DELETE" or c[1].endswith(":terminate")]
+
+
 # -- health check ---------------------------------------------------------------------------------
 
 def test_a_ui_proxy_without_its_api_server_is_refused(kfp_api, capsys):
@@ -93,6 +104,16 @@ def test_a_server_that_is_not_kfp_is_refused(http_server, tmp_path, capsys):
     code, _, err = run_cli(capsys, "schedule", "--host", host, "--every", "1d")
     assert code == 1
     _one_line_error(err, f"KFP at {host} answered HTTP 404 on /apis/v2beta1/healthz")
+
+    # a web app that answers every path with its page, or with JSON of its own
+    healthz = tmp_path / "apis" / "v2beta1" / "healthz"
+    healthz.parent.mkdir(parents=True)
+    healthz.write_text("<html>sign in</html>")
+    code, _, err = run_cli(capsys, "upload", "--host", host, "--version", "v1")
+    _one_line_error(err, f"{host}/apis/v2beta1/healthz did not answer JSON")
+    healthz.write_text('{"status": "ok"}')
+    code, _, err = run_cli(capsys, "submit", "--host", host)
+    _one_line_error(err, f"{host} answered /apis/v2beta1/healthz, but not like a KFP API server")
 
 
 # -- schedule -------------------------------------------------------------------------------------
