@@ -95,8 +95,9 @@ def load_package(path: Path) -> dict:
 
 
 def declared_parameters(spec: dict) -> dict:
-    """name -> {parameterType, defaultValue?} of a PipelineSpec, also when it is wrapped with a
-    platform spec as the API server stores uploaded versions ({"pipeline_spec": ..., "platform_spec": ...})."""
+    """name -> {parameterType, defaultValue?} of a PipelineSpec, also when it is wrapped with a platform spec
+    as the API server returns uploaded versions ({"pipeline_spec": ..., "platform_spec": ...}: upstream
+    backend/src/apiserver/server/api_util.go)."""
     spec = spec.get("pipeline_spec", spec) if "root" not in spec else spec
     return spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
 
@@ -293,6 +294,7 @@ def find_version(conn: Connection, pipeline: str, version: str | None) -> tuple[
     if version:
         v = _version_named(conn, pipeline_id, version)
     else:
+        # "created_at" is a sort key of backend/src/apiserver/model/pipeline_version.go APIToModelFieldMap
         newest = _call(conn, "listing pipeline versions", conn.client.list_pipeline_versions, pipeline_id,
                        page_size=1, sort_by="created_at desc").pipeline_versions
         v = newest[0] if newest else None
