@@ -1,4 +1,4 @@
-"""`sam-pipeline`: compile | run | submit | schedule | fetch-weights | ingest.
+"""`sam-pipeline`: compile | run | submit | schedule | upload | fetch-weights | ingest.
 
 Errors from our own modules (storage, download, registry, datasets, ...) end the command with one line
 `sam-pipeline: error: ...` and a non-zero exit, never a traceback.
@@ -6,6 +6,7 @@ Errors from our own modules (storage, download, registry, datasets, ...) end the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -56,42 +57,17 @@ def _key_value(text: str) -> tuple[str, str]:
     return key.strip(), value
 
 
-_CRON_FIELDS = (("second", 0, 59, None), ("minute", 0, 59, None), ("hour", 0, 23, None),
-                ("day of month", 1, 31, None),
-                ("month", 1, 12, "JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC".split()),
-                ("day of week", 0, 6, "SUN MON TUE WED THU FRI SAT".split()))
+def _usage(name: str):
+    """An argparse type from a kfp_client parser, so its message becomes a one-line usage error."""
+    def parse(text: str):
+        from pipelines import kfp_client
 
-
-def validate_cron(expr: str) -> str:
-    """KFP's 6-field cron (robfig/cron: second minute hour day-of-month month day-of-week)."""
-    fields = expr.split()
-    if len(fields) != 6:
-        raise CLIError(f"cron {expr!r} has {len(fields)} fields; KFP needs 6 (second minute hour day-of-month "
-                       "month day-of-week), e.g. '0 0 3 * * *' for 03:00 daily", EXIT_USAGE)
-    for text, (name, lo, hi, names) in zip(fields, _CRON_FIELDS):
-        for part in text.split(","):
-            base, _, step = part.partition("/")
-            if step and not (step.isdigit() and int(step) > 0):
-                raise CLIError(f"cron {expr!r}: bad step {step!r} in the {name} field", EXIT_USAGE)
-            if base in ("*", "?") and (base == "*" or name in ("day of month", "day of week")):
-                continue
-            for bound in base.split("-", 1):
-                if names and bound.upper() in names:
-                    continue
-                if not bound.isdigit() or not lo <= int(bound) <= hi:
-                    raise CLIError(f"cron {expr!r}: {bound!r} is not a valid {name} ({lo}-{hi})", EXIT_USAGE)
-    return expr
-
-
-def parse_interval(text: str) -> int:
-    """'24h', '30m', '1d', '90s', '1h30m' -> seconds."""
-    parts = re.findall(r"(\d+)\s*([smhd])", text.strip().lower())
-    if not parts or "".join(f"{n}{u}" for n, u in parts) != re.sub(r"\s+", "", text.strip().lower()):
-        raise CLIError(f"--every {text!r}: use a duration like 24h, 30m, 1d or 1h30m", EXIT_USAGE)
-    seconds = sum(int(n) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[u] for n, u in parts)
-    if seconds < 60:
-        raise CLIError(f"--every {text!r}: the interval must be at least 1 minute", EXIT_USAGE)
-    return seconds
+        try:
+            return getattr(kfp_client, name)(text)
+        except kfp_client.UsageError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = name
+    return parse
 
 
 # -- parser ---------------------------------------------------------------------------------------
@@ -167,26 +143,42 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-runs", type=_int_at_least(1), default=5, help="older local runs are deleted")
     p.set_defaults(func=cmd_run)
 
-    for name, helptext in (("submit", "create a run on a KFP cluster from the compiled package"),
-                           ("schedule", "create a recurring run (max concurrency 1, no catch-up)")):
+    for name, helptext in (("submit", "create a run on a KFP cluster (compiled package or uploaded version)"),
+                           ("schedule", "create a recurring run (max concurrency 1, no catch-up)"),
+                           ("upload", "upload the compiled package as a new pipeline version (KFP UI: Pipelines)")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
         p.add_argument("--package", type=Path, default=DEFAULT_YAML, help="compiled pipeline YAML")
-        p.add_argument("--experiment", default="sam-pipeline")
         p.add_argument("--namespace", default=None, help="multi-user deployments")
         p.add_argument("--token", default=os.environ.get("KFP_TOKEN"), help="bearer token (or KFP_TOKEN)")
+        if name == "upload":
+            p.add_argument("--pipeline", default="sam-finetune", help="pipeline name in the UI")
+            p.add_argument("--version", default=None,
+                           help="version name (default: <package version>-<git commit>[-dirty])")
+            p.add_argument("--description", default="Fine-tune MobileSAM and register it if it beats the champion")
+            p.set_defaults(func=cmd_upload)
+            continue
+        p.add_argument("--pipeline", default=None, metavar="NAME",
+                       help="run an uploaded pipeline instead of --package")
+        p.add_argument("--pipeline-version", default=None, metavar="V",
+                       help="with --pipeline: this version (default: the newest)")
+        p.add_argument("--experiment", default="sam-pipeline")
         p.add_argument("-p", "--param", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                        help="pipeline parameter (repeatable)")
         if name == "submit":
-            p.add_argument("--run-name", default=None)
-            p.add_argument("--wait", action="store_true", help="wait until the run finishes")
+            p.add_argument("--run-name", default=None, help="default: sam-finetune <dataset> <UTC time>")
+            p.add_argument("--wait", action="store_true",
+                           help="wait until the run ends; exit 0 only if it SUCCEEDED")
             p.add_argument("--timeout", type=_int_at_least(1), default=6 * 3600, help="seconds, with --wait")
             p.set_defaults(func=cmd_submit)
         else:
             when = p.add_mutually_exclusive_group(required=True)
-            when.add_argument("--cron", help="6 fields: second minute hour day-of-month month day-of-week")
-            when.add_argument("--every", help="interval, e.g. 24h")
+            when.add_argument("--cron", type=_usage("validate_cron"),
+                              help="6 fields: second minute hour day-of-month month day-of-week")
+            when.add_argument("--every", type=_usage("parse_interval"), help="interval, e.g. 24h")
             p.add_argument("--name", default="sam-finetune-scheduled")
+            p.add_argument("--replace", action="store_true",
+                           help="replace a recurring run of the same name in the experiment (default: refuse)")
             p.set_defaults(func=cmd_schedule)
 
     p = sub.add_parser("fetch-weights", help="run the fetch-weights step alone; prints a JSON summary")
@@ -326,114 +318,86 @@ def _print_run(summary: dict, args) -> None:
         print(f"  summary: {args.summary_json}", file=out)
 
 
-def _client(args):
-    import urllib.error
-    import urllib.request
-    import warnings
+@contextlib.contextmanager
+def _usage_errors():
+    from pipelines.kfp_client import UsageError
 
-    host = args.host.rstrip("/")
-    if not host.startswith(("http://", "https://")):
-        raise CLIError(f"--host {args.host!r} must start with http:// or https://", EXIT_USAGE)
-    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     try:
-        urllib.request.urlopen(urllib.request.Request(f"{host}/apis/v2beta1/healthz", headers=headers),
-                               timeout=10).close()
-    except urllib.error.HTTPError as e:
-        if e.code in (401, 403):
-            raise CLIError(f"KFP at {host} refused the request (HTTP {e.code}); pass --token") from None
-        raise CLIError(f"KFP at {host} answered HTTP {e.code} on /apis/v2beta1/healthz; is it the KFP API "
-                       "endpoint (e.g. kubectl port-forward svc/ml-pipeline-ui 8080:80)?") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise CLIError(f"KFP at {host} is unreachable ({getattr(e, 'reason', e)})") from None
-    import kfp
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return kfp.Client(host=host, namespace=args.namespace or "kubeflow", existing_token=args.token)
+        yield
+    except UsageError as e:
+        raise CLIError(str(e), EXIT_USAGE) from None
 
 
-def _package_and_params(args) -> tuple[str, dict]:
-    import yaml
+def _connect(args):
+    from pipelines import kfp_client
 
-    if not args.package.is_file():
-        raise CLIError(f"{args.package}: no such pipeline package; run `sam-pipeline compile` first")
-    with open(args.package) as f:
-        spec = next(yaml.safe_load_all(f))
-    declared = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
-    params = {}
-    for key, raw in args.param:
-        if key not in declared:
-            raise CLIError(f"-p {key}: not a parameter of {args.package.name} "
-                           f"(known: {', '.join(sorted(declared))})", EXIT_USAGE)
-        params[key] = _typed(key, raw, declared[key].get("parameterType", "STRING"))
-    return str(args.package), params
+    with _usage_errors():
+        return kfp_client.connect(args.host, args.token, args.namespace)
 
 
-def _typed(key: str, raw: str, kind: str):
-    try:
-        if kind == "NUMBER_INTEGER":
-            return int(raw)
-        if kind == "NUMBER_DOUBLE":
-            return float(raw)
-        if kind == "BOOLEAN":
-            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            return raw.lower() in ("true", "1", "yes")
-    except ValueError:
-        raise CLIError(f"-p {key}={raw}: expected {kind.lower().replace('number_', '')}", EXIT_USAGE) from None
-    return raw
+def _target(args, conn=None):
+    """(package or None, (pipeline id, version id) or None, typed params, declared params) for submit/schedule;
+    a local package is checked before any network call (conn=None), an uploaded version needs the server."""
+    from pipelines import kfp_client
+
+    if args.pipeline_version and not args.pipeline:
+        raise CLIError("--pipeline-version needs --pipeline NAME", EXIT_USAGE)
+    if args.pipeline and conn is None:
+        return None
+    if args.pipeline:
+        pipeline_id, version_id, spec = kfp_client.find_version(conn, args.pipeline, args.pipeline_version)
+        package, ref, source = None, (pipeline_id, version_id), f"pipeline {args.pipeline!r}"
+    else:
+        spec, package, ref, source = kfp_client.load_package(args.package), args.package, None, args.package.name
+    declared = kfp_client.declared_parameters(spec)
+    with _usage_errors():
+        params = kfp_client.typed_params(args.param, declared, source)
+    return package, ref, params, declared
 
 
-def _api_error(what: str, host: str, e: Exception) -> CLIError:
-    status = getattr(e, "status", None)
-    body = getattr(e, "body", None) or str(e)
-    try:
-        body = json.loads(body).get("message", body)
-    except (ValueError, AttributeError, TypeError):
-        pass
-    first = str(body).strip().splitlines()[0] if str(body).strip() else type(e).__name__
-    return CLIError(f"{what} on {host} failed" + (f" (HTTP {status})" if status else "") + f": {first}")
+def cmd_upload(args) -> int:
+    from pipelines import kfp_client
 
-
-def cmd_submit(args) -> int:
-    package, params = _package_and_params(args)
-    client = _client(args)
-    try:
-        result = client.create_run_from_pipeline_package(
-            package, arguments=params, run_name=args.run_name, experiment_name=args.experiment,
-            namespace=args.namespace)
-    except Exception as e:  # kfp_server_api ApiException and urllib3 errors
-        raise _api_error("creating the run", args.host, e) from None
-    print(f"run {result.run_id} created in experiment {args.experiment!r}")
-    if args.wait:
-        try:
-            run = client.wait_for_run_completion(result.run_id, timeout=args.timeout)
-        except TimeoutError:
-            raise CLIError(f"run {result.run_id} did not finish within {args.timeout} s") from None
-        except Exception as e:
-            raise _api_error("waiting for the run", args.host, e) from None
-        state = str(run.state)
-        print(f"run {result.run_id} finished: {state}")
-        return 0 if state == "SUCCEEDED" else EXIT_FAILURE
+    with _usage_errors():
+        version = args.version or kfp_client.default_version_name()
+    kfp_client.load_package(args.package)
+    conn = _connect(args)
+    result = kfp_client.upload(conn, args.package, args.pipeline, version, args.description)
+    print(("created pipeline" if result["created_pipeline"] else "pipeline")
+          + f" {args.pipeline!r} ({result['pipeline_id']}): uploaded version {version!r} ({result['version_id']})")
+    print(f"  {result['link']}")
     return 0
 
 
+def cmd_submit(args) -> int:
+    from pipelines import kfp_client
+
+    local = _target(args)
+    conn = _connect(args)
+    package, ref, params, declared = local or _target(args, conn)
+    run_name = args.run_name or kfp_client.default_run_name(params, declared)
+    run_id = kfp_client.submit(conn, args.experiment, run_name, params, package=package, version_ref=ref)
+    print(f"run {run_id} ({run_name!r}) created in experiment {args.experiment!r}")
+    print(f"  {conn.run_link(run_id)}")
+    if not args.wait:
+        return 0
+    state = kfp_client.wait(conn, run_id, args.timeout)
+    print(f"run {run_id} ended {state}: {conn.run_link(run_id)}")
+    return 0 if state == "SUCCEEDED" else EXIT_FAILURE
+
+
 def cmd_schedule(args) -> int:
-    cron = validate_cron(args.cron) if args.cron else None
-    interval = parse_interval(args.every) if args.every else None
-    package, params = _package_and_params(args)
-    client = _client(args)
-    try:
-        experiment = client.create_experiment(args.experiment, namespace=args.namespace)
-        rr = client.create_recurring_run(
-            experiment_id=experiment.experiment_id, job_name=args.name,
-            description="scheduled retraining of SAM; registers only when it beats the champion",
-            cron_expression=cron, interval_second=interval, max_concurrency=1, no_catchup=True,
-            params=params, pipeline_package_path=package, enabled=True)
-    except Exception as e:
-        raise _api_error("creating the recurring run", args.host, e) from None
-    when = f"cron {cron!r}" if cron else f"every {interval} s"
-    print(f"recurring run {rr.recurring_run_id} ({args.name}) created: {when}, max concurrency 1, no catch-up")
+    from pipelines import kfp_client
+
+    local = _target(args)
+    conn = _connect(args)
+    package, ref, params, _ = local or _target(args, conn)
+    result = kfp_client.schedule(conn, args.experiment, args.name, params, cron=args.cron, interval=args.every,
+                                 replace=args.replace, package=package, version_ref=ref)
+    when = f"cron {args.cron!r}" if args.cron else f"every {args.every} s"
+    replaced = f", replacing {', '.join(result['replaced'])}" if result["replaced"] else ""
+    print(f"recurring run {result['recurring_run_id']} ({args.name}) created in experiment {args.experiment!r}: "
+          f"{when}, max concurrency 1, no catch-up{replaced}")
     return 0
 
 

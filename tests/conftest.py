@@ -71,3 +71,17 @@ def http_server():
     for srv in servers:
         srv.shutdown()
         srv.server_close()
+
+
+@pytest.fixture
+def kfp_api():
+    """A KFP v2beta1 API stand-in (tests/helpers.py KFPStandIn) on 127.0.0.1: `host, world = kfp_api`;
+    set world["run_states"] / world["api_down"] to script it, read world["calls"] to see what was sent."""
+    from helpers import KFPStandIn, kfp_world
+
+    world = kfp_world()
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("KFP", (KFPStandIn,), {"world": world}))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", world
+    srv.shutdown()
+    srv.server_close()

@@ -1,17 +1,15 @@
-"""`sam-pipeline` commands other than `run`: compile, submit and schedule (against a recording KFP API
-stand-in), bad input, and the standalone fetch-weights/ingest steps."""
+"""`sam-pipeline` commands other than `run`: compile, submit and schedule (against the KFP API stand-in of
+tests/helpers.py; the rest of the KFP behaviour is in test_kfp_client.py), bad input, and the standalone
+fetch-weights/ingest steps."""
 from __future__ import annotations
 
 import json
-import threading
-from http.server import ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 import yaml
 
-from pipelines.cli import main, parse_interval, validate_cron
-from helpers import JSONHandler
+from pipelines.cli import main
+from pipelines.kfp_client import parse_interval, validate_cron
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -20,63 +18,26 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
-# -- a recording KFP API --------------------------------------------------------------------------
-
-class FakeKFP(JSONHandler):
-    """Answers the kfp_server_api v2beta1 calls that kfp.Client makes for runs and recurring runs."""
-    calls: list
-
-    def do_GET(self):
-        url = urlparse(self.path)
-        self.calls.append(("GET", url.path, {k: v[0] for k, v in parse_qs(url.query).items()}))
-        if url.path == "/apis/v2beta1/healthz":
-            return self._send(200, {"multi_user": False})
-        if url.path == "/apis/v2beta1/experiments":
-            return self._send(200, {})  # none yet: the client creates it
-        if url.path.startswith("/apis/v2beta1/runs/"):
-            return self._send(200, {"run_id": url.path.rsplit("/", 1)[1], "state": "SUCCEEDED"})
-        self._send(404, {"error": f"unexpected {url.path}", "code": 5})
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-        path = urlparse(self.path).path
-        self.calls.append(("POST", path, body))
-        if path == "/apis/v2beta1/experiments":
-            return self._send(200, {**body, "experiment_id": "exp-1"})
-        if path == "/apis/v2beta1/runs":
-            return self._send(200, {**body, "run_id": "run-1", "state": "PENDING"})
-        if path == "/apis/v2beta1/recurringruns":
-            return self._send(200, {**body, "recurring_run_id": "rr-1"})
-        self._send(404, {"error": f"unexpected {path}", "code": 5})
-
-
-@pytest.fixture
-def kfp_api():
-    calls: list = []
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), type("H", (FakeKFP,), {"calls": calls}))
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}", calls
-    srv.shutdown()
-    srv.server_close()
-
-
 def _posted(calls, path):
     return [body for method, p, body in calls if method == "POST" and p == path]
 
 
 def test_submit_sends_the_package_and_typed_parameters(kfp_api, capsys):
     """Contract test: a stand-in for the KFP API server records what `submit` sends."""
-    host, calls = kfp_api
+    host, world = kfp_api
+    calls = world["calls"]
     code, out, err = run_cli(capsys, "submit", "--host", host, "--experiment", "sam-exp", "-p", "n_iterations=50",
                              "-p", "debug_with_one_example=true", "-p", "margin=0.02", "-p", "device=cuda",
                              "--run-name", "nightly", "--wait")
     assert code == 0, err
-    assert "run run-1 created" in out and "SUCCEEDED" in out
+    run_id = out.split()[1]
+    assert f"run {run_id} ('nightly') created in experiment 'sam-exp'" in out
+    assert f"ended SUCCEEDED: {host}/#/runs/details/{run_id}" in out
     assert ("GET", "/apis/v2beta1/healthz", {}) in calls
     (exp,) = _posted(calls, "/apis/v2beta1/experiments")
     assert exp["display_name"] == "sam-exp"
     (run,) = _posted(calls, "/apis/v2beta1/runs")
-    assert run["display_name"] == "nightly" and run["experiment_id"] == "exp-1"
+    assert run["display_name"] == "nightly" and run["experiment_id"] == world["experiments"][0]["experiment_id"]
     assert run["runtime_config"]["parameters"] == {"n_iterations": 50, "debug_with_one_example": True,
                                                    "margin": 0.02, "device": "cuda"}
     from pipelines.sam_finetune import DEFAULT_YAML
@@ -84,27 +45,28 @@ def test_submit_sends_the_package_and_typed_parameters(kfp_api, capsys):
     committed = next(yaml.safe_load_all(DEFAULT_YAML.read_text()))
     assert run["pipeline_spec"]["pipeline_spec"] == json.loads(json.dumps(committed))
     assert "platform_spec" in run["pipeline_spec"]  # the kfp-kubernetes settings travel with it
-    assert any(p == "/apis/v2beta1/runs/run-1" for m, p, _ in calls if m == "GET")
+    assert any(p == f"/apis/v2beta1/runs/{run_id}" for m, p, _ in calls if m == "GET")
 
 
 def test_schedule_cron_is_a_recurring_run_without_catch_up(kfp_api, capsys):
     """Contract test: recurring run body as KFP v2beta1 expects it."""
-    host, calls = kfp_api
+    host, world = kfp_api
     code, out, err = run_cli(capsys, "schedule", "--host", host, "--cron", "0 0 3 * * *", "-p", "n_iterations=300")
     assert code == 0, err
-    (rr,) = _posted(calls, "/apis/v2beta1/recurringruns")
+    (rr,) = _posted(world["calls"], "/apis/v2beta1/recurringruns")
     assert rr["trigger"] == {"cron_schedule": {"cron": "0 0 3 * * *"}}
     assert rr["max_concurrency"] == "1" or rr["max_concurrency"] == 1
-    assert rr["no_catchup"] is True and rr["mode"] == "ENABLE" and rr["experiment_id"] == "exp-1"
+    assert rr["no_catchup"] is True and rr["mode"] == "ENABLE"
+    assert rr["experiment_id"] == world["experiments"][0]["experiment_id"]
     assert rr["runtime_config"]["parameters"] == {"n_iterations": 300}
     assert rr["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "sam-finetune"
-    assert "rr-1" in out
+    assert world["recurring_runs"][0]["recurring_run_id"] in out
 
 
 def test_schedule_every_is_a_periodic_trigger(kfp_api, capsys):
-    host, calls = kfp_api
+    host, world = kfp_api
     assert run_cli(capsys, "schedule", "--host", host, "--every", "24h")[0] == 0
-    (rr,) = _posted(calls, "/apis/v2beta1/recurringruns")
+    (rr,) = _posted(world["calls"], "/apis/v2beta1/recurringruns")
     assert rr["trigger"]["periodic_schedule"]["interval_second"] in (86400, "86400")
 
 
