@@ -9,14 +9,18 @@ import io
 import json
 import os
 import random
+import threading
 import time
 import urllib3
+import uuid
+from xml.etree.ElementTree import ParseError
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from minio import Minio
-from minio.error import S3Error
+from minio.error import InvalidResponseError, S3Error, ServerError
+from minio.helpers import check_bucket_name
 
 from components.errors import UserError
 from components.hashing import sha256_bytes, sha256_file
@@ -28,6 +32,19 @@ _TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestT
 
 class StorageError(UserError, RuntimeError):
     """A one-line, user-facing storage failure."""
+
+
+def unique_temp(path: Path, tag: str = "part") -> Path:
+    """A hidden temp name beside `path`, unique per process, thread and call: several threads of one
+    process may download the same content (two byte-identical files share one cache entry) at once."""
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}")
+
+
+def _status_of(e: Exception) -> int:
+    """The HTTP status of a non-S3 answer (0 when minio only failed to parse a 2xx body as XML)."""
+    if isinstance(e, ServerError):
+        return e.status_code
+    return int(getattr(e, "_code", 0) or 0)
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,10 @@ class ObjectInfo:
 
 class ObjectStore:
     def __init__(self, config: S3Config, *, create_bucket: bool = True, retries: int = 4):
+        try:
+            check_bucket_name(config.bucket, strict=True)
+        except ValueError as e:
+            raise StorageError(f"invalid bucket name {config.bucket!r}: {e}") from None
         self.config = config
         self.retries = retries
         # Fail fast on an unreachable endpoint: urllib3's own retries would hide it for minutes.
@@ -123,8 +144,11 @@ class ObjectStore:
 
     # -- retries and error translation ---------------------------------------------------------
     def _call(self, what: str, fn, *args, **kwargs):
+        """The one retry mechanism: throttling, 5xx, non-S3 answers and connection errors are retried
+        with jittered exponential backoff; what is still failing after `retries` becomes one line."""
         delay = 0.5
         for attempt in range(self.retries + 1):
+            last = attempt == self.retries
             try:
                 return fn(*args, **kwargs)
             except S3Error as e:
@@ -133,10 +157,23 @@ class ObjectStore:
                         f"object store at {self.config.endpoint} rejected the credentials ({e.code}) "
                         f"while trying to {what}; check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                         f"(in a cluster: secret mlpipeline-minio-artifact)") from None
-                if e.code not in _TRANSIENT_CODES or attempt == self.retries:
+                if e.code not in _TRANSIENT_CODES or last:
                     raise
+            except (InvalidResponseError, ServerError, ParseError) as e:
+                # A 5xx without an S3 error body (a proxy or load balancer in front of the store, a
+                # crashed request handler), or an answer that is not S3 at all (a web page).
+                if last:
+                    status = _status_of(e)
+                    if status >= 500:
+                        raise StorageError(
+                            f"object store at {self._scheme()}://{self.config.endpoint} keeps failing "
+                            f"(HTTP {status}) while trying to {what}; try again later") from None
+                    raise StorageError(
+                        f"{self._scheme()}://{self.config.endpoint} is not an S3 endpoint (it answered "
+                        f"HTTP {status or '2xx'} with something that is not S3 XML) while trying to {what}; "
+                        "check --s3-endpoint / S3_ENDPOINT") from None
             except (urllib3.exceptions.HTTPError, OSError) as e:
-                if attempt == self.retries:
+                if last:
                     raise StorageError(
                         f"object store at {self._scheme()}://{self.config.endpoint} is unreachable "
                         f"({type(e).__name__}) while trying to {what}; set --s3-endpoint / S3_ENDPOINT"
@@ -206,8 +243,33 @@ class ObjectStore:
                 raise StorageError(f"{self.uri(key)} does not exist") from None
             raise
 
+    def put_bytes_if_absent(self, key: str, data: bytes,
+                            content_type: str = "application/octet-stream") -> bool:
+        """Create `key` only if no object has that name (`If-None-Match: *`); False if one exists.
+
+        Honoured by AWS S3, MinIO, SeaweedFS (weed/s3api checkConditionalHeaders, tested in
+        weed/s3api/s3api_conditional_headers_test.go) and moto (moto/s3/responses.py put_object).
+        minio-py's put_object turns unknown headers into x-amz-meta-*, so the plain PutObject call
+        (`_put_object`, minio 7.2) carries the condition.
+        """
+        sha = sha256_bytes(data)
+        headers = {"Content-Type": content_type, f"x-amz-meta-{SHA_META}": sha, "If-None-Match": "*"}
+        try:
+            self._call(f"create {self.uri(key)}", self.client._put_object, self.config.bucket, key,
+                       data, headers)
+        except S3Error as e:
+            if e.code in {"PreconditionFailed", "ConditionalRequestConflict"}:
+                return False
+            raise
+        return True
+
     def get_json(self, key: str):
-        return json.loads(self.get_bytes(key))
+        data = self.get_bytes(key)
+        try:
+            return json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StorageError(f"{self.uri(key)} is not valid JSON ({getattr(e, 'msg', e)}); the object "
+                               "is damaged: delete it or write it again") from None
 
     def get_file(self, key: str, path: str | Path) -> ObjectInfo:
         path = Path(path)
@@ -215,7 +277,7 @@ class ObjectStore:
         if info is None:
             raise StorageError(f"{self.uri(key)} does not exist")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.part{os.getpid()}")
+        tmp = unique_temp(path)
         try:
             self._call(f"download {self.uri(key)}", self.client.fget_object, self.config.bucket, key,
                        str(tmp))
