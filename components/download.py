@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from components.errors import UserError
+from components.storage import unique_temp
 
 _CHUNK = 1 << 20
 
@@ -46,7 +47,7 @@ def download(url: str, dest: str | Path, *, sha256: str | None = None, size: int
     """Fetch url into dest (atomically) and return its sha256; raises DownloadError."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part{os.getpid()}")
+    tmp = unique_temp(dest)
     stream, total = _open(url, timeout)
     h = hashlib.sha256()
     written = 0

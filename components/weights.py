@@ -14,7 +14,7 @@ from pathlib import Path
 
 from components.download import DownloadError, download
 from components.hashing import sha256_file
-from components.storage import ObjectStore, S3Config
+from components.storage import ObjectStore, S3Config, unique_temp
 
 
 class WeightsError(DownloadError):
@@ -100,7 +100,7 @@ class _SourceIndex:
         except (OSError, ValueError):
             data = {}
         data[url] = sha256
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        tmp = unique_temp(self.path)
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
         os.replace(tmp, self.path)
 
@@ -132,7 +132,7 @@ def fetch_weights(model_type: str = "vit_t", url: str | None = None, sha256: str
             path = _from_store(store, entry, known, size, candidate)
             origin = "object-store" if path else origin
     if path is None:
-        incoming = cache_dir / f".incoming-{model_type}-{os.getpid()}"
+        incoming = unique_temp(cache_dir / model_type, "incoming")
         try:
             actual = download(url, incoming, sha256=pinned, size=size, desc=f"{model_type} weights")
         except DownloadError as e:
@@ -156,7 +156,7 @@ def _from_store(store: ObjectStore, entry: Checkpoint, sha256: str, size: int | 
     info = store.stat(key)
     if info is None or (size is not None and info.size != size):
         return None
-    tmp = dest.with_name(f".{dest.name}.from-store{os.getpid()}")
+    tmp = unique_temp(dest, "from-store")
     try:
         # get_file checks the bytes against the object's recorded sha256 (hashing 2.5 GB of vit_h once
         # is enough); hash again only for an object written without one.

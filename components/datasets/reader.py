@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from components.hashing import sha256_file
-from components.storage import ObjectStore, StorageError
+from components.storage import ObjectStore, StorageError, unique_temp
 
 SPLITS = ("train", "val", "test")
 
@@ -101,7 +101,7 @@ def _cached_object(store: ObjectStore, ref: dict, cache_dir: Path) -> Path:
         if sha256_file(path) == sha:
             return path
         path.unlink()
-    tmp = path.with_name(f".{sha}.part{os.getpid()}")
+    tmp = unique_temp(path)
     try:
         # get_file has already checked the bytes against the object's recorded sha256; hash again only
         # for an object written without one.

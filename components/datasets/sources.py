@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 from components.datasets.validate import DatasetError
 from components.download import DownloadError, download
-from components.storage import ObjectStore, StorageError
+from components.storage import ObjectStore, StorageError, unique_temp
 
 PENNFUDAN_URL = "https://www.cis.upenn.edu/~jshi/ped_html/PennFudanPed.zip"
 
@@ -83,7 +83,7 @@ def _from_url(url: str, work: Path, cache_dir: Path | None) -> LocalSource:
         except DatasetError:
             cached.unlink()  # a damaged cache entry is fetched again, never used
     # Beside the cache entry (same filesystem, so keep() is an atomic rename), hidden from lookups.
-    pending = cached.with_name(f".{cached.name}.unverified{os.getpid()}")
+    pending = unique_temp(cached, "unverified")
     try:
         download(url, pending, desc=cached.name)
     except DownloadError as e:
