@@ -5,6 +5,7 @@ can skip what is already there.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -263,6 +264,27 @@ class ObjectStore:
             raise
         return True
 
+    def content_sha256(self, key: str) -> str | None:
+        """The sha256 of the object's bytes as stored now (downloaded and hashed, not its metadata);
+        None when there is no such object."""
+        def fetch():
+            h = hashlib.sha256()
+            resp = self.client.get_object(self.config.bucket, key)
+            try:
+                for chunk in resp.stream(1 << 20):
+                    h.update(chunk)
+            finally:
+                resp.close()
+                resp.release_conn()
+            return h.hexdigest()
+
+        try:
+            return self._call(f"verify {self.uri(key)}", fetch)
+        except S3Error as e:
+            if e.code in {"NoSuchKey", "NoSuchObject"}:
+                return None
+            raise
+
     def get_json(self, key: str):
         data = self.get_bytes(key)
         try:
@@ -301,17 +323,25 @@ class ObjectStore:
 
     # -- many objects ----------------------------------------------------------------------------
     def put_many(self, items: list[tuple[str, Path, str | None]], *, workers: int = 8,
-                 skip_existing: bool = True, progress: str | None = None) -> tuple[int, int]:
-        """Upload (key, path, sha256) items in parallel; returns (uploaded, skipped)."""
+                 skip_existing: bool = True, verify: bool = False,
+                 progress: str | None = None) -> tuple[int, int]:
+        """Upload (key, path, sha256) items in parallel; returns (uploaded, skipped).
+
+        An existing object is skipped when its recorded sha256 matches; with `verify`, only when its
+        bytes, downloaded and hashed, do (a damaged object keeps its metadata)."""
         from tqdm import tqdm
 
         def one(item) -> bool:
             key, path, sha = item
             sha = sha or sha256_file(path)
             if skip_existing:
-                info = self.stat(key)
-                if info is not None and info.sha256 == sha:
-                    return False
+                if verify:
+                    if self.content_sha256(key) == sha:
+                        return False
+                else:
+                    info = self.stat(key)
+                    if info is not None and info.sha256 == sha:
+                        return False
             self.put_file(key, path, sha)
             return True
 

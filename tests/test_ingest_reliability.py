@@ -90,3 +90,144 @@ def test_parallel_ingests_of_the_same_data_both_succeed(tmp_path, s3):
     reader = ObjectStore(cfg, create_bucket=False)
     keys = reader.list(reader.key("datasets", "same"))
     assert sum(k.endswith("/manifest.json") for k in keys) == 1 and len(keys) == 2 * 20 + 1
+
+
+# -- a damaged store is repaired by --verify ------------------------------------------------------
+def _damage(store, key: str) -> None:
+    """Overwrite an object's bytes but keep its recorded sha256, as bit rot or a bad copy does."""
+    import io
+
+    info = store.stat(key)
+    junk = b"\x00garbage" * 10
+    store.client.put_object(store.config.bucket, key, io.BytesIO(junk), len(junk),
+                            metadata={"sha256": info.sha256})
+
+
+def test_verify_repairs_a_damaged_object(folder, store):
+    first = ingest(str(folder), "folder", "pf", store)
+    image_key = first.manifest["items"][0]["image"]["key"]
+    mask_key = first.manifest["items"][1]["mask"]["key"]
+    _damage(store, image_key)
+    store.delete(mask_key)
+    # A plain re-run trusts the committed manifest (documented: cheap, no download).
+    plain = ingest(str(folder), "folder", "pf", store)
+    assert (plain.uploaded, plain.skipped) == (0, 12)
+    assert store.get_bytes(image_key).startswith(b"\x00garbage")
+    repaired = ingest(str(folder), "folder", "pf", store, verify=True)
+    assert (repaired.uploaded, repaired.skipped) == (2, 10)
+    assert repaired.to_json()["verified"] == 12
+    assert store.get_bytes(image_key) == (folder / "images" / "s0.png").read_bytes()
+    assert store.exists(mask_key)
+    assert repaired.manifest_uri == first.manifest_uri
+    again = ingest(str(folder), "folder", "pf", store, verify=True)
+    assert (again.uploaded, again.skipped) == (0, 12)
+
+
+def test_verify_rewrites_a_corrupt_manifest(folder, store):
+    from components.storage import StorageError
+
+    first = ingest(str(folder), "folder", "pf", store)
+    manifest_key = first.manifest_uri.split("/", 3)[3]
+    store.put_bytes(manifest_key, b'{"format_version": 1, "items": [')
+    with pytest.raises(StorageError, match="not valid JSON") as e:
+        ingest(str(folder), "folder", "pf", store)
+    assert isinstance(e.value, UserError) and "\n" not in str(e.value)
+    fixed = ingest(str(folder), "folder", "pf", store, verify=True)
+    assert store.get_json(manifest_key)["content_hash"] == fixed.content_hash == first.content_hash
+
+
+def test_cli_ingest_verify(folder, store, s3_env, capsys):
+    import json
+
+    from pipelines.cli import main
+
+    ingest(str(folder), "folder", "pf", store)
+    assert main(["ingest", "--source", str(folder), "--format", "folder", "--name", "pf", "--verify",
+                 "--prefix", store.config.prefix]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["verified"] == 12 and (out["uploaded"], out["skipped"]) == (0, 12)
+
+
+# -- bad input: one line naming the thing -----------------------------------------------------------
+@pytest.mark.parametrize("name", ["a/../b", "../x", "Upper", "", "a b"])
+def test_bad_dataset_name_is_a_user_error(folder, store, name):
+    with pytest.raises(UserError) as e:
+        ingest(str(folder), "folder", name, store)
+    assert repr(name) in str(e.value) and "\n" not in str(e.value)
+    assert store.list(store.key("datasets")) == []
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG that claims width x height (Pillow reads the size from the header before any pixel)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_a_validation_problem(folder, store):
+    from components.datasets.validate import DatasetError
+
+    _png_header_only(folder / "images" / "s2.png", 30_000, 30_000)  # 900 megapixels
+    with pytest.raises(DatasetError) as e:
+        ingest(str(folder), "folder", "pf", store)
+    (problem,) = e.value.problems
+    assert problem.startswith("images/s2.png:") and "900000000 pixels" in problem
+    assert "SAM_MAX_IMAGE_PIXELS" in problem
+    assert store.list(store.key("datasets")) == []
+
+
+def test_pixel_limit_is_configurable(folder, store, monkeypatch):
+    from components.datasets.validate import DatasetError
+
+    monkeypatch.setenv("SAM_MAX_IMAGE_PIXELS", "1000")  # the images are 40x48 = 1920 pixels
+    with pytest.raises(DatasetError) as e:
+        ingest(str(folder), "folder", "pf", store)
+    assert len(e.value.problems) == 12 and "images/s0.png" in str(e.value)
+    # An explicit parameter wins over the environment.
+    assert ingest(str(folder), "folder", "pf", store, max_pixels=2000).manifest["totals"]["images"] == 6
+
+
+def test_every_problem_is_listed_with_its_file(folder, store):
+    from components.datasets.validate import DatasetError
+
+    (folder / "masks" / "s1_mask.png").unlink()
+    (folder / "images" / "s3.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError) as e:
+        ingest(str(folder), "folder", "pf", store)
+    assert len(e.value.problems) == 2
+    text = str(e.value)
+    assert "s1" in text and "images/s3.png" in text and text.count("\n") == 2
+
+
+# -- a killed ingest's temp folders are cleaned by the next one ----------------------------------
+def test_stale_work_folders_of_dead_ingests_are_removed(folder, store, tmp_path, monkeypatch):
+    import tempfile
+    import time
+
+    from components.datasets import sources
+
+    tmp = tmp_path / "systmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(dead.stdout)
+    old = time.time() - 3600
+    stale = tmp / f"sam-ingest-{dead_pid}-abc"
+    fresh = tmp / f"sam-ingest-{dead_pid}-new"  # a dead owner, but too recent to be sure it is not reused
+    alive = tmp / f"sam-ingest-{os.getpid()}-mine"
+    other = tmp / "sam-ingest-legacy"  # no pid in the name: not ours to judge
+    for d in (stale, fresh, alive, other):
+        (d / "unzipped").mkdir(parents=True)
+        (d / "unzipped" / "x.png").write_bytes(b"x" * 1000)
+    for d in (stale, alive, other):
+        os.utime(d, (old, old))
+    ingest(str(folder), "folder", "pf", store)
+    assert sorted(p.name for p in tmp.iterdir()) == sorted([fresh.name, alive.name, other.name])
+    assert sources.STALE_AFTER_S <= 600

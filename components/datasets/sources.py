@@ -22,6 +22,10 @@ from components.download import DownloadError, download
 from components.storage import ObjectStore, StorageError, unique_temp
 
 PENNFUDAN_URL = "https://www.cis.upenn.edu/~jshi/ped_html/PennFudanPed.zip"
+WORK_PREFIX = "sam-ingest-"
+# A work folder is removed only when its owner is dead and it is this old: a pid can be reused, and a
+# folder just created by a process that is starting must not vanish under it.
+STALE_AFTER_S = 300
 
 
 def data_dir() -> Path:
@@ -51,10 +55,41 @@ def cache_path(url: str, cache_dir: Path | None = None) -> Path:
     return cache_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def clean_stale_work_dirs(now: float | None = None) -> list[Path]:
+    """Remove `sam-ingest-<pid>-*` work folders that a killed ingest left in the temp folder."""
+    import time
+
+    now = time.time() if now is None else now
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{WORK_PREFIX}*"):
+        pid = folder.name[len(WORK_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        try:
+            if now - folder.stat().st_mtime < STALE_AFTER_S:
+                continue
+            shutil.rmtree(folder)
+            removed.append(folder)
+        except OSError:
+            pass  # another ingest is cleaning it at the same time, or it is not ours to remove
+    return removed
+
+
 @contextlib.contextmanager
 def open_source(source: str, store: ObjectStore | None = None, cache_dir: Path | None = None) -> Iterator[LocalSource]:
     source = str(source)
-    with tempfile.TemporaryDirectory(prefix="sam-ingest-") as tmp:
+    # The pid in the name lets a later ingest recognise this folder as stale if this one is killed.
+    with tempfile.TemporaryDirectory(prefix=f"{WORK_PREFIX}{os.getpid()}-") as tmp:
         work = Path(tmp)
         if source.startswith(("http://", "https://")):
             local = _from_url(source, work, cache_dir)
