@@ -35,6 +35,10 @@ class StorageError(UserError, RuntimeError):
     """A one-line, user-facing storage failure."""
 
 
+class IntegrityError(StorageError):
+    """An object whose bytes no longer match the sha256 recorded when it was written."""
+
+
 def unique_temp(path: Path, tag: str = "part") -> Path:
     """A hidden temp name beside `path`, unique per process, thread and call: several threads of one
     process may download the same content (two byte-identical files share one cache entry) at once."""
@@ -229,20 +233,25 @@ class ObjectStore:
         return self.put_bytes(key, data, content_type="application/json")
 
     def get_bytes(self, key: str) -> bytes:
+        """The object's bytes, checked against the sha256 recorded with it (IntegrityError if not)."""
         def fetch():
             resp = self.client.get_object(self.config.bucket, key)
             try:
-                return resp.read()
+                return resp.read(), resp.headers.get(f"x-amz-meta-{SHA_META}")
             finally:
                 resp.close()
                 resp.release_conn()
 
         try:
-            return self._call(f"download {self.uri(key)}", fetch)
+            data, recorded = self._call(f"download {self.uri(key)}", fetch)
         except S3Error as e:
             if e.code in {"NoSuchKey", "NoSuchObject"}:
                 raise StorageError(f"{self.uri(key)} does not exist") from None
             raise
+        if recorded and sha256_bytes(data) != recorded:
+            raise IntegrityError(f"{self.uri(key)}: sha256 mismatch after download (expected {recorded}, "
+                                 f"got {sha256_bytes(data)})")
+        return data
 
     def put_bytes_if_absent(self, key: str, data: bytes,
                             content_type: str = "application/octet-stream") -> bool:
@@ -306,7 +315,7 @@ class ObjectStore:
             if info.sha256:
                 actual = sha256_file(tmp)
                 if actual != info.sha256:
-                    raise StorageError(f"{self.uri(key)}: sha256 mismatch after download "
+                    raise IntegrityError(f"{self.uri(key)}: sha256 mismatch after download "
                                        f"(expected {info.sha256}, got {actual})")
             os.replace(tmp, path)
         finally:
