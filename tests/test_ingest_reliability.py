@@ -231,3 +231,19 @@ def test_stale_work_folders_of_dead_ingests_are_removed(folder, store, tmp_path,
     ingest(str(folder), "folder", "pf", store)
     assert sorted(p.name for p in tmp.iterdir()) == sorted([fresh.name, alive.name, other.name])
     assert sources.STALE_AFTER_S <= 600
+
+
+@pytest.mark.parametrize("where", ["local", "store"])
+def test_corrupt_manifest_is_one_line_when_read(folder, store, tmp_path, where):
+    from components.datasets.reader import load_manifest
+
+    first = ingest(str(folder), "folder", "pf", store)
+    if where == "local":
+        ref = tmp_path / "manifest.json"
+        ref.write_text('{"format_version": 1, "ite')
+    else:
+        ref = first.manifest_uri
+        store.put_bytes(ref.split("/", 3)[3], b'{"format_version": 1, "ite')
+    with pytest.raises(UserError) as e:
+        load_manifest(store, ref)
+    assert str(ref) in str(e.value) and "not valid JSON" in str(e.value) and "\n" not in str(e.value)

@@ -39,7 +39,12 @@ def load_manifest(store: ObjectStore | None, manifest_uri_or_key: str | Path) ->
     store's bucket, or a local file (the KFP Dataset artifact that ingest wrote)."""
     ref = str(manifest_uri_or_key)
     if not ref.startswith("s3://") and Path(ref).is_file():
-        return _checked(json.loads(Path(ref).read_text()), ref)
+        try:
+            manifest = json.loads(Path(ref).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StorageError(f"{ref} is not valid JSON ({getattr(e, 'msg', e)}); "
+                               "is it a sam-pipeline dataset manifest?") from None
+        return _checked(manifest, ref)
     if store is None:
         raise StorageError(f"{ref} is not a local file and no object store was given to read it from")
     if ref.startswith("s3://"):
