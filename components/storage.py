@@ -192,7 +192,13 @@ class ObjectStore:
 
     def _ensure_bucket(self) -> None:
         bucket = self.config.bucket
-        if not self._call(f"check bucket {bucket}", self.client.bucket_exists, bucket):
+        exists = self._call(f"check bucket {bucket}", self.client.bucket_exists, bucket)
+        if exists and self.config.region:
+            # With a region set, the client asks nothing that must parse as S3 XML before writing: a
+            # web server answers the HEAD above (and every PUT) with 200. An empty listing must parse.
+            self._call(f"list bucket {bucket}", lambda: list(
+                self.client.list_objects(bucket, prefix=self.key(".s3-probe/"))))
+        if not exists:
             try:
                 self._call(f"create bucket {bucket}", self.client.make_bucket, bucket)
             except S3Error as e:
