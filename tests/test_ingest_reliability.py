@@ -112,10 +112,12 @@ def test_verify_repairs_a_damaged_object(folder, store):
     # A plain re-run trusts the committed manifest (documented: cheap, no download).
     plain = ingest(str(folder), "folder", "pf", store)
     assert (plain.uploaded, plain.skipped) == (0, 12)
-    assert store.get_bytes(image_key).startswith(b"\x00garbage")
+    image_sha = first.manifest["items"][0]["image"]["sha256"]
+    assert store.content_sha256(image_key) != image_sha
     repaired = ingest(str(folder), "folder", "pf", store, verify=True)
     assert (repaired.uploaded, repaired.skipped) == (2, 10)
     assert repaired.to_json()["verified"] == 12
+    assert store.content_sha256(image_key) == image_sha
     assert store.get_bytes(image_key) == (folder / "images" / "s0.png").read_bytes()
     assert store.exists(mask_key)
     assert repaired.manifest_uri == first.manifest_uri
@@ -191,6 +193,9 @@ def test_pixel_limit_is_configurable(folder, store, monkeypatch):
     assert len(e.value.problems) == 12 and "images/s0.png" in str(e.value)
     # An explicit parameter wins over the environment.
     assert ingest(str(folder), "folder", "pf", store, max_pixels=2000).manifest["totals"]["images"] == 6
+    monkeypatch.setenv("SAM_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(UserError, match="SAM_MAX_IMAGE_PIXELS='lots' must be a positive whole number"):
+        ingest(str(folder), "folder", "pf", store)
 
 
 def test_every_problem_is_listed_with_its_file(folder, store):

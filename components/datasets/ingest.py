@@ -20,9 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from components.datasets.adapters import get_layout
-from components.datasets.sources import open_source
+from components.datasets.sources import clean_stale_work_dirs, open_source
 from components.datasets.split import SPLITS, assign_splits, check_fractions, content_hash
-from components.datasets.sources import clean_stale_work_dirs
 from components.datasets.validate import DatasetError, Item, validate
 from components.errors import UserError
 from components.storage import ObjectStore, S3Config, StorageError

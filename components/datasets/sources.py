@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -67,8 +68,6 @@ def _pid_alive(pid: int) -> bool:
 
 def clean_stale_work_dirs(now: float | None = None) -> list[Path]:
     """Remove `sam-ingest-<pid>-*` work folders that a killed ingest left in the temp folder."""
-    import time
-
     now = time.time() if now is None else now
     removed = []
     for folder in Path(tempfile.gettempdir()).glob(f"{WORK_PREFIX}*"):

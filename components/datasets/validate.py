@@ -23,6 +23,14 @@ MAX_PIXELS_ENV = "SAM_MAX_IMAGE_PIXELS"
 DEFAULT_MAX_PIXELS = 100_000_000
 
 
+class DatasetLimitError(UserError, ValueError):
+    """A bad validation setting."""
+
+
+class _TooLarge(Exception):
+    """Carries one validation problem out of _open_checked."""
+
+
 def max_image_pixels(override: int | None = None) -> int:
     """The pixel limit per image: the parameter, else SAM_MAX_IMAGE_PIXELS, else 100 megapixels."""
     if override:
@@ -33,10 +41,6 @@ def max_image_pixels(override: int | None = None) -> int:
     if not value.isdigit() or int(value) <= 0:
         raise DatasetLimitError(f"{MAX_PIXELS_ENV}={value!r} must be a positive whole number of pixels")
     return int(value)
-
-
-class DatasetLimitError(UserError, ValueError):
-    """A bad validation setting."""
 
 
 def _open_checked(path: Path, name: str, max_pixels: int):
@@ -59,10 +63,6 @@ def _open_checked(path: Path, name: str, max_pixels: int):
         raise _TooLarge(f"{name}: image is {im.size[0]}x{im.size[1]} = {pixels} pixels, above the limit "
                         f"of {max_pixels} (set {MAX_PIXELS_ENV} to allow larger images)")
     return im
-
-
-class _TooLarge(Exception):
-    """Carries one validation problem out of _open_checked."""
 
 
 class DatasetError(UserError, ValueError):
