@@ -276,7 +276,13 @@ class ObjectStore:
         except S3Error as e:
             if e.code in {"PreconditionFailed", "ConditionalRequestConflict"}:
                 return False
-            raise
+            if e.code not in {"NotImplemented", "MethodNotAllowed"}:
+                raise
+            # A store without conditional writes: check, then write. Not atomic, so callers that need
+            # a single winner write a unique token and read it back (see registry._claim).
+            if self.exists(key):
+                return False
+            self.put_bytes(key, data, content_type)
         return True
 
     def content_sha256(self, key: str) -> str | None:

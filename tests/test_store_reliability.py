@@ -159,3 +159,32 @@ def test_parallel_get_file_of_one_object_into_one_path(store, tmp_path):
         list(pool.map(lambda _: store.get_file(key, dest), range(16)))
     assert dest.read_bytes() == b"z" * 200_000
     assert [p.name for p in dest.parent.iterdir()] == ["same.bin"]
+
+
+class _NoConditionalWrites(_FlakyProxy):
+    """A store that rejects `If-None-Match` on PUT with 501 NotImplemented (older S3-compatible servers)."""
+
+    def _handle(self):
+        if self.command == "PUT" and "If-None-Match" in self.headers:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NotImplemented</Code>'
+                    b"<Message>conditional writes are not implemented</Message></Error>")
+            self.send_response(501)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        super()._handle()
+
+    do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _handle
+
+
+def test_put_if_absent_without_conditional_write_support(store, serve_handler):
+    host, port = store.config.endpoint.split(":")
+    handler = type("Old", (_NoConditionalWrites,), {"upstream": (host, int(port))})
+    old = ObjectStore(replace(store.config, endpoint=serve_handler(handler)))
+    key = old.key("claims", "v1")
+    assert old.put_bytes_if_absent(key, b"first") is True
+    assert old.put_bytes_if_absent(key, b"second") is False
+    assert store.get_bytes(key) == b"first"
