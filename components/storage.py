@@ -92,6 +92,15 @@ def _truthy(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
+def check_bucket(bucket: str) -> str:
+    """The bucket name, or a one-line StorageError (callers may check flags before any work starts)."""
+    try:
+        check_bucket_name(bucket, strict=True)
+    except ValueError as e:
+        raise StorageError(f"invalid bucket name {bucket!r}: {e}") from None
+    return bucket
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
@@ -102,10 +111,7 @@ class ObjectInfo:
 
 class ObjectStore:
     def __init__(self, config: S3Config, *, create_bucket: bool = True, retries: int = 4):
-        try:
-            check_bucket_name(config.bucket, strict=True)
-        except ValueError as e:
-            raise StorageError(f"invalid bucket name {config.bucket!r}: {e}") from None
+        check_bucket(config.bucket)
         self.config = config
         self.retries = retries
         # Fail fast on an unreachable endpoint: urllib3's own retries would hide it for minutes.
