@@ -168,8 +168,14 @@ class ObjectStore:
                         f"object store at {self.config.endpoint} rejected the credentials ({e.code}) "
                         f"while trying to {what}; check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                         f"(in a cluster: secret mlpipeline-minio-artifact)") from None
-                if e.code not in _TRANSIENT_CODES or last:
-                    raise
+                status = getattr(e.response, "status", 0) or 0
+                # 501 Not Implemented is an answer, not an outage.
+                if e.code not in _TRANSIENT_CODES and (status < 500 or status == 501):
+                    raise  # callers translate what they expect (NoSuchKey, PreconditionFailed, ...)
+                if last:
+                    raise StorageError(
+                        f"object store at {self._scheme()}://{self.config.endpoint} keeps failing "
+                        f"({e.code}, HTTP {status or '?'}) while trying to {what}; try again later") from None
             except (InvalidResponseError, ServerError, ParseError) as e:
                 # A 5xx without an S3 error body (a proxy or load balancer in front of the store, a
                 # crashed request handler), or an answer that is not S3 at all (a web page).

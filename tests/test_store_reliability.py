@@ -188,3 +188,38 @@ def test_put_if_absent_without_conditional_write_support(store, serve_handler):
     assert old.put_bytes_if_absent(key, b"first") is True
     assert old.put_bytes_if_absent(key, b"second") is False
     assert store.get_bytes(key) == b"first"
+
+
+class _S3InternalError(_FlakyProxy):
+    """Answers the first `failures` requests with an S3-style XML 500 whose code is not a known one."""
+
+    def _handle(self):
+        cls = type(self)
+        with cls.lock:
+            fail = cls.failures > 0
+            cls.failures -= fail
+        if not fail:
+            return super()._handle()
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = b'<?xml version="1.0"?><Error><Code>BackendFailure</Code><Message>try later</Message></Error>'
+        self.send_response(500)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _handle
+
+
+def test_xml_5xx_with_an_unknown_code_is_retried_then_one_line(store, serve_handler):
+    host, port = store.config.endpoint.split(":")
+    handler = type("Backend", (_S3InternalError,), {"upstream": (host, int(port)), "failures": 0})
+    flaky = ObjectStore(replace(store.config, endpoint=serve_handler(handler)), retries=3)
+    handler.failures = 2
+    flaky.put_bytes(flaky.key("b"), b"ok")
+    assert handler.failures == 0 and store.get_bytes(store.key("b")) == b"ok"
+    handler.failures = 10**6
+    flaky.retries = 1
+    with pytest.raises(StorageError, match=r"keeps failing \(BackendFailure, HTTP 500\)") as e:
+        flaky.put_bytes(flaky.key("c"), b"no")
+    assert "\n" not in str(e.value)
