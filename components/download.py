@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from components.errors import UserError
+from components.storage import unique_temp
 
 _CHUNK = 1 << 20
 
@@ -41,12 +42,26 @@ def _open(url: str, timeout: float):
     return resp, int(length) if length and length.isdigit() else None
 
 
+def remote_size(url: str, timeout: float = 10.0) -> int | None:
+    """The size an http(s) URL would serve now (HEAD, Content-Length), or None when it cannot tell
+    (a local path, no Content-Length, unreachable: callers then keep what they have)."""
+    if not url.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(urllib.request.Request(
+                url, method="HEAD", headers={"User-Agent": "sam-pipeline"}), timeout=timeout) as resp:
+            length = resp.headers.get("Content-Length")
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    return int(length) if length and length.isdigit() else None
+
+
 def download(url: str, dest: str | Path, *, sha256: str | None = None, size: int | None = None,
              desc: str | None = None, timeout: float = 30.0) -> str:
     """Fetch url into dest (atomically) and return its sha256; raises DownloadError."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part{os.getpid()}")
+    tmp = unique_temp(dest)
     stream, total = _open(url, timeout)
     h = hashlib.sha256()
     written = 0

@@ -1,17 +1,21 @@
 """register-model: immutable model versions in the object store, optionally mirrored to Kubeflow Model Registry.
 
 Layout under the store's prefix:
+    models/<name>/<version>/.claim             written first, create-only: whoever creates it owns the version
     models/<name>/<version>/model.pt           the fine-tuned state dict
     models/<name>/<version>/model_card.json    written after model.pt: a version is complete once its card exists
     models/<name>/latest                       {"version": ..., "model_uri": ..., "card_uri": ...}, moved last
 
 Versions are never overwritten: a version that has any object under its folder, complete or not, is taken.
+Allocation is atomic: a registration owns a version only once it created that version's `.claim` with a
+conditional write (`If-None-Match: *`), so two registrations at once get v1 and v2, never both v1.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import json
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +26,9 @@ from components.storage import ObjectStore, S3Config
 MODEL_FILE = "model.pt"
 CARD_FILE = "model_card.json"
 LATEST = "latest"
+CLAIM_FILE = ".claim"
 CARD_FORMAT = 1
+_MAX_CLAIM_TRIES = 50
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _AUTO_VERSION = re.compile(r"^v(\d+)$")
@@ -66,9 +72,36 @@ class ObjectStoreRegistry:
         done = [k[len(root):-len(CARD_FILE) - 1] for k in self.store.list(root) if k.endswith("/" + CARD_FILE)]
         return sorted(done, key=_version_order)
 
-    def next_version(self, name: str) -> str:
-        numbers = [int(m.group(1)) for v in self._taken(name) if (m := _AUTO_VERSION.match(v))]
+    def next_version(self, name: str, also_taken: set[str] = frozenset()) -> str:
+        taken = self._taken(name) | set(also_taken)
+        numbers = [int(m.group(1)) for v in taken if (m := _AUTO_VERSION.match(v))]
         return f"v{max(numbers, default=0) + 1}"
+
+    def _claim(self, name: str, version: str) -> bool:
+        """Create the version's claim; True when this call owns the version."""
+        key = self._key(name, version, CLAIM_FILE)
+        token = uuid.uuid4().hex
+        if not self.store.put_bytes_if_absent(key, json.dumps({"token": token}).encode()):
+            return False
+        # Read back: a store that checks the condition and then writes (not atomically) can let two
+        # creators through; only the one whose token survived owns the version.
+        return self.store.get_json(key).get("token") == token
+
+    def _allocate(self, name: str, version: str | None) -> str:
+        if version:
+            _check_name("version", version)
+            if version in self._taken(name) or not self._claim(name, version):
+                raise RegistryError(f"model {name!r} version {version!r} already exists at "
+                                    f"{self.store.uri(self._key(name, version))}/; versions are immutable")
+            return version
+        lost: set[str] = set()
+        for _ in range(_MAX_CLAIM_TRIES):
+            version = self.next_version(name, lost)
+            if self._claim(name, version):
+                return version
+            lost.add(version)  # another registration got there first: take the next number
+        raise RegistryError(f"model {name!r}: could not claim a new version after {_MAX_CLAIM_TRIES} tries "
+                            "(too many registrations at once?)")
 
     def latest(self, name: str) -> dict | None:
         """The `latest` pointer of a model, or None when the model has no version yet."""
@@ -106,14 +139,7 @@ class ObjectStoreRegistry:
         model_path = Path(model_path)
         if not model_path.is_file():
             raise RegistryError(f"{model_path}: no such model file to register")
-        taken = self._taken(name)
-        if version:
-            _check_name("version", version)
-            if version in taken:
-                raise RegistryError(f"model {name!r} version {version!r} already exists at "
-                                    f"{self.store.uri(self._key(name, version))}/; versions are immutable")
-        else:
-            version = self.next_version(name)
+        version = self._allocate(name, version)
         sha = sha256_file(model_path)
         model_key = self._key(name, version, MODEL_FILE)
         card_key = self._key(name, version, CARD_FILE)
@@ -128,10 +154,17 @@ class ObjectStoreRegistry:
         }
         self.store.put_file(model_key, model_path, sha)
         self.store.put_json(card_key, full_card)
-        self.store.put_json(self._key(name, LATEST), {
-            "version": version, "model_uri": self.store.uri(model_key), "card_uri": self.store.uri(card_key),
-            "sha256": sha, "created": full_card["created"]})
+        if self._may_move_latest(name, version):
+            self.store.put_json(self._key(name, LATEST), {
+                "version": version, "model_uri": self.store.uri(model_key), "card_uri": self.store.uri(card_key),
+                "sha256": sha, "created": full_card["created"]})
         return RegisteredVersion(name, version, self.store.uri(model_key), self.store.uri(card_key), full_card)
+
+    def _may_move_latest(self, name: str, version: str) -> bool:
+        """`latest` never moves back from vN to an older vM (registrations finishing out of order)."""
+        current = self.latest(name)
+        mine, theirs = _AUTO_VERSION.match(version), _AUTO_VERSION.match(str((current or {}).get("version", "")))
+        return not (mine and theirs and int(theirs.group(1)) > int(mine.group(1)))
 
 
 def _version_order(version: str):

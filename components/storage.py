@@ -5,18 +5,23 @@ can skip what is already there.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import random
+import threading
 import time
 import urllib3
+import uuid
+from xml.etree.ElementTree import ParseError
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from minio import Minio
-from minio.error import S3Error
+from minio.error import InvalidResponseError, S3Error, ServerError
+from minio.helpers import check_bucket_name
 
 from components.errors import UserError
 from components.hashing import sha256_bytes, sha256_file
@@ -28,6 +33,23 @@ _TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestT
 
 class StorageError(UserError, RuntimeError):
     """A one-line, user-facing storage failure."""
+
+
+class IntegrityError(StorageError):
+    """An object whose bytes no longer match the sha256 recorded when it was written."""
+
+
+def unique_temp(path: Path, tag: str = "part") -> Path:
+    """A hidden temp name beside `path`, unique per process, thread and call: several threads of one
+    process may download the same content (two byte-identical files share one cache entry) at once."""
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}")
+
+
+def _status_of(e: Exception) -> int:
+    """The HTTP status of a non-S3 answer (0 when minio only failed to parse a 2xx body as XML)."""
+    if isinstance(e, ServerError):
+        return e.status_code
+    return int(getattr(e, "_code", 0) or 0)
 
 
 @dataclass(frozen=True)
@@ -70,6 +92,15 @@ def _truthy(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
+def check_bucket(bucket: str) -> str:
+    """The bucket name, or a one-line StorageError (callers may check flags before any work starts)."""
+    try:
+        check_bucket_name(bucket, strict=True)
+    except ValueError as e:
+        raise StorageError(f"invalid bucket name {bucket!r}: {e}") from None
+    return bucket
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
@@ -80,6 +111,7 @@ class ObjectInfo:
 
 class ObjectStore:
     def __init__(self, config: S3Config, *, create_bucket: bool = True, retries: int = 4):
+        check_bucket(config.bucket)
         self.config = config
         self.retries = retries
         # Fail fast on an unreachable endpoint: urllib3's own retries would hide it for minutes.
@@ -123,8 +155,11 @@ class ObjectStore:
 
     # -- retries and error translation ---------------------------------------------------------
     def _call(self, what: str, fn, *args, **kwargs):
+        """The one retry mechanism: throttling, 5xx, non-S3 answers and connection errors are retried
+        with jittered exponential backoff; what is still failing after `retries` becomes one line."""
         delay = 0.5
         for attempt in range(self.retries + 1):
+            last = attempt == self.retries
             try:
                 return fn(*args, **kwargs)
             except S3Error as e:
@@ -133,10 +168,29 @@ class ObjectStore:
                         f"object store at {self.config.endpoint} rejected the credentials ({e.code}) "
                         f"while trying to {what}; check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                         f"(in a cluster: secret mlpipeline-minio-artifact)") from None
-                if e.code not in _TRANSIENT_CODES or attempt == self.retries:
-                    raise
+                status = getattr(e.response, "status", 0) or 0
+                # 501 Not Implemented is an answer, not an outage.
+                if e.code not in _TRANSIENT_CODES and (status < 500 or status == 501):
+                    raise  # callers translate what they expect (NoSuchKey, PreconditionFailed, ...)
+                if last:
+                    raise StorageError(
+                        f"object store at {self._scheme()}://{self.config.endpoint} keeps failing "
+                        f"({e.code}, HTTP {status or '?'}) while trying to {what}; try again later") from None
+            except (InvalidResponseError, ServerError, ParseError) as e:
+                # A 5xx without an S3 error body (a proxy or load balancer in front of the store, a
+                # crashed request handler), or an answer that is not S3 at all (a web page).
+                if last:
+                    status = _status_of(e)
+                    if status >= 500:
+                        raise StorageError(
+                            f"object store at {self._scheme()}://{self.config.endpoint} keeps failing "
+                            f"(HTTP {status}) while trying to {what}; try again later") from None
+                    raise StorageError(
+                        f"{self._scheme()}://{self.config.endpoint} is not an S3 endpoint (it answered "
+                        f"HTTP {status or '2xx'} with something that is not S3 XML) while trying to {what}; "
+                        "check --s3-endpoint / S3_ENDPOINT") from None
             except (urllib3.exceptions.HTTPError, OSError) as e:
-                if attempt == self.retries:
+                if last:
                     raise StorageError(
                         f"object store at {self._scheme()}://{self.config.endpoint} is unreachable "
                         f"({type(e).__name__}) while trying to {what}; set --s3-endpoint / S3_ENDPOINT"
@@ -150,7 +204,13 @@ class ObjectStore:
 
     def _ensure_bucket(self) -> None:
         bucket = self.config.bucket
-        if not self._call(f"check bucket {bucket}", self.client.bucket_exists, bucket):
+        exists = self._call(f"check bucket {bucket}", self.client.bucket_exists, bucket)
+        if exists and self.config.region:
+            # With a region set, the client asks nothing that must parse as S3 XML before writing: a
+            # web server answers the HEAD above (and every PUT) with 200. An empty listing must parse.
+            self._call(f"list bucket {bucket}", lambda: list(
+                self.client.list_objects(bucket, prefix=self.key(".s3-probe/"))))
+        if not exists:
             try:
                 self._call(f"create bucket {bucket}", self.client.make_bucket, bucket)
             except S3Error as e:
@@ -191,23 +251,80 @@ class ObjectStore:
         return self.put_bytes(key, data, content_type="application/json")
 
     def get_bytes(self, key: str) -> bytes:
+        """The object's bytes, checked against the sha256 recorded with it (IntegrityError if not)."""
         def fetch():
             resp = self.client.get_object(self.config.bucket, key)
             try:
-                return resp.read()
+                return resp.read(), resp.headers.get(f"x-amz-meta-{SHA_META}")
             finally:
                 resp.close()
                 resp.release_conn()
 
         try:
-            return self._call(f"download {self.uri(key)}", fetch)
+            data, recorded = self._call(f"download {self.uri(key)}", fetch)
         except S3Error as e:
             if e.code in {"NoSuchKey", "NoSuchObject"}:
                 raise StorageError(f"{self.uri(key)} does not exist") from None
             raise
+        if recorded and sha256_bytes(data) != recorded:
+            raise IntegrityError(f"{self.uri(key)}: sha256 mismatch after download (expected {recorded}, "
+                                 f"got {sha256_bytes(data)})")
+        return data
+
+    def put_bytes_if_absent(self, key: str, data: bytes,
+                            content_type: str = "application/octet-stream") -> bool:
+        """Create `key` only if no object has that name (`If-None-Match: *`); False if one exists.
+
+        Honoured by AWS S3, MinIO, SeaweedFS (weed/s3api checkConditionalHeaders, tested in
+        weed/s3api/s3api_conditional_headers_test.go) and moto (moto/s3/responses.py put_object).
+        minio-py's put_object turns unknown headers into x-amz-meta-*, so the plain PutObject call
+        (`_put_object`, minio 7.2) carries the condition.
+        """
+        sha = sha256_bytes(data)
+        headers = {"Content-Type": content_type, f"x-amz-meta-{SHA_META}": sha, "If-None-Match": "*"}
+        try:
+            self._call(f"create {self.uri(key)}", self.client._put_object, self.config.bucket, key,
+                       data, headers)
+        except S3Error as e:
+            if e.code in {"PreconditionFailed", "ConditionalRequestConflict"}:
+                return False
+            if e.code not in {"NotImplemented", "MethodNotAllowed"}:
+                raise
+            # A store without conditional writes: check, then write. Not atomic, so callers that need
+            # a single winner write a unique token and read it back (see registry._claim).
+            if self.exists(key):
+                return False
+            self.put_bytes(key, data, content_type)
+        return True
+
+    def content_sha256(self, key: str) -> str | None:
+        """The sha256 of the object's bytes as stored now (downloaded and hashed, not its metadata);
+        None when there is no such object."""
+        def fetch():
+            h = hashlib.sha256()
+            resp = self.client.get_object(self.config.bucket, key)
+            try:
+                for chunk in resp.stream(1 << 20):
+                    h.update(chunk)
+            finally:
+                resp.close()
+                resp.release_conn()
+            return h.hexdigest()
+
+        try:
+            return self._call(f"verify {self.uri(key)}", fetch)
+        except S3Error as e:
+            if e.code in {"NoSuchKey", "NoSuchObject"}:
+                return None
+            raise
 
     def get_json(self, key: str):
-        return json.loads(self.get_bytes(key))
+        data = self.get_bytes(key)
+        try:
+            return json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StorageError(f"{self.uri(key)} is not valid JSON ({getattr(e, 'msg', e)}); the object "
+                               "is damaged: delete it or write it again") from None
 
     def get_file(self, key: str, path: str | Path) -> ObjectInfo:
         path = Path(path)
@@ -215,14 +332,14 @@ class ObjectStore:
         if info is None:
             raise StorageError(f"{self.uri(key)} does not exist")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.part{os.getpid()}")
+        tmp = unique_temp(path)
         try:
             self._call(f"download {self.uri(key)}", self.client.fget_object, self.config.bucket, key,
                        str(tmp))
             if info.sha256:
                 actual = sha256_file(tmp)
                 if actual != info.sha256:
-                    raise StorageError(f"{self.uri(key)}: sha256 mismatch after download "
+                    raise IntegrityError(f"{self.uri(key)}: sha256 mismatch after download "
                                        f"(expected {info.sha256}, got {actual})")
             os.replace(tmp, path)
         finally:
@@ -239,17 +356,25 @@ class ObjectStore:
 
     # -- many objects ----------------------------------------------------------------------------
     def put_many(self, items: list[tuple[str, Path, str | None]], *, workers: int = 8,
-                 skip_existing: bool = True, progress: str | None = None) -> tuple[int, int]:
-        """Upload (key, path, sha256) items in parallel; returns (uploaded, skipped)."""
+                 skip_existing: bool = True, verify: bool = False,
+                 progress: str | None = None) -> tuple[int, int]:
+        """Upload (key, path, sha256) items in parallel; returns (uploaded, skipped).
+
+        An existing object is skipped when its recorded sha256 matches; with `verify`, only when its
+        bytes, downloaded and hashed, do (a damaged object keeps its metadata)."""
         from tqdm import tqdm
 
         def one(item) -> bool:
             key, path, sha = item
             sha = sha or sha256_file(path)
             if skip_existing:
-                info = self.stat(key)
-                if info is not None and info.sha256 == sha:
-                    return False
+                if verify:
+                    if self.content_sha256(key) == sha:
+                        return False
+                else:
+                    info = self.stat(key)
+                    if info is not None and info.sha256 == sha:
+                        return False
             self.put_file(key, path, sha)
             return True
 

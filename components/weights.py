@@ -3,6 +3,10 @@
 Lookup order: local cache (`~/.sam_models/`, SAM_MODELS overrides), then the object store
 (`weights/<model_type>/<sha256>/<file>`, so an air-gapped cluster works once weights are staged), then
 the URL. Every hit is re-verified (size and sha256); a corrupt file is fetched again, never used.
+
+An unpinned URL (no sha256) can only be checked by what it serves: a cached copy is fetched again when
+the URL now announces a different size (HEAD), or when the copy does not load as a checkpoint; a
+download that is not a checkpoint (a login page, an HTML error) is refused and never cached.
 """
 from __future__ import annotations
 
@@ -12,9 +16,9 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from components.download import DownloadError, download
+from components.download import DownloadError, download, remote_size
 from components.hashing import sha256_file
-from components.storage import ObjectStore, S3Config
+from components.storage import ObjectStore, S3Config, unique_temp
 
 
 class WeightsError(DownloadError):
@@ -76,6 +80,24 @@ def cache_name(entry: Checkpoint, sha256: str) -> str:
     return entry.filename if sha256 == entry.sha256 else f"{entry.model_type}_{sha256}.pth"
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not a loadable PyTorch checkpoint holding a dict (a state dict or a dict around
+    one), or None. Loaded safely (weights_only) and memory-mapped, so even vit_h costs little."""
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError):
+        # torch's own message advises weights_only=False, i.e. running whatever the file contains:
+        # never pass that on for a file from a URL.
+        return "not a PyTorch checkpoint"
+    if not isinstance(obj, dict) or not obj:
+        return f"not a checkpoint (a PyTorch file holding {type(obj).__name__}, not a dict of tensors)"
+    return None
+
+
 def _verified(path: Path, sha256: str, size: int | None) -> bool:
     if not path.is_file() or (size is not None and path.stat().st_size != size):
         return False
@@ -100,7 +122,7 @@ class _SourceIndex:
         except (OSError, ValueError):
             data = {}
         data[url] = sha256
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        tmp = unique_temp(self.path)
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
         os.replace(tmp, self.path)
 
@@ -131,11 +153,22 @@ def fetch_weights(model_type: str = "vit_t", url: str | None = None, sha256: str
         if path is None and store is not None:
             path = _from_store(store, entry, known, size, candidate)
             origin = "object-store" if path else origin
+        if path is not None and not pinned and _stale_unpinned(path, url):
+            path.unlink(missing_ok=True)
+            path, origin = None, "download"
     if path is None:
-        incoming = cache_dir / f".incoming-{model_type}-{os.getpid()}"
+        incoming = unique_temp(cache_dir / model_type, "incoming")
         try:
             actual = download(url, incoming, sha256=pinned, size=size, desc=f"{model_type} weights")
+            # The catalogue's own pinned file is known good; anything else must at least load.
+            problem = None if actual == entry.sha256 else checkpoint_problem(incoming)
+            if problem:
+                raise WeightsError(f"{model_type} weights: {url} served a file that is {problem} "
+                                   f"({incoming.stat().st_size} bytes, sha256 {actual}); check the URL")
         except DownloadError as e:
+            incoming.unlink(missing_ok=True)
+            if isinstance(e, WeightsError):
+                raise
             raise WeightsError(f"{model_type} weights: {e}") from None
         path = cache_dir / cache_name(entry, actual)
         os.replace(incoming, path)
@@ -147,6 +180,13 @@ def fetch_weights(model_type: str = "vit_t", url: str | None = None, sha256: str
     return FetchResult(model_type, path, known, path.stat().st_size, url, object_uri, origin)
 
 
+def _stale_unpinned(path: Path, url: str) -> bool:
+    """A cached copy of an unpinned URL that must be fetched again: the URL now serves another size, or
+    the copy does not load as a checkpoint (an earlier version cached whatever the URL served)."""
+    served = remote_size(url)
+    return (served is not None and served != path.stat().st_size) or checkpoint_problem(path) is not None
+
+
 def _key(store: ObjectStore, entry: Checkpoint, sha256: str) -> str:
     return store.key("weights", entry.model_type, sha256, cache_name(entry, sha256))
 
@@ -156,7 +196,7 @@ def _from_store(store: ObjectStore, entry: Checkpoint, sha256: str, size: int | 
     info = store.stat(key)
     if info is None or (size is not None and info.size != size):
         return None
-    tmp = dest.with_name(f".{dest.name}.from-store{os.getpid()}")
+    tmp = unique_temp(dest, "from-store")
     try:
         # get_file checks the bytes against the object's recorded sha256 (hashing 2.5 GB of vit_h once
         # is enough); hash again only for an object written without one.

@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", dest="dataset_format", default="auto", choices=("auto", "penn-fudan", "folder"))
     p.add_argument("--name", dest="dataset_name", default="penn-fudan")
     p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--verify", action="store_true",
+                   help="download and hash every object of an already ingested version and re-upload "
+                        "what is missing or damaged (a plain re-run trusts the committed manifest)")
     _add_store_flags(p, local_default=False)
     p.set_defaults(func=cmd_ingest)
     return parser
@@ -434,7 +437,8 @@ def cmd_ingest(args) -> int:
             store = ObjectStore(cfg)
             print("sam-pipeline: no --s3-endpoint/S3_ENDPOINT: ingesting into a temporary local store",
                   file=sys.stderr)
-        result = ingest(args.source, args.dataset_format, args.dataset_name, store, seed=args.split_seed)
+        result = ingest(args.source, args.dataset_format, args.dataset_name, store, seed=args.split_seed,
+                        verify=args.verify)
         print(json.dumps(result.to_json(), indent=2, sort_keys=True))
     return 0
 

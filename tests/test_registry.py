@@ -254,3 +254,51 @@ def test_model_registry_of_another_api_line_is_named(store, s3_env, model_file, 
         _step(store, model_file, model_registry_url=url)
     assert "\n" not in str(err.value)
     assert state["calls"][0][1] == MR_BASE + "registered_models"
+
+
+def _register_in_subprocess(cfg, name: str, model: str) -> str:
+    """Register from a separate interpreter (what two pipeline pods do) and return the version."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from components.storage import ObjectStore, S3Config; "
+            "from components.registry import ObjectStoreRegistry; "
+            "c = S3Config(endpoint=sys.argv[1], bucket=sys.argv[2], prefix=sys.argv[3], "
+            "access_key=sys.argv[4], secret_key=sys.argv[5]); "
+            "print(ObjectStoreRegistry(ObjectStore(c)).register(sys.argv[6], sys.argv[7], {}).version)")
+    out = subprocess.run([sys.executable, "-c", code, cfg.endpoint, cfg.bucket, cfg.prefix, cfg.access_key,
+                          cfg.secret_key, name, model], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    return out.stdout.strip()
+
+
+def test_parallel_registrations_get_distinct_versions(store, tmp_path):
+    """Six registrations at once (threads, as parallel pipeline runs do) and three from other processes:
+    every one gets its own version and every version holds the model that claimed it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from components.hashing import sha256_file
+
+    models = []
+    for i in range(9):
+        p = tmp_path / f"m{i}.pt"
+        p.write_bytes(f"model {i} ".encode() * 50)
+        models.append(p)
+    reg = ObjectStoreRegistry(store)
+    with ThreadPoolExecutor(9) as pool:
+        threads = [pool.submit(reg.register, "race", m, {"run_id": m.name}) for m in models[:6]]
+        procs = [pool.submit(_register_in_subprocess, store.config, "race", str(m)) for m in models[6:]]
+        got = [f.result().version for f in threads] + [f.result() for f in procs]
+    assert sorted(got, key=lambda v: int(v[1:])) == [f"v{i}" for i in range(1, 10)]
+    for model, version in zip(models, got):
+        assert reg.card("race", version)["model"]["sha256"] == sha256_file(model)
+    assert reg.versions("race") == [f"v{i}" for i in range(1, 10)]
+
+
+def test_named_version_claimed_by_another_writer_is_refused(store, model_file):
+    # Another registration has claimed prod-1 (its claim is written first) but not yet uploaded anything else.
+    reg = ObjectStoreRegistry(store)
+    assert store.put_bytes_if_absent(store.key("models", "sam-test", "prod-1", ".claim"), b"{}")
+    with pytest.raises(RegistryError, match="already exists"):
+        reg.register("sam-test", model_file, {}, "prod-1")

@@ -152,3 +152,56 @@ def test_fetch_step_copies_to_the_artifact(catalogue_at, served, s3_env, tmp_pat
                     "object_uri": f"s3://{s3_env.bucket}/{s3_env.prefix}weights/vit_t/{sha}/vit_t_mobile_sam.pth"}
     assert out.stat().st_size == size
     json.dumps(meta)
+
+
+# -- an unpinned URL is re-checked: content that is not a checkpoint, or a changed size ---------------
+def _small_checkpoint(path: Path, value: float) -> str:
+    import torch
+
+    torch.save({"image_encoder.w": torch.full((64,), value)}, path)
+    return sha256_file(path)
+
+
+def test_url_serving_a_non_checkpoint_is_refused_naming_the_url(tmp_path, http_server):
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "mobile_sam.pt").write_text("<!doctype html><html><body>Sign in to continue</body></html>")
+    url = f"{http_server(www)}/mobile_sam.pt"
+    with pytest.raises(WeightsError) as e:
+        fetch_weights("vit_b", url=url)
+    msg = str(e.value)
+    assert url in msg and "not a PyTorch checkpoint" in msg and "\n" not in msg
+    assert "weights_only=False" not in msg and "weights_only" not in msg.replace("weights_only=True", "")
+    assert cache_files(weights.models_dir()) == []
+
+
+def test_cached_file_that_is_not_a_checkpoint_is_fetched_again(tmp_path, http_server):
+    www = tmp_path / "www"
+    www.mkdir()
+    good_sha = _small_checkpoint(www / "m.pt", 1.0)
+    url = f"{http_server(www)}/m.pt"
+    # What an earlier version cached when the URL once served a login page of the very same size.
+    cache = weights.models_dir()
+    cache.mkdir(parents=True)
+    bad = b"<html>" + b"x" * ((www / "m.pt").stat().st_size - 6)
+    bad_sha = __import__("hashlib").sha256(bad).hexdigest()
+    (cache / f"vit_b_{bad_sha}.pth").write_bytes(bad)
+    (cache / "sources.json").write_text(json.dumps({url: bad_sha}))
+    result = fetch_weights("vit_b", url=url)
+    assert (result.origin, result.sha256) == ("download", good_sha)
+    assert not (cache / f"vit_b_{bad_sha}.pth").exists()
+
+
+def test_cached_file_whose_source_changed_size_is_fetched_again(tmp_path, http_server):
+    www = tmp_path / "www"
+    www.mkdir()
+    first_sha = _small_checkpoint(www / "m.pt", 1.0)
+    url = f"{http_server(www)}/m.pt"
+    assert fetch_weights("vit_b", url=url).sha256 == first_sha
+    import torch
+
+    torch.save({"image_encoder.w": torch.ones(128)}, www / "m.pt")  # the mirror now serves a new file
+    again = fetch_weights("vit_b", url=url)
+    assert again.origin == "download" and again.sha256 == sha256_file(www / "m.pt") != first_sha
+    # Same size as the cached file: no download (the size is all an unpinned URL can be checked by).
+    assert fetch_weights("vit_b", url=url).origin == "local-cache"

@@ -4,6 +4,10 @@ Objects go to `<prefix>datasets/<name>/<content_hash>/{images,masks}/`, then `ma
 manifest is the commit point. An interrupted ingest leaves objects no reader trusts and is simply run
 again (objects already there with the same sha256 are skipped); the same data gives the same hash, so
 a re-run, or a scheduled run over unchanged data, uploads nothing.
+
+A re-run trusts a committed manifest without downloading anything. `verify=True` (`ingest --verify`)
+downloads and hashes every object it lists, re-uploads what is missing or damaged, and rewrites a manifest
+that no longer parses.
 """
 from __future__ import annotations
 
@@ -16,12 +20,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from components.datasets.adapters import get_layout
-from components.datasets.sources import open_source
+from components.datasets.sources import clean_stale_work_dirs, open_source
 from components.datasets.split import SPLITS, assign_splits, check_fractions, content_hash
 from components.datasets.validate import DatasetError, Item, validate
-from components.storage import ObjectStore, S3Config
+from components.errors import UserError
+from components.storage import ObjectStore, S3Config, StorageError
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
+
+
+class DatasetNameError(UserError, ValueError):
+    """A dataset name that cannot name a folder in the store."""
+
+
+def check_name(name: str) -> str:
+    if not _NAME.fullmatch(name or ""):
+        raise DatasetNameError(f"invalid dataset name {name!r}: use lower-case letters, digits, '.', '_' "
+                               "or '-', starting with a letter or digit (it names a folder in the store)")
+    return name
 
 
 @dataclass
@@ -36,7 +52,8 @@ class Prepared:
 
 @contextlib.contextmanager
 def prepare(source: str, fmt: str = "auto", *, store: ObjectStore | None = None, seed: int = 0,
-            fractions: dict | None = None, cache_dir: Path | None = None, workers: int = 4) -> Iterator[Prepared]:
+            fractions: dict | None = None, cache_dir: Path | None = None, workers: int = 4,
+            max_pixels: int | None = None) -> Iterator[Prepared]:
     """Fetch, validate and split a dataset; the files stay readable inside the `with` block, and a
     downloaded zip enters the data cache only when the block ends without an error."""
     fractions = check_fractions(fractions)
@@ -45,7 +62,7 @@ def prepare(source: str, fmt: str = "auto", *, store: ObjectStore | None = None,
         pairs = []
         if layout is not None:
             pairs, problems = layout.pairs(local.root)
-        items = validate(pairs, local.root, local.label, problems, workers=workers)
+        items = validate(pairs, local.root, local.label, problems, workers=workers, max_pixels=max_pixels)
         splits = assign_splits([(it.id, it.group) for it in items], seed, fractions)
         for it in items:
             it.splits = splits[it.id]
@@ -98,37 +115,56 @@ class IngestResult:
     manifest: dict = field(repr=False)
     uploaded: int
     skipped: int
+    verified: int | None = None  # objects downloaded and hashed (verify=True), else None
 
     def to_json(self) -> dict:
         totals = self.manifest["totals"]
-        return {"dataset": self.name, "dataset_uri": self.dataset_uri, "manifest_uri": self.manifest_uri,
-                "content_hash": self.content_hash, "images": totals["images"], "instances": totals["instances"],
-                "splits": totals["splits"], "uploaded": self.uploaded, "skipped": self.skipped}
+        out = {"dataset": self.name, "dataset_uri": self.dataset_uri, "manifest_uri": self.manifest_uri,
+               "content_hash": self.content_hash, "images": totals["images"], "instances": totals["instances"],
+               "splits": totals["splits"], "uploaded": self.uploaded, "skipped": self.skipped}
+        if self.verified is not None:
+            out["verified"] = self.verified
+        return out
 
 
 def ingest(source: str, fmt: str = "auto", name: str = "penn-fudan", store: ObjectStore | None = None,
            seed: int = 0, fractions: dict | None = None, *, workers: int = 8,
-           cache_dir: Path | None = None) -> IngestResult:
-    """Validate `source` completely, then upload what is missing and commit the manifest."""
-    if not _NAME.fullmatch(name):
-        raise ValueError(f"dataset name {name!r} must be lower-case letters, digits, '.', '_' or '-'")
+           cache_dir: Path | None = None, verify: bool = False, max_pixels: int | None = None) -> IngestResult:
+    """Validate `source` completely, then upload what is missing and commit the manifest.
+
+    verify: re-check every object of an existing manifest against its sha256 (download and hash) and
+    re-upload what is wrong. max_pixels: the largest image accepted (default: SAM_MAX_IMAGE_PIXELS or
+    100 megapixels)."""
+    check_name(name)
     store = store or ObjectStore(S3Config.from_env())
-    with prepare(source, fmt, store=store, seed=seed, fractions=fractions, cache_dir=cache_dir) as prep:
+    clean_stale_work_dirs()
+    with prepare(source, fmt, store=store, seed=seed, fractions=fractions, cache_dir=cache_dir,
+                 max_pixels=max_pixels) as prep:
         manifest_key = store.key("datasets", name, prep.content_hash, "manifest.json")
         n_objects = 2 * len(prep.items)
+        manifest = None
         if store.exists(manifest_key):
-            manifest = store.get_json(manifest_key)
+            try:
+                manifest = store.get_json(manifest_key)
+            except StorageError:
+                if not verify:
+                    raise
+                # A manifest that no longer parses is rebuilt from the same data (same content hash).
+        if manifest is not None and not verify:
             uploaded, skipped = 0, n_objects
         else:
-            manifest = build_manifest(prep, name, store)
-            uploads = [(it["image"]["key"], p.image_path, it["image"]["sha256"])
-                       for it, p in zip(manifest["items"], prep.items)]
-            uploads += [(it["mask"]["key"], p.mask_path, it["mask"]["sha256"])
-                        for it, p in zip(manifest["items"], prep.items)]
-            uploaded, skipped = store.put_many(uploads, workers=workers, progress=f"upload {name}")
-            store.put_json(manifest_key, manifest)
+            committed = manifest is not None
+            manifest = manifest if committed else build_manifest(prep, name, store)
+            local = {it.image_sha256: it.image_path for it in prep.items}
+            local.update({it.mask_sha256: it.mask_path for it in prep.items})
+            uploads = [(it[kind]["key"], local[it[kind]["sha256"]], it[kind]["sha256"])
+                       for kind in ("image", "mask") for it in manifest["items"]]
+            uploaded, skipped = store.put_many(uploads, workers=workers, verify=verify,
+                                               progress=f"{'verify' if verify else 'upload'} {name}")
+            if not committed:
+                store.put_json(manifest_key, manifest)
     return IngestResult(name, prep.content_hash, store.uri(manifest["root"]), store.uri(manifest_key),
-                        manifest, uploaded, skipped)
+                        manifest, uploaded, skipped, n_objects if verify else None)
 
 
 def ingest_step(source: str, dataset_format: str, dataset_name: str, split_seed: int, s3_endpoint: str,

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from components.hashing import sha256_file
-from components.storage import ObjectStore, StorageError
+from components.storage import ObjectStore, StorageError, unique_temp
 
 SPLITS = ("train", "val", "test")
 
@@ -39,7 +39,12 @@ def load_manifest(store: ObjectStore | None, manifest_uri_or_key: str | Path) ->
     store's bucket, or a local file (the KFP Dataset artifact that ingest wrote)."""
     ref = str(manifest_uri_or_key)
     if not ref.startswith("s3://") and Path(ref).is_file():
-        return _checked(json.loads(Path(ref).read_text()), ref)
+        try:
+            manifest = json.loads(Path(ref).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StorageError(f"{ref} is not valid JSON ({getattr(e, 'msg', e)}); "
+                               "is it a sam-pipeline dataset manifest?") from None
+        return _checked(manifest, ref)
     if store is None:
         raise StorageError(f"{ref} is not a local file and no object store was given to read it from")
     if ref.startswith("s3://"):
@@ -101,7 +106,7 @@ def _cached_object(store: ObjectStore, ref: dict, cache_dir: Path) -> Path:
         if sha256_file(path) == sha:
             return path
         path.unlink()
-    tmp = path.with_name(f".{sha}.part{os.getpid()}")
+    tmp = unique_temp(path)
     try:
         # get_file has already checked the bytes against the object's recorded sha256; hash again only
         # for an object written without one.

@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,9 +20,13 @@ from urllib.parse import urlparse
 
 from components.datasets.validate import DatasetError
 from components.download import DownloadError, download
-from components.storage import ObjectStore, StorageError
+from components.storage import ObjectStore, StorageError, unique_temp
 
 PENNFUDAN_URL = "https://www.cis.upenn.edu/~jshi/ped_html/PennFudanPed.zip"
+WORK_PREFIX = "sam-ingest-"
+# A work folder is removed only when its owner is dead and it is this old: a pid can be reused, and a
+# folder just created by a process that is starting must not vanish under it.
+STALE_AFTER_S = 300
 
 
 def data_dir() -> Path:
@@ -51,10 +56,39 @@ def cache_path(url: str, cache_dir: Path | None = None) -> Path:
     return cache_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def clean_stale_work_dirs(now: float | None = None) -> list[Path]:
+    """Remove `sam-ingest-<pid>-*` work folders that a killed ingest left in the temp folder."""
+    now = time.time() if now is None else now
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{WORK_PREFIX}*"):
+        pid = folder.name[len(WORK_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        try:
+            if now - folder.stat().st_mtime < STALE_AFTER_S:
+                continue
+            shutil.rmtree(folder)
+            removed.append(folder)
+        except OSError:
+            pass  # another ingest is cleaning it at the same time, or it is not ours to remove
+    return removed
+
+
 @contextlib.contextmanager
 def open_source(source: str, store: ObjectStore | None = None, cache_dir: Path | None = None) -> Iterator[LocalSource]:
     source = str(source)
-    with tempfile.TemporaryDirectory(prefix="sam-ingest-") as tmp:
+    # The pid in the name lets a later ingest recognise this folder as stale if this one is killed.
+    with tempfile.TemporaryDirectory(prefix=f"{WORK_PREFIX}{os.getpid()}-") as tmp:
         work = Path(tmp)
         if source.startswith(("http://", "https://")):
             local = _from_url(source, work, cache_dir)
@@ -83,7 +117,7 @@ def _from_url(url: str, work: Path, cache_dir: Path | None) -> LocalSource:
         except DatasetError:
             cached.unlink()  # a damaged cache entry is fetched again, never used
     # Beside the cache entry (same filesystem, so keep() is an atomic rename), hidden from lookups.
-    pending = cached.with_name(f".{cached.name}.unverified{os.getpid()}")
+    pending = unique_temp(cached, "unverified")
     try:
         download(url, pending, desc=cached.name)
     except DownloadError as e:

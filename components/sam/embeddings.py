@@ -1,7 +1,9 @@
 """Image embeddings of the frozen encoder, computed once per (weights, image) and cached.
 
 The cache key is `embeddings/<weights_sha>/<image_sha>` in the object store, so a retried, re-run or
-scheduled pipeline skips the encoder when neither the checkpoint nor the image changed. Objects are
+scheduled pipeline skips the encoder when neither the checkpoint nor the image changed. Each object
+carries its sha256 (as every object the store writes does) and is checked on read: a damaged or
+unreadable one is recomputed with a warning and written again, never trained on. Objects are
 fp16 tensors (half the bytes). In memory they are float32, but always rounded through fp16 first:
 a freshly computed embedding and one read back from the store are then bit-identical, which keeps
 training reproducible (and resumable) whether or not the cache was warm.
@@ -20,6 +22,7 @@ from torch import nn
 
 from components.hashing import sha256_bytes
 from components.sam.transforms import preprocess_image
+from components.storage import IntegrityError
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +105,7 @@ class EmbeddingCache:
             return None
         try:
             return decode_bytes(self.store.get_bytes(key), what=self.store.uri(key))
-        except ValueError as e:
+        except (IntegrityError, ValueError) as e:
             log.warning("recomputing a damaged cached embedding: %s", e)
             return None
 

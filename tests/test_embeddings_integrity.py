@@ -1,0 +1,39 @@
+"""Embedding cache objects are verified against their recorded sha256 when read back (real S3 server,
+real MobileSAM vit_t with random weights)."""
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+import torch
+
+from components.datasets.synthetic import make_samples
+from components.sam.embeddings import EMBEDDING_SHAPE, EmbeddingCache, decode_bytes, encode_bytes, image_key
+from components.sam.model import build_sam
+from helpers import make_random_vit_t_checkpoint
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def test_damaged_embedding_object_is_recomputed_with_a_warning(store, tmp_path, caplog):
+    weights = tmp_path / "vit_t_random.pt"
+    weights_sha = make_random_vit_t_checkpoint(weights, seed=0)
+    model = build_sam("vit_t", weights)
+    (sample,) = make_samples(1, seed=3, size=(64, 80))
+    good = EmbeddingCache(model, weights_sha, store).get([sample])[0]
+    key = store.key("embeddings", weights_sha, image_key(sample))
+    recorded = store.stat(key).sha256
+    # Bit rot that still decodes: a well-formed tensor of the right shape, full of NaN, under the
+    # original object's recorded sha256. Unchecked, it would turn training into NaN.
+    nan = encode_bytes(torch.full(EMBEDDING_SHAPE, float("nan")))
+    store.client.put_object(store.config.bucket, key, io.BytesIO(nan), len(nan), metadata={"sha256": recorded})
+    cache = EmbeddingCache(model, weights_sha, store)
+    with caplog.at_level(logging.WARNING, logger="components.sam.embeddings"):
+        got = cache.get([sample])[0]
+    assert cache.stats["computed"] == 1 and cache.stats["store"] == 0
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got, good, atol=1e-3, rtol=0)
+    assert any("sha256" in r.getMessage() and store.uri(key) in r.getMessage() for r in caplog.records)
+    # The recomputed embedding replaced the damaged object.
+    torch.testing.assert_close(decode_bytes(store.get_bytes(key)), good, atol=1e-3, rtol=0)
