@@ -19,6 +19,7 @@ from components.datasets.adapters import get_layout
 from components.datasets.sources import open_source
 from components.datasets.split import SPLITS, assign_splits, check_fractions, content_hash
 from components.datasets.validate import DatasetError, Item, validate
+from components.errors import UserError
 from components.storage import ObjectStore, S3Config
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
@@ -106,12 +107,22 @@ class IngestResult:
                 "splits": totals["splits"], "uploaded": self.uploaded, "skipped": self.skipped}
 
 
+class DatasetNameError(UserError, ValueError):
+    """A dataset name that cannot be a folder of the store."""
+
+
+def check_name(name: str) -> str:
+    """The one rule for dataset names (also checked by `sam-pipeline run` before any work starts)."""
+    if not _NAME.fullmatch(name or ""):
+        raise DatasetNameError(f"dataset name {name!r} must be lower-case letters, digits, '.', '_' or '-'")
+    return name
+
+
 def ingest(source: str, fmt: str = "auto", name: str = "penn-fudan", store: ObjectStore | None = None,
            seed: int = 0, fractions: dict | None = None, *, workers: int = 8,
            cache_dir: Path | None = None) -> IngestResult:
     """Validate `source` completely, then upload what is missing and commit the manifest."""
-    if not _NAME.fullmatch(name):
-        raise ValueError(f"dataset name {name!r} must be lower-case letters, digits, '.', '_' or '-'")
+    check_name(name)
     store = store or ObjectStore(S3Config.from_env())
     with prepare(source, fmt, store=store, seed=seed, fractions=fractions, cache_dir=cache_dir) as prep:
         manifest_key = store.key("datasets", name, prep.content_hash, "manifest.json")
