@@ -23,7 +23,13 @@ ENCODER_PREFIX = "image_encoder."
 
 def _registry(model_type: str):
     if model_type == "vit_t":
-        from mobile_sam import sam_model_registry
+        import warnings
+
+        # mobile_sam registers its tiny_vit models with timm under names timm already has: five
+        # "Overwriting tiny_vit_... in registry" warnings per process, about MobileSAM's own code.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Overwriting tiny_vit", category=UserWarning)
+            from mobile_sam import sam_model_registry
     elif model_type in ("vit_b", "vit_h"):
         from segment_anything import sam_model_registry
     else:
