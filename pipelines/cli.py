@@ -388,9 +388,6 @@ def _print_run(summary: dict, args) -> None:
             print(f"    not kept: {copy['conflict']}", file=out)
     elif summary["tasks"]["register-model"]["state"] == "SKIPPED":
         print("  register-model skipped: the fine-tuned model did not beat the bar", file=out)
-    for name, info in summary["tasks"].items():
-        if info["state"] == "FAILED":
-            print(f"  {name} failed: {info.get('error') or 'no error line; see the log'}", file=out)
     print(f"  full log: {summary['log']}", file=out)
     if args.summary_json:
         print(f"  summary: {args.summary_json}", file=out)

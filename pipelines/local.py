@@ -217,10 +217,7 @@ def run_local(params: dict, *, pipeline_root: Path, s3_endpoint: str | None = No
             _seed_registry(store, registry)
         env = {"AWS_ACCESS_KEY_ID": cfg.access_key, "AWS_SECRET_ACCESS_KEY": cfg.secret_key,
                "AWS_REGION": cfg.region or os.environ.get("AWS_REGION"),
-               "S3_SECURE": "true" if cfg.secure else None,
-               # mobile_sam re-registers timm's tiny_vit models on import: five warnings per torch task.
-               "PYTHONWARNINGS": ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"),
-                                                        "ignore:Overwriting tiny_vit"]))}
+               "S3_SECURE": "true" if cfg.secure else None}
         # A local retry re-runs at once: the cluster's 60 s backoff would only make a failing run slow.
         pipeline = build_pipeline(dataclasses.replace(Placement(), finetune_retries=retries, retry_backoff="0s"))
         before = {p.name for p in pipeline_root.glob(f"{PIPELINE_NAME}-*")}
@@ -229,6 +226,10 @@ def run_local(params: dict, *, pipeline_root: Path, s3_endpoint: str | None = No
         print(f"sam-pipeline: full log in {log_path}", file=out, flush=True)
         root = logging.getLogger()
         root.addFilter(events)
+        # kfp.local's own handler exists only while a task runs; between tasks its records (skips, clean-up)
+        # go to the log file through this one, and logging's implicit basicConfig cannot print them here.
+        to_log = logging.StreamHandler(log)
+        root.addHandler(to_log)
         level = root.level
         # kfp.local logs skips with logging.info outside its own logger context; let them reach the filter
         # (with no handler of ours attached, nothing extra is printed).
@@ -245,6 +246,7 @@ def run_local(params: dict, *, pipeline_root: Path, s3_endpoint: str | None = No
                 pipeline(**params)
         finally:
             root.removeFilter(events)
+            root.removeHandler(to_log)
             root.setLevel(level)
             console.write("\n")
         new = sorted(p for p in pipeline_root.glob(f"{PIPELINE_NAME}-*") if p.name not in before)

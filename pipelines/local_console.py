@@ -37,6 +37,7 @@ class Console(io.TextIOBase):
         self._partial = ""
         self._live = False  # a progress line is on the terminal without its newline
         self._last_progress: float | None = None  # when the last plain progress line was printed
+        self._pending: str | None = None  # a plain progress line held back by progress_every
 
     # -- the stream ---------------------------------------------------------------------------------
 
@@ -77,7 +78,9 @@ class Console(io.TextIOBase):
             self._live = True
         elif self._last_progress is None or now - self._last_progress >= self.progress_every:
             self._say(f"  {line}")
-            self._last_progress = now
+            self._last_progress, self._pending = now, None
+        else:
+            self._pending = line
         self.out.flush()
 
     def _say(self, text: str) -> None:
@@ -101,6 +104,9 @@ class Console(io.TextIOBase):
         elif m := _FINISH.match(message):
             name, ok = m.group(1), m.group(2) == "SUCCESS"
             seconds = created - self.started.get(name, created)
+            if self._pending and not self.verbose:  # where the bar ended
+                self._say(f"  {self._pending}")
+            self._pending = None
             if not self.verbose:
                 error = "" if ok else f": {self.error_line(name) or 'see the log'}"
                 self._say(f"{name:<15} {'finished' if ok else 'FAILED'} in {seconds:.1f}s{error}")

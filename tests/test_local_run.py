@@ -101,7 +101,8 @@ def test_console_shows_task_lines_progress_and_the_error_and_logs_everything(tmp
     console.write('{"inputs": {"parameterValues": {"lr": 1e-05}}}\n')  # the executor-input JSON
     console.write("UserWarning: Overwriting tiny_vit_5m_224 in registry\n")
     console.write("finetune:  20%|##        | 1/5 [00:01<00:04, 1.0it/s]\rfinetune:  40%|####      | 2/5 [00:02<00:03]\n")
-    console.write("finetune:  60%|######    | 3/5 [00:03<00:02, 1.0it/s]\n")  # within progress_every: not shown
+    console.write("finetune:  60%|######    | 3/5 [00:03<00:02, 1.0it/s]\n")  # within progress_every: held
+    console.write("finetune:  80%|########  | 4/5 [00:04<00:01, 1.0it/s]\n")  # held, shown at the end
     console.write("Traceback (most recent call last):\n  File \"x.py\", line 1\n")
     console.write("components.storage.StorageError: s3://b/k does not exist\n")
     _kfp_record(console, events, "Task \x1b[96m'finetune'\x1b[0m finished with status \x1b[91mFAILURE\x1b[0m", 112.5)
@@ -109,11 +110,30 @@ def test_console_shows_task_lines_progress_and_the_error_and_logs_everything(tmp
     shown = out.getvalue().splitlines()
     assert shown[0].split() == ["finetune", "started"]
     assert "40%" in shown[1] and "20%" not in shown[1]  # the last update of a piped bar
-    assert shown[2].startswith("finetune") and "FAILED in 12.5s" in shown[2]
-    assert shown[2].endswith("StorageError: s3://b/k does not exist") and len(shown) == 3
+    assert "80%" in shown[2]  # where the bar stopped
+    assert shown[3].startswith("finetune") and "FAILED in 12.5s" in shown[3]
+    assert shown[3].endswith("StorageError: s3://b/k does not exist") and len(shown) == 4
     assert "parameterValues" in log.getvalue() and "Overwriting tiny_vit" in log.getvalue()
     assert events.seconds() == {"finetune": 12.5}
     assert console.error_line("finetune") == "StorageError: s3://b/k does not exist"
+
+
+def test_on_a_terminal_progress_is_one_line_redrawn_in_place():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Terminal()
+    console = Console(out, io.StringIO())
+    events = Events(console)
+    _kfp_record(console, events, "Executing task 'ingest-dataset'", 0.0)
+    for i in range(1, 4):
+        console.write(f"upload penn-fudan:  {i * 25}%|##  | {i}/4 [00:0{i}<00:01]\n")
+    _kfp_record(console, events, "Task 'ingest-dataset' finished with status SUCCESS", 3.0)
+    lines = out.getvalue().split("\n")
+    assert lines[0].split() == ["ingest-dataset", "started"]
+    assert lines[1].count("\r\x1b[2K") == 4 and "75%" in lines[1]  # three redraws, then cleared
+    assert lines[1].endswith("ingest-dataset  finished in 3.0s")
 
 
 def test_verbose_console_passes_everything_through():
@@ -234,3 +254,33 @@ def test_sigterm_during_a_run_stops_the_server_through_the_cleanup(tmp_path):
     finally:
         if _alive(server):
             os.kill(server, signal.SIGKILL)
+
+
+# -- a failed task through the real kfp.local ------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_failed_task_is_named_with_its_error_and_the_console_stays_readable(http_server, s3_env, tmp_path,
+                                                                               monkeypatch, capsys):
+    from components.datasets.synthetic import make_pennfudan_zip
+    from pipelines.cli import main
+
+    make_pennfudan_zip(tmp_path / "pf.zip", n_fudan=3, n_penn=3, seed=0, size_range=(48, 64))
+    (tmp_path / "w.pth").write_bytes(b"not the weights you pinned")
+    base = http_server(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", "-g", "cpu", "--dataset-source", f"{base}/pf.zip", "--weights-url", f"{base}/w.pth",
+                 "--weights-sha256", "0" * 64, "--s3-endpoint", s3_env.endpoint, "--prefix", s3_env.prefix,
+                 "--summary-json", str(tmp_path / "summary.json")])
+    out, err = capsys.readouterr()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    states = {t: i["state"] for t, i in summary["tasks"].items()}
+    assert code == 1 and states["fetch-weights"] == "FAILED" and states["ingest-dataset"] == "SUCCEEDED"
+    assert states["finetune"] == states["evaluate"] == states["register-model"] == "NOT_RUN"
+    assert "did not beat the bar" not in out + err
+    error = summary["tasks"]["fetch-weights"]["error"]
+    assert "sha256" in error and error in err and "fetch-weights" in err and err.count("\n") == 1, err
+    # The console: task lines, not kfp.local's executor input; that is in the log file it names.
+    assert "executorInput" not in out and "parameterValues" not in out
+    assert any(line.startswith("ingest-dataset") and "finished in" in line for line in out.splitlines())
+    log = Path(summary["log"]).read_text()
+    assert summary["log"] in out and "parameterValues" in log and "Overwriting tiny_vit" not in log
