@@ -292,10 +292,12 @@ def _seed_registry(store, registry: Path) -> None:
 
 
 def _keep_registered(store, registered: dict, registry: Path) -> dict:
-    """Copy the new version's folder (model, card, whatever the registry keeps there) into the local registry.
-    A folder already there came from another run in this folder at the same time: it is not overwritten."""
+    """Copy the new version's folder (model, card, whatever the registry keeps there) and the model's own
+    objects beside the version folders (the `latest` pointer the champion gate reads) into the local registry.
+    A version folder already there came from another run in this folder at the same time: not overwritten."""
     _, key = store.parse_uri(registered["model_uri"])
     version_key = key.rsplit("/", 1)[0]
+    model_key = version_key.rsplit("/", 1)[0]
     folder = registry / version_key[len(store.config.prefix):]
     if folder.exists():
         return {"conflict": f"{folder} already exists (another local run registered the same version at the "
@@ -304,28 +306,10 @@ def _keep_registered(store, registered: dict, registry: Path) -> dict:
     for obj in store.list(version_key + "/"):
         store.get_file(obj, tmp / obj[len(version_key) + 1:])
     os.replace(tmp, folder)  # the version appears complete or not at all
+    for obj in store.list(model_key + "/"):
+        if "/" not in obj[len(model_key) + 1:]:  # get_file replaces atomically
+            store.get_file(obj, folder.parent / obj[len(model_key) + 1:])
     return {"model": str(folder / "model.pt"), "card": str(folder / "model_card.json")}
-
-
-def _digest(summary: dict) -> dict:
-    """The numbers and places a person looks for first."""
-    t = summary["tasks"]
-    meta = lambda task, art: t[task].get("artifacts", {}).get(art, {})  # noqa: E731
-    evaluation = t["evaluate"].get("parameters", {}).get("metrics_json")
-    metrics = {**meta("finetune", "metrics").get("metadata", {}), **meta("evaluate", "metrics").get("metadata", {}),
-               **(json.loads(evaluation) if evaluation else {})}
-    reg = t["register-model"].get("parameters", {})
-    return {
-        "metrics": metrics,
-        "passed": t["evaluate"].get("parameters", {}).get("passed"),
-        "reports": {task: meta(task, "report").get("path") for task in ("finetune", "evaluate")
-                    if meta(task, "report").get("path")},
-        "model": meta("finetune", "model").get("path"),
-        "model_metadata": {k: v for k, v in meta("finetune", "model").get("metadata", {}).items() if k != "history"},
-        "dataset": meta("ingest-dataset", "dataset").get("metadata", {}),
-        "weights": meta("fetch-weights", "weights").get("metadata", {}),
-        "registered": {"version": reg.get("version"), "model_uri": reg.get("model_uri")} if reg else None,
-    }
 
 
 def find_checkpoints(checkpoint_name: str, root: Path = Path("checkpoints")) -> dict:

@@ -168,6 +168,11 @@ def test_local_runs_share_the_registry_with_proper_versions(s3, tmp_path):
     assert [Path(k["model"]).read_bytes() for k in kept] == [b"weights of run 0", b"weights of run 1"]
     assert json.loads(Path(kept[1]["card"]).read_text())["metrics"]["box_dice"] == 0.6
     assert not list(registry.rglob(".*"))  # no half-copied version left behind
+    # A third run's store sees v2 as the champion and numbers on.
+    store = ObjectStore(dataclasses.replace(s3, prefix=f"run-{uuid.uuid4().hex[:8]}/"))
+    local._seed_registry(store, registry)
+    reg = ObjectStoreRegistry(store)
+    assert reg.latest("sam-local")["version"] == "v2" and reg.next_version("sam-local") == "v3"
 
 
 # -- the S3 server dies with its parent ---------------------------------------------------------------
