@@ -312,6 +312,27 @@ def _keep_registered(store, registered: dict, registry: Path) -> dict:
     return {"model": str(folder / "model.pt"), "card": str(folder / "model_card.json")}
 
 
+def _digest(summary: dict) -> dict:
+    """The numbers and places a person looks for first."""
+    t = summary["tasks"]
+    meta = lambda task, art: t[task].get("artifacts", {}).get(art, {})  # noqa: E731
+    evaluation = t["evaluate"].get("parameters", {}).get("metrics_json")
+    metrics = {**meta("finetune", "metrics").get("metadata", {}), **meta("evaluate", "metrics").get("metadata", {}),
+               **(json.loads(evaluation) if evaluation else {})}
+    reg = t["register-model"].get("parameters", {})
+    return {
+        "metrics": metrics,
+        "passed": t["evaluate"].get("parameters", {}).get("passed"),
+        "reports": {task: meta(task, "report").get("path") for task in ("finetune", "evaluate")
+                    if meta(task, "report").get("path")},
+        "model": meta("finetune", "model").get("path"),
+        "model_metadata": {k: v for k, v in meta("finetune", "model").get("metadata", {}).items() if k != "history"},
+        "dataset": meta("ingest-dataset", "dataset").get("metadata", {}),
+        "weights": meta("fetch-weights", "weights").get("metadata", {}),
+        "registered": {"version": reg.get("version"), "model_uri": reg.get("model_uri")} if reg else None,
+    }
+
+
 def find_checkpoints(checkpoint_name: str, root: Path = Path("checkpoints")) -> dict:
     """best.pt/latest.pt as the seed left them: the finetune subprocess runs in this working directory
     (kfp.local's SubprocessRunner does not change it), so `checkpoints/<name>/` lands here."""
@@ -320,7 +341,11 @@ def find_checkpoints(checkpoint_name: str, root: Path = Path("checkpoints")) -> 
 
 
 def remove_old_runs(pipeline_root: Path, keep: int = 5) -> None:
-    """kfp.local keeps every run's artifacts (checkpoints included); keep only the most recent ones."""
+    """kfp.local keeps every run's artifacts (checkpoints included); keep only the most recent ones, and as
+    many run logs. The registry is never pruned."""
     runs = sorted(pipeline_root.glob(f"{PIPELINE_NAME}-*"))
     for old in runs[:-keep] if keep else runs:
         shutil.rmtree(old, ignore_errors=True)
+    logs = sorted((pipeline_root / "logs").glob("run-*.log"), key=lambda p: p.stat().st_mtime)
+    for old in logs[:-keep] if keep else logs:
+        old.unlink(missing_ok=True)

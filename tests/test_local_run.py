@@ -289,3 +289,20 @@ def test_a_failed_task_is_named_with_its_error_and_the_console_stays_readable(ht
     assert any(line.startswith("ingest-dataset") and "finished in" in line for line in out.splitlines())
     log = Path(summary["log"]).read_text()
     assert summary["log"] in out and "parameterValues" in log and "Overwriting tiny_vit" not in log
+
+
+def test_old_runs_and_their_logs_are_pruned_but_not_the_registry(tmp_path):
+    from pipelines.sam_finetune import PIPELINE_NAME
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "registry" / "models" / "m" / "v1").mkdir(parents=True)
+    for i in range(7):
+        (tmp_path / f"{PIPELINE_NAME}-2026-01-0{i + 1}").mkdir()
+        log = tmp_path / "logs" / f"run-2026010{i + 1}.log"
+        log.write_text("x")
+        os.utime(log, (1000 + i, 1000 + i))
+    local.remove_old_runs(tmp_path, keep=5)
+    assert sorted(p.name for p in tmp_path.glob(f"{PIPELINE_NAME}-*"))[0].endswith("01-03")
+    assert len(list(tmp_path.glob(f"{PIPELINE_NAME}-*"))) == 5
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [f"run-2026010{i}.log" for i in range(3, 8)]
+    assert (tmp_path / "registry" / "models" / "m" / "v1").is_dir()
