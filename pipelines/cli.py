@@ -294,9 +294,7 @@ def validate_run_params(params: dict) -> None:
                         ("--bucket", lambda: check_bucket_name(params["bucket"], s3_check=False))):
         try:
             check()
-        except ValueError as e:  # the dataset's and minio's rules raise ValueErrors
-            raise CLIError(f"{flag}: {first_line(e)}", EXIT_USAGE) from None
-        except UserError as e:
+        except (UserError, ValueError) as e:  # minio's rule raises a plain ValueError
             raise CLIError(f"{flag}: {first_line(e)}", EXIT_USAGE) from None
 
 
