@@ -39,16 +39,17 @@ main(sys.argv[3:])
 """
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: ask Linux to SIGTERM this child when the thread that started it dies (prctl(2),
-    PR_SET_PDEATHSIG = 1). Elsewhere the watchdog alone does it."""
+def _die_with_parent():
+    """A preexec_fn asking Linux to SIGTERM the child when the thread that started it dies (prctl(2),
+    PR_SET_PDEATHSIG = 1), or None elsewhere (the watchdog alone does it). The library is looked up here, in
+    the parent: between fork and exec the child should do no more than the one call."""
     if not sys.platform.startswith("linux"):
-        return
+        return None
     import ctypes
     import signal
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM, 0, 0, 0)
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(1, signal.SIGTERM, 0, 0, 0)
 
 
 def free_port() -> int:
@@ -100,7 +101,7 @@ def embedded_s3(auth: bool = False, *, bucket: str = "mlpipeline", prefix: str =
     # Own session: a Ctrl-C in the terminal reaches the run, which then stops the server in order.
     proc = subprocess.Popen(
         [sys.executable, "-c", _SERVER, str(os.getpid()), str(WATCHDOG_SECONDS), "-H", "127.0.0.1", "-p", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent())
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_until_up(url, proc)

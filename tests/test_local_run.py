@@ -215,7 +215,7 @@ def _start_parent(script: str, cwd: Path) -> tuple[subprocess.Popen, int]:
 @pytest.mark.parametrize("mechanism", ["pdeathsig", "watchdog"])
 def test_embedded_server_dies_when_its_parent_is_killed(mechanism, tmp_path):
     disable = {"pdeathsig": "s3server.WATCHDOG_SECONDS = 3600",  # only the kernel's signal can end it
-               "watchdog": "s3server._die_with_parent = lambda: None"}[mechanism]
+               "watchdog": "s3server._die_with_parent = lambda: None"}[mechanism]  # no preexec_fn
     parent, server = _start_parent(f"""
         import time
         from components import s3server
