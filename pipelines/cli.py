@@ -1,7 +1,7 @@
 """`sam-pipeline`: compile | run | submit | schedule | upload | fetch-weights | ingest.
 
-Errors from our own modules (storage, download, registry, datasets, ...) end the command with one line
-`sam-pipeline: error: ...` and a non-zero exit, never a traceback.
+A user-facing error (`components.errors.UserError`) ends the command with one line `sam-pipeline: error: ...`
+(or one line per problem) and a non-zero exit; any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from components.errors import UserError
+from components.errors import UserError, first_line
 
 MODEL_TYPES = ("vit_t", "vit_b", "vit_h")
 EXIT_USAGE, EXIT_FAILURE = 2, 1
@@ -22,7 +22,7 @@ EXIT_USAGE, EXIT_FAILURE = 2, 1
 class CLIError(UserError):
     def __init__(self, message: str, code: int = EXIT_FAILURE):
         super().__init__(message)
-        self.code = code
+        self.code = self.exit_code = code
 
 
 class _Parser(argparse.ArgumentParser):
@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--summary-json", type=Path, help="write a machine-readable summary here")
     g.add_argument("--retries", type=_int_at_least(0), default=0, help="finetune retries (resume from latest.pt)")
     g.add_argument("--keep-runs", type=_int_at_least(1), default=5, help="older local runs are deleted")
+    g.add_argument("-v", "--verbose", action="store_true",
+                   help="stream every task's whole log here (default: task lines and progress; the log goes "
+                        "to a file under --pipeline-root)")
     p.set_defaults(func=cmd_run)
 
     for name, helptext in (("submit", "create a run on a KFP cluster (compiled package or uploaded version)"),
@@ -253,11 +256,46 @@ def run_params(args) -> dict:
     }
 
 
+def validate_run_params(params: dict) -> None:
+    """Every pipeline argument checked before any work starts (a NaN would otherwise surface only after
+    fetch, ingest and finetune, or crash KFP's protobuf serialisation). The rules live with their owners:
+    TrainConfig.validate, the registry's and the dataset's name rules, minio's bucket rule."""
+    import dataclasses
+    import math
+
+    from minio.helpers import check_bucket_name
+
+    from components.datasets.ingest import check_name as check_dataset_name
+    from components.finetune import TrainConfig
+    from components.registry import _check_name as check_model_name
+
+    for key, value in params.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CLIError(f"--{key} {value}: must be a finite number", EXIT_USAGE)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        TrainConfig(**{k: v for k, v in params.items() if k in fields}).validate()
+    except ValueError as e:  # TrainConfig.validate's one-line report of every bad setting
+        raise CLIError(first_line(e), EXIT_USAGE) from None
+    # numpy's generators (the split, the prompt sampling) refuse negative seeds; TrainConfig does not check it yet.
+    if params["seed"] < 0:
+        raise CLIError(f"--seed {params['seed']}: must be >= 0", EXIT_USAGE)
+    name = params["checkpoint_name"]
+    if "/" in name or "\\" in name or name in ("", ".", ".."):
+        raise CLIError(f"--checkpoint_name {name!r} must be a plain folder name", EXIT_USAGE)
+    for flag, check in (("--dataset-name", lambda: check_dataset_name(params["dataset_name"])),
+                        ("--model-name", lambda: check_model_name("name", params["model_name"])),
+                        ("--bucket", lambda: check_bucket_name(params["bucket"], s3_check=False))):
+        try:
+            check()
+        except (UserError, ValueError) as e:  # minio's rule raises a plain ValueError
+            raise CLIError(f"{flag}: {first_line(e)}", EXIT_USAGE) from None
+
+
 def cmd_run(args) -> int:
     from pipelines import local
 
-    if "/" in args.checkpoint_name or args.checkpoint_name in ("", ".", ".."):
-        raise CLIError(f"--checkpoint_name {args.checkpoint_name!r} must be a plain folder name", EXIT_USAGE)
+    validate_run_params(run_params(args))
     if args.demo:
         if args.model_type != "vit_t":
             raise CLIError("--demo builds a random vit_t checkpoint; drop -m/--model_type", EXIT_USAGE)
@@ -279,8 +317,9 @@ def cmd_run(args) -> int:
             local.check_reachable(url, f"{args.model_type} weights")
     args.device = _cuda_or_cpu(args.device)
 
-    summary = local.run_local(run_params(args), pipeline_root=args.pipeline_root, s3_endpoint=args.s3_endpoint,
-                              retries=args.retries)
+    with _sigterm_unwinds():  # a SIGTERM stops the run's S3 server and tasks like Ctrl-C does
+        summary = local.run_local(run_params(args), pipeline_root=args.pipeline_root,
+                                  s3_endpoint=args.s3_endpoint, retries=args.retries, verbose=args.verbose)
     summary["checkpoints"] = local.find_checkpoints(args.checkpoint_name)
     local.remove_old_runs(args.pipeline_root, keep=args.keep_runs)
     if args.summary_json:
@@ -288,10 +327,32 @@ def cmd_run(args) -> int:
         args.summary_json.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
     _print_run(summary, args)
     if not summary["succeeded"]:
-        failed = [t for t, i in summary["tasks"].items() if i["state"] in ("FAILED", "NOT_RUN")]
-        raise CLIError(f"pipeline failed at {', '.join(failed) or 'an unknown task'}; its log is above"
+        failed = [t for t, i in summary["tasks"].items() if i["state"] == "FAILED"] or ["an unknown task"]
+        error = summary["tasks"].get(failed[0], {}).get("error")
+        raise CLIError(f"pipeline failed at {', '.join(failed)}" + (f" ({error})" if error else "")
+                       + f"; full log in {summary['log']}"
                        + (f"; summary in {args.summary_json}" if args.summary_json else ""))
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """Turn SIGTERM into KeyboardInterrupt while the run is in progress, so every `finally` runs (the embedded
+    S3 server stops with it). SIGKILL runs nothing: the server's parent-death watch covers that."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: signals cannot be handled here, leave them as they are
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _print_run(summary: dict, args) -> None:
@@ -312,11 +373,14 @@ def _print_run(summary: dict, args) -> None:
     if summary.get("registered"):
         r = summary["registered"]
         print(f"  registered {args.model_name} {r['version']}: {r['model_uri']}", file=out)
-        if summary["object_store"]["embedded"] and summary.get("registered_copy"):
-            print(f"    (the embedded store is gone after the run; copy kept at {summary['registered_copy']['model']})",
-                  file=out)
+        copy = summary.get("registered_copy") or {}
+        if copy.get("model"):
+            print(f"    (the embedded store is gone after the run; copy kept at {copy['model']})", file=out)
+        elif copy.get("conflict"):
+            print(f"    not kept: {copy['conflict']}", file=out)
     elif summary["tasks"]["register-model"]["state"] == "SKIPPED":
         print("  register-model skipped: the fine-tuned model did not beat the bar", file=out)
+    print(f"  full log: {summary['log']}", file=out)
     if args.summary_json:
         print(f"  summary: {args.summary_json}", file=out)
 
@@ -443,26 +507,30 @@ def cmd_ingest(args) -> int:
     return 0
 
 
-def _ours(e: BaseException) -> bool:
-    return type(e).__module__.split(".")[0] in ("components", "pipelines")
+def _report(e: UserError) -> str:
+    """A user-facing error as printed: one line, or a summary line and one line per problem (each naming its
+    file), as `DatasetError.problems` carries them."""
+    problems = getattr(e, "problems", None)
+    if problems:
+        head = f"sam-pipeline: error: {str(e).strip().splitlines()[0]}"
+        if len(problems) == 1:  # one problem stays one line
+            return f"{head} {problems[0]}"
+        return "\n".join([head, *(f"  {p}" for p in problems)])
+    return f"sam-pipeline: error: {first_line(e)}"
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Any `UserError` ends the command with its line(s) and a non-zero exit; anything else is a bug and
+    keeps its traceback."""
     try:
         args = build_parser().parse_args(argv)
         return args.func(args) or 0
-    except CLIError as e:
-        print(f"sam-pipeline: error: {e}", file=sys.stderr)
-        return e.code
+    except UserError as e:
+        print(_report(e), file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("sam-pipeline: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
-        if not _ours(e):
-            raise
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"sam-pipeline: error: {message}", file=sys.stderr)
-        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,10 +21,10 @@ import warnings
 from pathlib import Path
 
 from components.errors import UserError
+from pipelines.local_console import Console, Events
 from pipelines.sam_finetune import PIPELINE_NAME, Placement, build_pipeline
 
 TASKS = ("fetch-weights", "ingest-dataset", "finetune", "evaluate", "register-model")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class RunError(UserError, RuntimeError):
@@ -89,7 +89,12 @@ def _fix_kfp_local_conditions() -> None:
     """kfp.local 2.17.3 reads a condition's `pipelinechannel--<task>-<output>` as a *parent input* unless
     the output is named `Output`, so `dsl.If(evaluate.outputs["passed"] == True)` always skips locally
     (the cluster's driver resolves it correctly). Resolve it as the task output it is, then fall back to
-    kfp's own lookup. In-process only: the compiled pipeline is untouched."""
+    kfp's own lookup. In-process only: the compiled pipeline is untouched.
+
+    Upstream: kubeflow/pipelines sdk/python/kfp/local/orchestrator/enhanced_dag_orchestrator.py,
+    `ConditionEvaluator._resolve_pipeline_channel`; fixed by the open PR kubeflow/pipelines#13313 ("fix
+    dsl.Condition", a CEL evaluator in kfp/local/orchestrator/cel.py). tests/test_local_run.py fails once the
+    installed kfp resolves task outputs itself: then this patch goes."""
     from kfp.local.orchestrator import enhanced_dag_orchestrator as dag
 
     original = dag.ConditionEvaluator._resolve_pipeline_channel
@@ -108,40 +113,42 @@ def _fix_kfp_local_conditions() -> None:
         return original(channel_ref, io_store)
 
     resolve._sam_pipeline_fix = True
+    resolve._original = original
     dag.ConditionEvaluator._resolve_pipeline_channel = staticmethod(resolve)
 
 
-class _TaskEvents(logging.Filter):
-    """kfp.local reports task starts, ends and skips through the root logger (whose handlers it swaps):
-    a logger-level filter sees every record and times each task."""
+def task_graph(pipeline) -> dict[str, dict]:
+    """{task: {"after": upstream tasks, "gated": whether a dsl.If decides if it runs}} from the compiled spec:
+    the one description of the DAG, so states can be told apart without reading log lines."""
+    spec = pipeline.pipeline_spec
+    graph = {}
+    for name, task in spec.root.dag.tasks.items():
+        inner = spec.components[task.component_ref.name].dag.tasks
+        if not inner:
+            graph[name] = {"after": set(task.dependent_tasks), "gated": bool(task.trigger_policy.condition)}
+        for sub, subtask in inner.items():  # a dsl.If's sub-DAG: its tasks wait for what the condition waits for
+            graph[sub] = {"after": set(task.dependent_tasks) | set(subtask.dependent_tasks), "gated": True}
+    return graph
 
-    def __init__(self):
-        super().__init__()
-        self.events: list[tuple[float, str]] = []
 
-    def filter(self, record):
-        self.events.append((record.created, _ANSI.sub("", str(record.getMessage()))))
-        return True
-
-    def tasks(self) -> dict:
-        out: dict[str, dict] = {}
-        for t, msg in self.events:
-            if m := re.match(r"Executing task '?([\w-]+)'?", msg):
-                out.setdefault(m.group(1), {}).update(state="RUNNING", started=t)
-            elif m := re.match(r"Task '?([\w-]+)'? finished with status (\w+)", msg):
-                info = out.setdefault(m.group(1), {})
-                info["state"] = "SUCCEEDED" if m.group(2) == "SUCCESS" else "FAILED"
-                if "started" in info:
-                    info["seconds"] = round(t - info["started"], 2)
-            elif m := re.match(r"Skipping (?:conditional )?task '?([\w-]+)'?(.*)", msg):
-                out.setdefault(m.group(1), {}).update(state="SKIPPED", reason=m.group(2).strip(" :()") or None)
-        for info in out.values():
-            info.pop("started", None)
-        # A false dsl.If skips its sub-DAG ("condition-N"), not the tasks inside it.
-        for name, info in list(out.items()):
-            if name.startswith("condition-") and info.get("state") == "SKIPPED":
-                out.setdefault("register-model", {"state": "SKIPPED", "reason": "evaluate.passed is false"})
-        return out
+def task_states(graph: dict, run_dir: Path | None, gate_open: bool | None) -> dict[str, dict]:
+    """Each task's state and outputs, read from its executor output (written by kfp's executor only when the
+    task's function returned): present means SUCCEEDED; absent with every upstream task succeeded means kfp ran
+    it and it FAILED, unless it sits behind a dsl.If that was false (SKIPPED); otherwise it never ran."""
+    out = {name: _read_outputs(run_dir / name) if run_dir else {} for name in TASKS}
+    states: dict[str, dict] = {}
+    for name in TASKS:  # TASKS is in topological order
+        info = {"state": "SUCCEEDED", **out[name]} if out[name] else {}
+        if not info:
+            blocked = [t for t in graph[name]["after"] if states.get(t, {}).get("state") != "SUCCEEDED"]
+            if blocked:
+                info = {"state": "NOT_RUN", "reason": f"{', '.join(sorted(blocked))} did not succeed"}
+            elif graph[name]["gated"] and gate_open is False:
+                info = {"state": "SKIPPED", "reason": "evaluate.passed is false"}
+            else:
+                info = {"state": "FAILED"}
+        states[name] = info
+    return states
 
 
 def _read_outputs(task_dir: Path) -> dict:
@@ -186,34 +193,49 @@ def object_store(endpoint: str | None):
         yield cfg, True
 
 
-def run_local(params: dict, *, pipeline_root: Path, s3_endpoint: str | None = None, retries: int = 0) -> dict:
+def run_local(params: dict, *, pipeline_root: Path, s3_endpoint: str | None = None, retries: int = 0,
+              verbose: bool = False, out=None) -> dict:
     """Run the pipeline with kfp.local; returns the summary (task states, metrics, uris). Never raises for a
-    failed task: the summary says which one failed."""
+    failed task: the summary says which one failed. The console shows task starts and finishes and a progress
+    line; the whole stream goes to the log file named in the summary (`verbose`: to the console too)."""
     from kfp import local
 
     from components.storage import ObjectStore
 
+    out = out or sys.stdout
     pipeline_root = pipeline_root.resolve()
     pipeline_root.mkdir(parents=True, exist_ok=True)
+    log_path = pipeline_root / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    log_path.parent.mkdir(exist_ok=True)
     started = time.time()
-    with object_store(s3_endpoint) as (cfg, embedded):
+    with object_store(s3_endpoint) as (cfg, embedded), open(log_path, "w") as log:
         params = {**params, "s3_endpoint": cfg.endpoint, "bucket": params.get("bucket") or cfg.bucket,
                   "prefix": params.get("prefix") or cfg.prefix}
+        registry = pipeline_root / "registry"
+        if embedded:  # the champion gate and version numbers see the earlier local runs' registrations
+            store = ObjectStore(dataclasses.replace(cfg, bucket=params["bucket"], prefix=params["prefix"]))
+            _seed_registry(store, registry)
         env = {"AWS_ACCESS_KEY_ID": cfg.access_key, "AWS_SECRET_ACCESS_KEY": cfg.secret_key,
                "AWS_REGION": cfg.region or os.environ.get("AWS_REGION"),
                "S3_SECURE": "true" if cfg.secure else None}
         # A local retry re-runs at once: the cluster's 60 s backoff would only make a failing run slow.
         pipeline = build_pipeline(dataclasses.replace(Placement(), finetune_retries=retries, retry_backoff="0s"))
         before = {p.name for p in pipeline_root.glob(f"{PIPELINE_NAME}-*")}
-        events = _TaskEvents()
+        console = Console(out, log, verbose=verbose)
+        events = Events(console)
+        print(f"sam-pipeline: full log in {log_path}", file=out, flush=True)
         root = logging.getLogger()
         root.addFilter(events)
+        # kfp.local's own handler exists only while a task runs; between tasks its records (skips, clean-up)
+        # go to the log file through this one, and logging's implicit basicConfig cannot print them here.
+        to_log = logging.StreamHandler(log)
+        root.addHandler(to_log)
         level = root.level
         # kfp.local logs skips with logging.info outside its own logger context; let them reach the filter
         # (with no handler of ours attached, nothing extra is printed).
         root.setLevel(min(level, logging.INFO) if level else logging.INFO)
         try:
-            with _environ(env), warnings.catch_warnings():
+            with _environ(env), warnings.catch_warnings(), contextlib.redirect_stdout(console):
                 # Expected locally: our images are not "python" images, and GPU/resource settings only
                 # apply in a cluster. The same code runs in both places; the noise would hide real warnings.
                 warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
@@ -224,20 +246,25 @@ def run_local(params: dict, *, pipeline_root: Path, s3_endpoint: str | None = No
                 pipeline(**params)
         finally:
             root.removeFilter(events)
+            root.removeHandler(to_log)
             root.setLevel(level)
+            console.write("\n")
         new = sorted(p for p in pipeline_root.glob(f"{PIPELINE_NAME}-*") if p.name not in before)
         run_dir = new[-1] if new else None
-        tasks = events.tasks()
-        for name in TASKS:
-            info = tasks.setdefault(name, {"state": "NOT_RUN"})
-            if run_dir is not None:
-                info.update(_read_outputs(run_dir / name))
+        gate = _read_outputs(run_dir / "evaluate").get("parameters", {}).get("passed") if run_dir else None
+        tasks = task_states(task_graph(pipeline), run_dir, gate)
+        for name, seconds in events.seconds().items():
+            if name in tasks:
+                tasks[name]["seconds"] = seconds
+        for name, info in tasks.items():
+            if info["state"] == "FAILED":
+                info["error"] = console.error_line(name)
         summary = {
             "pipeline": PIPELINE_NAME,
-            "succeeded": all(tasks[t]["state"] in ("SUCCEEDED", "SKIPPED") for t in TASKS)
-            and tasks["evaluate"]["state"] == "SUCCEEDED",
+            "succeeded": all(tasks[t]["state"] in ("SUCCEEDED", "SKIPPED") for t in TASKS),
             "seconds": round(time.time() - started, 1),
             "run_dir": str(run_dir) if run_dir else None,
+            "log": str(log_path),
             "parameters": {k: v for k, v in params.items()},
             "object_store": {"endpoint": cfg.endpoint, "bucket": cfg.bucket, "prefix": params["prefix"],
                              "embedded": embedded},
@@ -250,12 +277,39 @@ def run_local(params: dict, *, pipeline_root: Path, s3_endpoint: str | None = No
                 copy = run_dir / f"{task}-report.html"
                 shutil.copyfile(path, copy)
                 summary["reports"][task] = str(copy)
-        if embedded and tasks["finetune"]["state"] == "SUCCEEDED":
-            # The embedded store disappears with the run: keep what the user asked for on local disk.
-            summary["registered_copy"] = _keep_registered(ObjectStore(
-                dataclasses.replace(cfg, prefix=params["prefix"]), create_bucket=False), summary,
-                pipeline_root / "registry")
+        if embedded and summary["registered"]:
+            # The embedded store disappears with the run: keep the registered version on local disk.
+            summary["registered_copy"] = _keep_registered(store, summary["registered"], registry)
     return summary
+
+
+def _seed_registry(store, registry: Path) -> None:
+    """Put the local registry's versions (kept by earlier runs) into this run's embedded store."""
+    for path in sorted(registry.rglob("*")) if registry.is_dir() else ():
+        parts = path.relative_to(registry).parts
+        if path.is_file() and not any(p.startswith(".") for p in parts):  # not a copy still being written
+            store.put_file(store.key(*parts), path)
+
+
+def _keep_registered(store, registered: dict, registry: Path) -> dict:
+    """Copy the new version's folder (model, card, whatever the registry keeps there) and the model's own
+    objects beside the version folders (the `latest` pointer the champion gate reads) into the local registry.
+    A version folder already there came from another run in this folder at the same time: not overwritten."""
+    _, key = store.parse_uri(registered["model_uri"])
+    version_key = key.rsplit("/", 1)[0]
+    model_key = version_key.rsplit("/", 1)[0]
+    folder = registry / version_key[len(store.config.prefix):]
+    if folder.exists():
+        return {"conflict": f"{folder} already exists (another local run registered the same version at the "
+                            f"same time); this run's model is {registered['model_uri']} in the gone store"}
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.part")
+    for obj in store.list(version_key + "/"):
+        store.get_file(obj, tmp / obj[len(version_key) + 1:])
+    os.replace(tmp, folder)  # the version appears complete or not at all
+    for obj in store.list(model_key + "/"):
+        if "/" not in obj[len(model_key) + 1:]:  # get_file replaces atomically
+            store.get_file(obj, folder.parent / obj[len(model_key) + 1:])
+    return {"model": str(folder / "model.pt"), "card": str(folder / "model_card.json")}
 
 
 def _digest(summary: dict) -> dict:
@@ -279,18 +333,6 @@ def _digest(summary: dict) -> dict:
     }
 
 
-def _keep_registered(store, summary: dict, dest_root: Path) -> dict | None:
-    reg = summary.get("registered")
-    if not reg or not reg.get("model_uri"):
-        return None
-    _, key = store.parse_uri(reg["model_uri"])
-    folder = dest_root / Path(key).parent.relative_to(store.config.prefix)
-    store.get_file(key, folder / "model.pt")
-    card_key = key.rsplit("/", 1)[0] + "/model_card.json"
-    store.get_file(card_key, folder / "model_card.json")
-    return {"model": str(folder / "model.pt"), "card": str(folder / "model_card.json")}
-
-
 def find_checkpoints(checkpoint_name: str, root: Path = Path("checkpoints")) -> dict:
     """best.pt/latest.pt as the seed left them: the finetune subprocess runs in this working directory
     (kfp.local's SubprocessRunner does not change it), so `checkpoints/<name>/` lands here."""
@@ -299,7 +341,11 @@ def find_checkpoints(checkpoint_name: str, root: Path = Path("checkpoints")) -> 
 
 
 def remove_old_runs(pipeline_root: Path, keep: int = 5) -> None:
-    """kfp.local keeps every run's artifacts (checkpoints included); keep only the most recent ones."""
+    """kfp.local keeps every run's artifacts (checkpoints included); keep only the most recent ones, and as
+    many run logs. The registry is never pruned."""
     runs = sorted(pipeline_root.glob(f"{PIPELINE_NAME}-*"))
     for old in runs[:-keep] if keep else runs:
         shutil.rmtree(old, ignore_errors=True)
+    logs = sorted((pipeline_root / "logs").glob("run-*.log"), key=lambda p: p.stat().st_mtime)
+    for old in logs[:-keep] if keep else logs:
+        old.unlink(missing_ok=True)

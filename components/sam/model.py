@@ -23,7 +23,15 @@ ENCODER_PREFIX = "image_encoder."
 
 def _registry(model_type: str):
     if model_type == "vit_t":
-        from mobile_sam import sam_model_registry
+        import warnings
+
+        # mobile_sam registers its tiny_vit models with timm under names timm already has, through timm
+        # modules timm has deprecated: five "Overwriting tiny_vit_... in registry" and two "Importing from
+        # timm.models... is deprecated" warnings per process, all about MobileSAM's own code.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Overwriting tiny_vit", category=UserWarning)
+            warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
+            from mobile_sam import sam_model_registry
     elif model_type in ("vit_b", "vit_h"):
         from segment_anything import sam_model_registry
     else:
