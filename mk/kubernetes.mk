@@ -9,8 +9,13 @@ SAM_K8S_ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST)))/..)
 IMAGE_REGISTRY ?= localhost
 IMAGE_TAG ?= 0.1.0
 IMAGE_STEPS := fetch-weights ingest-dataset finetune evaluate register-model
-# Steps that run on the GPU worker; kind-load puts their (large) images only there.
+# Steps that run on the GPU worker; kind-load puts their (large) images only there, and they are
+# built from images/torch/Dockerfile (the others from images/light/Dockerfile).
 GPU_IMAGE_STEPS := finetune evaluate
+# step:extra, the pyproject extra each image installs (pipelines/images.py EXTRAS; a test pins them equal).
+IMAGE_EXTRAS := fetch-weights:weights ingest-dataset:ingest finetune:train evaluate:train register-model:registry
+image_extra = $(patsubst $(1):%,%,$(filter $(1):%,$(IMAGE_EXTRAS)))
+image_kind = $(if $(filter $(1),$(GPU_IMAGE_STEPS)),torch,light)
 image_ref = $(IMAGE_REGISTRY)/sam-pipeline-$(1):$(IMAGE_TAG)
 
 DOCKER ?= docker
@@ -38,9 +43,10 @@ S3_LOCAL_PORT ?= 9000
 
 images: $(addprefix image-,$(IMAGE_STEPS)) ## build all five step images with one tag
 
+# BuildKit reads images/<kind>/Dockerfile.dockerignore, so the context (the repo root) stays small.
 $(addprefix image-,$(IMAGE_STEPS)): image-%:
-	DOCKER_BUILDKIT=1 $(DOCKER) build -f $(SAM_K8S_ROOT)/images/$*/Dockerfile \
-		-t $(call image_ref,$*) $(SAM_K8S_ROOT)
+	DOCKER_BUILDKIT=1 $(DOCKER) build -f $(SAM_K8S_ROOT)/images/$(call image_kind,$*)/Dockerfile \
+		--build-arg EXTRA=$(call image_extra,$*) -t $(call image_ref,$*) $(SAM_K8S_ROOT)
 
 kind-load: ## load the images into the kind cluster (GPU images onto the GPU worker only)
 	$(KIND) load docker-image --name $(KIND_CLUSTER) \
