@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -391,17 +392,18 @@ def chain(docker: Docker, compiled: Compiled, refs: dict[str, str], work: Path, 
 
 
 def pick_docker(requested: str | None) -> Docker:
-    """The client to use: DOCKER if set, else the first `docker` on PATH whose `build` works with the
-    engine through BuildKit (a client newer than the engine may want the buildx plugin)."""
-    candidates = [requested] if requested else [p for p in (shutil.which("docker"), "/usr/bin/docker") if p]
-    for binary in candidates:
-        if subprocess.run([binary, "info"], capture_output=True).returncode != 0:
-            continue
-        probe = subprocess.run([binary, "build", "--help"], capture_output=True, text=True,
-                               env={**os.environ, "DOCKER_BUILDKIT": "1"})
-        if probe.returncode == 0 and "buildx" not in (probe.stderr + probe.stdout).lower().split("usage")[0]:
-            return Docker(binary)
-    raise SystemExit("images-smoke: no Docker engine answers (start one: dockerd --bridge=none)")
+    """DOCKER if set, else the first `docker` client that builds through BuildKit with the running
+    engine (a client newer than the engine, like Docker 28 without buildx here, refuses)."""
+    candidates = [requested] if requested else list(dict.fromkeys(
+        p for p in (shutil.which("docker"), "/usr/bin/docker") if p and os.access(p, os.X_OK)))
+    with tempfile.TemporaryDirectory() as probe:
+        Path(probe, "Dockerfile").write_text("FROM scratch\n")
+        for binary in candidates:
+            if subprocess.run([binary, "build", "-q", probe], capture_output=True,
+                              env={**os.environ, "DOCKER_BUILDKIT": "1"}).returncode == 0:
+                return Docker(binary)
+    raise SystemExit(f"images-smoke: no Docker client ({', '.join(candidates) or 'none on PATH'}) can build with "
+                     f"BuildKit: is the engine running (dockerd --bridge=none)?")
 
 
 def main(argv: list[str] | None = None) -> int:
