@@ -1,4 +1,4 @@
-"""`make images-smoke` (scripts/images-smoke.py): the light images built from their Dockerfiles on a
+"""`make images-smoke` (scripts/images-smoke.py, scripts/images-smoke-launcher.py): the light images built from their Dockerfiles on a
 stand-in base, and each compiled step run inside its image the way the KFP 2.17 launcher runs it.
 
 The run needs a Docker engine and debootstrap (CI installs both: .ci/run); without them it is skipped
@@ -52,7 +52,7 @@ def test_standin_dockerfile_refuses_a_second_stage():
 def test_executor_input_is_what_the_driver_hands_the_launcher():
     """Shape from upstream backend/src/v2/driver/driver.go (2.17.0): typed parameter values, output
     URIs under the task root, parameter outputs under /tmp/kfp/outputs, the output file under /minio."""
-    smoke = load_script()
+    smoke = load_script().launcher
     compiled = smoke.Compiled(ROOT / "pipelines" / "sam_finetune.yaml")
     comp = compiled.component("register-model")
     params = {**compiled.defaults, "metrics_json": "{}", "run_id": "r", "s3_endpoint": "127.0.0.1:1"}
