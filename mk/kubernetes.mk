@@ -48,11 +48,11 @@ $(addprefix image-,$(IMAGE_STEPS)): image-%:
 	DOCKER_BUILDKIT=1 $(DOCKER) build -f $(SAM_K8S_ROOT)/images/$(call image_kind,$*)/Dockerfile \
 		--build-arg EXTRA=$(call image_extra,$*) -t $(call image_ref,$*) $(SAM_K8S_ROOT)
 
-# Needs a running Docker engine (dockerd --bridge=none) and debootstrap; SMOKE_TORCH=1 adds the torch images.
+# Needs a running Docker engine (dockerd --bridge=none) and debootstrap; SMOKE_TORCH=0 leaves out the torch images.
 # DOCKER is passed on only when set: by default the script picks a client that can build with BuildKit.
 # SMOKE_PYTHON is the project's venv Python (moto, minio and kfp run on the host side).
 SMOKE_PYTHON ?= $(SAM_K8S_ROOT)/.venv/bin/python
-images-smoke: ## build the light images on a stand-in base and run their compiled steps inside them
+images-smoke: ## build the five images on a stand-in base and run their compiled steps inside them
 	$(if $(filter command line environment,$(origin DOCKER)),DOCKER=$(DOCKER)) $(SMOKE_PYTHON) $(SAM_K8S_ROOT)/scripts/images-smoke.py
 
 kind-load: ## load the images into the kind cluster (GPU images onto the GPU worker only)
