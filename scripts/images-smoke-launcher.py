@@ -96,7 +96,7 @@ def run_step(docker: Docker, compiled: Compiled, step: str, ref: str, params: di
     expected = images.image_refs()[step]
     if compiled_ref != expected:
         raise RuntimeError(f"{step}: compiled image {compiled_ref} is not {expected}")
-    bucket = compiled.defaults["bucket"] if "bucket" not in params else params["bucket"]
+    bucket = params.get("bucket", compiled.defaults["bucket"])
     out_root = f"{bucket}/{ARTIFACT_ROOT}/smoke-run/{step}/{hashlib.sha256(step.encode()).hexdigest()[:8]}"
     exec_input = executor_input(compiled.component(step), params, inputs, out_root)
     home = image_env(docker, ref).get("HOME", "/home/sam")
