@@ -16,6 +16,7 @@ help:
 	@echo "make compile  recompile pipelines/sam_finetune.yaml"
 	@echo "make bench    run the benchmarks (results go to benchmarks/RESULTS.md by hand)"
 	@echo "Kubernetes:   make preflight images kind-up kind-load kind-submit kind-schedule kind-down"
+	@echo "make images-smoke  build the images and run the compiled steps inside them (needs dockerd)"
 
 # The stamp is remade whenever pyproject.toml changes, so `git pull && make test` picks up new pins.
 $(BIN)/.installed: pyproject.toml

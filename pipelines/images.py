@@ -12,6 +12,11 @@ import re
 from components.errors import UserError
 
 STEPS = ("fetch-weights", "ingest-dataset", "finetune", "evaluate", "register-model")
+# Each step's image installs the project with this pyproject extra (build argument EXTRA).
+EXTRAS = {"fetch-weights": "weights", "ingest-dataset": "ingest", "finetune": "train", "evaluate": "train",
+          "register-model": "registry"}
+# Steps built from images/torch/Dockerfile (and run on the GPU node); the rest use images/light/Dockerfile.
+TORCH_STEPS = ("finetune", "evaluate")
 IMAGE_PREFIX = "sam-pipeline-"
 DEFAULT_REGISTRY = "localhost"
 DEFAULT_TAG = "0.1.0"
@@ -29,6 +34,12 @@ def image_name(step: str) -> str:
     if step not in STEPS:
         raise ImageError(f"unknown step {step!r}; expected one of {', '.join(STEPS)}")
     return IMAGE_PREFIX + step
+
+
+def image_kind(step: str) -> str:
+    """"torch" or "light": the folder under images/ whose Dockerfile builds the step's image."""
+    image_name(step)
+    return "torch" if step in TORCH_STEPS else "light"
 
 
 def image_refs(registry: str | None = None, tag: str | None = None) -> dict[str, str]:

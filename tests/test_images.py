@@ -1,9 +1,11 @@
-"""The five step images: Dockerfile rules (static, no Docker engine here) and, for the light images,
-proof that the step's pyproject extra alone is enough to run the step end to end.
+"""The five step images: Dockerfile rules (static) and, for the light images, proof that the step's
+pyproject extra alone is enough to run the step end to end.
 
-No Docker engine runs here, so a Dockerfile is checked by parsing it; the dependency set of a light
-image is checked by installing `<repo>[<extra>]` into a fresh virtual environment (no system site
-packages) and calling the step function in it against the embedded S3 server and a local HTTP server.
+Two Dockerfiles (images/light, images/torch) build the five images, the step's extra being the
+build argument EXTRA. Here a Dockerfile is checked by parsing it, and the dependency set of a light
+image by installing `<repo>[<extra>]` into a fresh virtual environment (no system site packages)
+and calling the step function in it against the embedded S3 server and a local HTTP server.
+Building the images and running the compiled steps inside them is tests/test_images_smoke.py.
 """
 from __future__ import annotations
 
@@ -22,20 +24,17 @@ from pathlib import Path
 
 import pytest
 
+from pipelines import images
+
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "images"
 MK = ROOT / "mk" / "kubernetes.mk"
 
-# step -> pyproject extra; the light steps must not carry torch.
-STEP_EXTRAS = {
-    "fetch-weights": "weights",
-    "ingest-dataset": "ingest",
-    "register-model": "registry",
-    "finetune": "train",
-    "evaluate": "train",
-}
-LIGHT_STEPS = ("fetch-weights", "ingest-dataset", "register-model")
-GPU_STEPS = ("finetune", "evaluate")
+# step -> pyproject extra, and which Dockerfile builds it: from pipelines/images.py, the one place.
+STEP_EXTRAS = images.EXTRAS
+LIGHT_STEPS = tuple(s for s in images.STEPS if images.image_kind(s) == "light")
+GPU_STEPS = images.TORCH_STEPS
+KINDS = ("light", "torch")
 BASE_IMAGE = re.compile(r"^(docker\.io/library/)?python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}$")
 SECRET_NAME = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|ACCESSKEY|API_KEY|CREDENTIAL)", re.I)
 
@@ -78,32 +77,37 @@ def pyproject() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
-@pytest.fixture(scope="module", params=sorted(STEP_EXTRAS))
-def step(request) -> str:
+@pytest.fixture(scope="module", params=KINDS)
+def kind(request) -> str:
     return request.param
 
 
 @pytest.fixture(scope="module")
-def dockerfile(step) -> list[tuple[str, str]]:
-    path = IMAGES / step / "Dockerfile"
+def dockerfile(kind) -> list[tuple[str, str]]:
+    path = IMAGES / kind / "Dockerfile"
     assert path.is_file(), f"missing {path.relative_to(ROOT)}"
     return parse_dockerfile(path)
 
 
-def test_image_dirs_are_exactly_the_five_steps():
+def test_image_dirs_are_one_per_kind():
+    """The finetune and evaluate images are the same build, and so are the three light ones:
+    one Dockerfile per kind, the step's extra as a build argument (issue 12, item 10)."""
     found = sorted(p.name for p in IMAGES.iterdir() if p.is_dir())
-    assert found == sorted(STEP_EXTRAS)
+    assert found == sorted(KINDS)
+    assert {images.image_kind(s) for s in images.STEPS} == set(KINDS)
+    assert set(GPU_STEPS) < set(images.STEPS)
 
 
 def test_steps_and_names_agree_with_pipeline_image_refs():
     """`make images` must build exactly the references the compiled pipeline names, or kind-load
-    loads images no task uses."""
-    from pipelines import images
-
-    assert sorted(images.STEPS) == sorted(STEP_EXTRAS)
+    loads images no task uses; and with the extras and kinds pipelines/images.py states."""
     mk = MK.read_text()
     steps = re.search(r"^IMAGE_STEPS := (.+)$", mk, re.M).group(1).split()
     assert steps == list(images.STEPS)
+    assert sorted(STEP_EXTRAS) == sorted(images.STEPS)
+    pairs = re.search(r"^IMAGE_EXTRAS := (.+)$", mk, re.M).group(1).split()
+    assert dict(p.split(":") for p in pairs) == STEP_EXTRAS
+    assert re.search(r"^GPU_IMAGE_STEPS := (.+)$", mk, re.M).group(1).split() == list(GPU_STEPS)
     assert re.search(r"^IMAGE_REGISTRY \?= (\S+)$", mk, re.M).group(1) == images.DEFAULT_REGISTRY
     assert re.search(r"^IMAGE_TAG \?= (\S+)$", mk, re.M).group(1) == images.DEFAULT_TAG
     assert "sam-pipeline-$(1):$(IMAGE_TAG)" in mk and images.IMAGE_PREFIX == "sam-pipeline-"
@@ -115,11 +119,15 @@ def test_make_images_builds_all_five_with_one_tag():
         pytest.skip("make is not installed")
     out = subprocess.run(["make", "-n", "-f", str(MK), "images", "IMAGE_REGISTRY=reg.example/ml", "IMAGE_TAG=7.7.7"],
                          capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    for s in STEP_EXTRAS:
-        assert f"-f {IMAGES / s / 'Dockerfile'}" in out
-        assert f"-t reg.example/ml/sam-pipeline-{s}:7.7.7" in out
-    # The build context is the repository root.
-    assert out.count(f" {ROOT}\n") == len(STEP_EXTRAS)
+    commands = out.replace("\\\n", " ").splitlines()
+    assert len(commands) == len(STEP_EXTRAS)
+    for s, extra in STEP_EXTRAS.items():
+        [cmd] = [c for c in commands if f"-t reg.example/ml/sam-pipeline-{s}:7.7.7 " in c + " "]
+        words = cmd.split()
+        assert words[words.index("-f") + 1] == str(IMAGES / images.image_kind(s) / "Dockerfile")
+        assert f"--build-arg EXTRA={extra} " in " ".join(words) + " "
+        # The build context is the repository root.
+        assert words[-1] == str(ROOT)
 
 
 def test_base_image_is_pinned_by_digest(dockerfile):
@@ -129,7 +137,7 @@ def test_base_image_is_pinned_by_digest(dockerfile):
 
 
 def test_all_images_share_one_base():
-    bases = {s: [a for k, a in parse_dockerfile(IMAGES / s / "Dockerfile") if k == "FROM"][0] for s in STEP_EXTRAS}
+    bases = {k: [a for kw, a in parse_dockerfile(IMAGES / k / "Dockerfile") if kw == "FROM"][0] for k in KINDS}
     assert len(set(bases.values())) == 1, f"bases drifted apart: {bases}"
 
 
@@ -161,12 +169,14 @@ def users_uid(dockerfile) -> str:
     return [args for kw, args in dockerfile if kw == "USER"][-1].split(":")[0]
 
 
-def test_installs_project_with_its_extra_only(step, dockerfile):
-    extra = STEP_EXTRAS[step]
+def test_installs_project_with_the_extra_argument_only(dockerfile):
+    args = [a for kw, a in dockerfile if kw == "ARG"]
+    assert args == ["EXTRA"], "EXTRA has no default: a build without the step's extra must fail"
     installs = [args for kw, args in dockerfile if kw == "RUN" and "pip install" in args]
     assert len(installs) == 1, "one pip install, of the project from the build context"
     cmd = installs[0]
-    assert f'"/tmp/src[{extra}]"' in cmd, f"{step} must install the project with [{extra}]"
+    assert '"/tmp/src[$EXTRA]"' in cmd, "the project is installed with the step's extra"
+    assert re.match(r'test -n "\$EXTRA" \|\|', cmd), "an empty EXTRA must stop the build"
     assert "--no-deps" not in cmd, "the extra's dependencies (kfp included) must be installed"
     assert re.search(r"\btorch\b", cmd) is None, "torch comes only through the train extra's pins"
     copies = [args.split() for kw, args in dockerfile if kw == "COPY"]
@@ -189,15 +199,15 @@ def test_extras_exist_and_kfp_is_a_base_dependency():
     assert "torch==2.14.1" in extras["train"]
 
 
-def test_light_images_fail_the_build_if_torch_sneaks_in(step, dockerfile):
+def test_light_images_fail_the_build_if_torch_sneaks_in(kind, dockerfile):
     runs = [args for kw, args in dockerfile if kw == "RUN"]
     guard = any("find_spec('torch')" in r for r in runs)
-    assert guard == (step in LIGHT_STEPS)
+    assert guard == (kind == "light")
 
 
-def test_gpu_images_request_compute_capability(step, dockerfile):
+def test_gpu_images_request_compute_capability(kind, dockerfile):
     env = env_of(dockerfile)
-    if step in GPU_STEPS:
+    if kind == "torch":
         assert "compute" in env.get("NVIDIA_DRIVER_CAPABILITIES", "").split(",")
     # Never hard-wire devices: the device plugin decides which GPU a pod gets.
     assert "NVIDIA_VISIBLE_DEVICES" not in env
@@ -222,10 +232,10 @@ def test_no_secrets_and_no_network_at_start(dockerfile):
     assert last_env_no_index > pip_run, "PIP_NO_INDEX must be set after the build-time install"
 
 
-def test_build_context_is_trimmed(step):
+def test_build_context_is_trimmed(kind):
     """The context is the repo root, which holds .venv and data; the per-Dockerfile ignore file
     (BuildKit) sends only what the COPY lines use."""
-    ignore = IMAGES / step / "Dockerfile.dockerignore"
+    ignore = IMAGES / kind / "Dockerfile.dockerignore"
     lines = [ln.strip() for ln in ignore.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     assert lines[0] == "*", "exclude everything first, then re-include"
     assert {"!pyproject.toml", "!README.md", "!components/", "!pipelines/"} <= set(lines)
