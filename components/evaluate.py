@@ -135,7 +135,7 @@ def evaluate(model_type: str, zero_shot_weights: str | Path, finetuned_weights: 
              device: str = "cpu", report_path: str | Path | None = None, history: dict | None = None,
              store=None, zero_shot_sha256: str = "") -> dict:
     """Score every candidate on `test_samples`; returns the metrics and `passed`, writes the report."""
-    from components.finetune import resolve_device
+    from components.sam.device import resolve_device
 
     t0 = time.perf_counter()
     samples = [s for s in test_samples if int(np.asarray(s.mask).max(initial=0)) > 0]

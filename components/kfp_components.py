@@ -49,7 +49,7 @@ def finetune(weights: Input[Model], dataset: Input[Dataset], debug_with_one_exam
              n_sub_iteration: int, lr: float, seed: int, val_every: int, run_id: str, s3_endpoint: str,
              bucket: str, prefix: str, model: Output[Model], metrics: Output[Metrics], report: Output[HTML]):
     """Fine-tune SAM's mask decoder; resumes from the run's latest.pt in the object store on a retry."""
-    from components.finetune import finetune_step
+    from components.steps import finetune_step
     from components.kfp_components import publish
 
     result = finetune_step(

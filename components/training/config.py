@@ -1,0 +1,86 @@
+"""The training settings (the one place a training default or rule is stated) and the AMP choice."""
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    debug_with_one_example: bool = False
+    checkpoint_name: str = "sam_instance_seg"
+    model_type: str = "vit_t"
+    batch_size: int = 1
+    n_objects_per_batch: int = 25
+    device: str = "cuda"
+    n_iterations: int = 200
+    n_sub_iteration: int = 2
+    lr: float = 1e-5
+    seed: int = 0
+    val_every: int = 10
+    amp: bool | None = None  # None: on for CUDA, off for CPU
+    amp_dtype: str = "fp16"  # "fp16" (CUDA, with GradScaler) or "bf16" (CUDA where supported, CPU)
+    freeze_prompt_encoder: bool = False
+    checkpoint_dir: str = "checkpoints"
+    prompt_mode: str = "alternate"  # "alternate" box/point per object, or only "box" / only "point"
+    box_jitter: float = 0.05  # fraction of the box's size each edge may move
+    n_points: int = 1  # positive points for point-prompted objects
+    click_largest_area: bool = False  # corrective clicks in the largest-area region, not the thickest (slower)
+    embed_batch_size: int = 4
+    resume: bool = True
+    show_progress: bool = True
+
+    def validate(self) -> None:
+        problems = []
+        for name in ("batch_size", "n_objects_per_batch", "n_iterations", "n_sub_iteration", "val_every",
+                     "n_points", "embed_batch_size"):
+            if int(getattr(self, name)) < 1:
+                problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0 (got {self.lr})")
+        if self.amp_dtype not in ("fp16", "bf16"):
+            problems.append(f"amp_dtype must be 'fp16' or 'bf16' (got {self.amp_dtype!r})")
+        if self.prompt_mode not in ("alternate", "box", "point"):
+            problems.append(f"prompt_mode must be alternate, box or point (got {self.prompt_mode!r})")
+        if self.model_type not in ("vit_t", "vit_b", "vit_h"):
+            problems.append(f"model_type must be vit_t, vit_b or vit_h (got {self.model_type!r})")
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class AmpSettings:
+    enabled: bool
+    dtype: torch.dtype
+    scaler: bool
+
+    @property
+    def label(self) -> str:
+        if not self.enabled:
+            return "off"
+        return {torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype] + ("+scaler" if self.scaler else "")
+
+    def autocast(self, device: torch.device):
+        if not self.enabled:
+            return nullcontext()
+        return torch.autocast(device.type, dtype=self.dtype)
+
+
+def resolve_amp(cfg: TrainConfig, device: torch.device) -> AmpSettings:
+    enabled = (device.type == "cuda") if cfg.amp is None else bool(cfg.amp)
+    if not enabled:
+        return AmpSettings(False, torch.float32, False)
+    if device.type != "cuda":
+        if cfg.amp_dtype != "bf16":
+            log.warning("fp16 autocast is CUDA-only; using bf16 autocast on %s", device.type)
+        return AmpSettings(True, torch.bfloat16, False)
+    if cfg.amp_dtype == "bf16":
+        if torch.cuda.is_bf16_supported():
+            return AmpSettings(True, torch.bfloat16, False)
+        log.warning("this GPU does not support bf16; using fp16 with GradScaler")
+    return AmpSettings(True, torch.float16, True)
