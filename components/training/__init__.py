@@ -1,6 +1,16 @@
-"""Fine-tuning SAM: settings (config), one iteration and validation (trainer), checkpoints, and the loop."""
-from components.training.config import AmpSettings, TrainConfig, resolve_amp
-from components.training.loop import TrainResult, train
-from components.training.trainer import Item, Trainer, prepare_items
+"""Fine-tuning SAM: settings (config), one iteration and validation (trainer), checkpoints, and the loop.
 
-__all__ = ["AmpSettings", "Item", "TrainConfig", "TrainResult", "Trainer", "prepare_items", "resolve_amp", "train"]
+Names resolve on first use so that `components.training.config` (TrainConfig) imports without torch.
+"""
+from importlib import import_module
+
+_WHERE = {"TrainConfig": "config", "AmpSettings": "config", "resolve_amp": "config",
+          "Item": "trainer", "Trainer": "trainer", "prepare_items": "trainer",
+          "TrainResult": "loop", "train": "loop"}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)

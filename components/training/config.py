@@ -1,13 +1,35 @@
-"""The training settings (the one place a training default or rule is stated) and the AMP choice."""
+"""The training settings (the one place a training default or rule is stated) and the AMP choice.
+
+torch is imported only where the AMP choice needs it: the CLI and the light register-model image read
+TrainConfig without torch installed.
+"""
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
+from components.errors import UserError
+from components.weights import MODEL_TYPES
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
+
+
+# The settings a pipeline run sets (pipeline parameters, the finetune component's inputs, the CLI's
+# seed flags); the rest keep TrainConfig's defaults in a pipeline run.
+PIPELINE_SETTINGS = ("debug_with_one_example", "checkpoint_name", "model_type", "batch_size", "n_objects_per_batch",
+                     "device", "n_iterations", "n_sub_iteration", "lr", "seed", "val_every")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class TrainConfigError(UserError, ValueError):
+    """One line naming every invalid training setting."""
 
 
 @dataclass
@@ -47,10 +69,31 @@ class TrainConfig:
             problems.append(f"amp_dtype must be 'fp16' or 'bf16' (got {self.amp_dtype!r})")
         if self.prompt_mode not in ("alternate", "box", "point"):
             problems.append(f"prompt_mode must be alternate, box or point (got {self.prompt_mode!r})")
-        if self.model_type not in ("vit_t", "vit_b", "vit_h"):
-            problems.append(f"model_type must be vit_t, vit_b or vit_h (got {self.model_type!r})")
+        if self.model_type not in MODEL_TYPES:
+            problems.append(f"model_type must be {', '.join(MODEL_TYPES)} (got {self.model_type!r})")
+        if not _SAFE_NAME.fullmatch(str(self.checkpoint_name)):
+            # It names a folder under checkpoint_dir: one path component, never "..", "a/b" or "/x".
+            problems.append(f"checkpoint_name must be one folder name of letters, digits, '.', '_', '-' "
+                            f"(got {self.checkpoint_name!r})")
         if problems:
-            raise ValueError("invalid training config: " + "; ".join(problems))
+            raise TrainConfigError("invalid training config: " + "; ".join(problems))
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], **overrides) -> "TrainConfig":
+        """A config from pipeline parameters or metadata read back from a backend, where a bool may
+        arrive as 0/1 and an int as 3.0: each value is cast to its field's type."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown training setting(s): {', '.join(unknown)}")
+        values = {}
+        for name, value in {**params, **overrides}.items():
+            kind = fields[name].type
+            if value is None or kind not in ("bool", "int", "float", "str"):
+                values[name] = value
+            else:
+                values[name] = {"bool": bool, "int": int, "float": float, "str": str}[kind](value)
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -61,6 +104,8 @@ class AmpSettings:
 
     @property
     def label(self) -> str:
+        import torch
+
         if not self.enabled:
             return "off"
         return {torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype] + ("+scaler" if self.scaler else "")
@@ -68,10 +113,14 @@ class AmpSettings:
     def autocast(self, device: torch.device):
         if not self.enabled:
             return nullcontext()
+        import torch
+
         return torch.autocast(device.type, dtype=self.dtype)
 
 
 def resolve_amp(cfg: TrainConfig, device: torch.device) -> AmpSettings:
+    import torch
+
     enabled = (device.type == "cuda") if cfg.amp is None else bool(cfg.amp)
     if not enabled:
         return AmpSettings(False, torch.float32, False)
