@@ -276,3 +276,17 @@ def test_finetune_step_from_a_manifest_and_its_retry(tmp_path, weights, s3_env, 
                        checkpoint_dir=str(tmp_path / "pod2"))
     assert m2["resumed_from"] == 2 and m2["embeddings_computed"] == 0 and m2["embeddings_from_store"] == 1
     assert m2["model_sha256"] == m1["model_sha256"]
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "/abs", "..", ".", ""])
+def test_checkpoint_name_is_one_folder_name(tmp_path, name):
+    """`-p checkpoint_name=../../x` must not write outside checkpoint_dir: a one-line UserError in the
+    component, before any data is read."""
+    from components.errors import UserError
+    from components.steps import finetune_step
+
+    with pytest.raises(UserError, match="checkpoint_name must be one folder name"):
+        finetune_step("never-read.pt", "never-read.json", checkpoint_name=name, device="cpu",
+                      checkpoint_dir=str(tmp_path / "ck"))
+    assert not (tmp_path / "ck").exists()
+    TrainConfig(checkpoint_name="sam_instance_seg.v2-1").validate()

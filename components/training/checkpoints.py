@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from components.errors import first_line
 from components.sam.embeddings import image_key
 from components.sam.model import atomic_torch_save
 from components.training.config import TrainConfig
@@ -46,7 +47,7 @@ def load_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"checkpoint {path} is unreadable: {str(e).splitlines()[0]}") from e
+        raise ValueError(f"checkpoint {path} is unreadable: {first_line(e)}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format_version") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {path} is not a sam-pipeline training checkpoint (format {CHECKPOINT_FORMAT})")
     return ckpt
