@@ -90,8 +90,10 @@ def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) 
 
 def atomic_torch_save(obj, path: str | Path) -> Path:
     """torch.save to a temp file beside `path`, then rename: readers never see half a file."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        # A file object, not the path: torch names the archive's records after the file, and the temp
+        # name is random; the same state must give the same bytes (model_sha256 of a resumed run).
+        torch.save(obj, f)
     return Path(path)
 
 
