@@ -67,7 +67,7 @@ def run_case(args) -> dict:
     """One (mode, objects, dtype) case in this process; prints a JSON line."""
     import torch
 
-    from components.finetune import AmpSettings, Trainer, TrainConfig, _prepare
+    from components.training import AmpSettings, Trainer, TrainConfig, prepare_items
     from components.sam.embeddings import compute_embeddings
     from components.sam.model import build_sam
 
@@ -76,7 +76,7 @@ def run_case(args) -> dict:
     samples = make_images(args.images)
     model = build_sam("vit_t", args.weights, device)
     embs = torch.load(args.embeddings, weights_only=True).to(device)
-    items = _prepare(samples, list(embs), device)
+    items = prepare_items(samples, list(embs), device)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     amp = AmpSettings(dtype is not None, dtype or torch.float32, args.dtype == "fp16" and device.type == "cuda")
     cfg = TrainConfig(device=args.device, n_objects_per_batch=args.objects, batch_size=1, lr=1e-5, seed=0)

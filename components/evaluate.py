@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import math
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +23,17 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from components.errors import UserError
+from components.errors import UserError, first_line
+from components.eval_metrics import PROMPTS, STATS, CandidateScores, metric_key
 from components.report import Report, overlay
 from components.sam.embeddings import EmbeddingCache
 from components.sam.metrics import dice_iou, summarize
-from components.sam.model import build_sam, decode, load_state_dict_file
+from components.sam.model import ENCODER_PREFIX, build_sam, decode, load_state_dict_file, load_strict
 from components.sam.prompts import deepest_points, instance_masks, masks_to_boxes
 from components.sam.transforms import Frame
 from components.storage import StorageError
 
 log = logging.getLogger(__name__)
-ENCODER_PREFIX = "image_encoder."
-PROMPTS = ("box", "point")
 OVERLAY_IMAGES = 4
 
 
@@ -111,13 +109,12 @@ def gate(finetuned: float, zero_shot: float, champion: float | None, margin: flo
 
 
 def _aggregate(label: str, rows: list[dict]) -> dict:
-    out = {}
+    values = {}
     for prompt in PROMPTS:
-        for metric in ("dice", "iou"):
-            s = summarize([r[f"{prompt}_{metric}"] for r in rows])
-            out[f"{label}_{prompt}_{metric}"] = s["mean"]
-            out[f"{label}_{prompt}_{metric}_median"] = s["median"]
-    return out
+        for stat in STATS:
+            s = summarize([r[f"{prompt}_{stat}"] for r in rows])
+            values[f"{prompt}_{stat}"], values[f"{prompt}_{stat}_median"] = s["mean"], s["median"]
+    return CandidateScores(**values).flat(label)
 
 
 def _per_image(rows: list[dict]) -> dict[str, dict]:
@@ -135,7 +132,7 @@ def evaluate(model_type: str, zero_shot_weights: str | Path, finetuned_weights: 
              device: str = "cpu", report_path: str | Path | None = None, history: dict | None = None,
              store=None, zero_shot_sha256: str = "") -> dict:
     """Score every candidate on `test_samples`; returns the metrics and `passed`, writes the report."""
-    from components.finetune import resolve_device
+    from components.sam.device import resolve_device
 
     t0 = time.perf_counter()
     samples = [s for s in test_samples if int(np.asarray(s.mask).max(initial=0)) > 0]
@@ -155,9 +152,10 @@ def evaluate(model_type: str, zero_shot_weights: str | Path, finetuned_weights: 
         state = load_state_dict_file(cand.weights)
         fp = encoder_fingerprint(state)
         model = build_sam(cand.model_type, None, "cpu")
-        missing = model.load_state_dict(state, strict=False)
-        if missing.missing_keys or missing.unexpected_keys:
-            raise EvaluationError(f"{cand.title} checkpoint {cand.weights} does not fit SAM {cand.model_type}")
+        try:
+            load_strict(model, state, f"{cand.title} checkpoint {cand.weights}", cand.model_type)
+        except ValueError as e:
+            raise EvaluationError(str(e)) from None
         model = model.to(dev).eval()
         del state
         if fp not in embeddings:
@@ -196,8 +194,8 @@ def write_report(path, metrics: dict, results: dict, samples: Sequence, history:
     rep.heading("Summary")
     rows = []
     for label in labels:
-        rows.append([titles[label]] + [metrics[f"{label}_{p}_{m}{s}"] for p in PROMPTS for m in ("dice", "iou")
-                                       for s in ("", "_median")])
+        rows.append([titles[label]] + [metrics[metric_key(label, p, m, s == "_median")] for p in PROMPTS
+                                       for m in STATS for s in ("", "_median")])
     rep.table(["model"] + [f"{p} {m} {s}".strip() for p in PROMPTS for m in ("Dice", "IoU")
                            for s in ("mean", "median")], rows)
     rep.heading("Training")
@@ -224,49 +222,14 @@ def write_report(path, metrics: dict, results: dict, samples: Sequence, history:
     rep.write(path)
 
 
-def _history(model_metadata: dict | None, store=None) -> dict | None:
+def training_history(history_uri: str | None, store=None) -> dict | None:
     """Training curves, from the small JSON finetune leaves beside the run's checkpoints."""
-    uri = (model_metadata or {}).get("history_uri")
-    if store is None or not uri:
+    if store is None or not history_uri:
         return None
-    bucket, key = store.parse_uri(uri)
+    bucket, key = store.parse_uri(history_uri)
     try:
         hist = store.for_bucket(bucket).get_json(key)
     except (StorageError, json.JSONDecodeError) as e:  # a report without curves beats a failed evaluation
-        log.warning("no training curves: %s", str(e).splitlines()[0])
+        log.warning("no training curves: %s", first_line(e))
         return None
     return hist if isinstance(hist, dict) else None
-
-
-def evaluate_step(weights_path: str, model_path: str, manifest_path: str, model_type: str, margin: float,
-                  model_name: str, device: str, s3_endpoint: str, bucket: str, prefix: str, out_report_path: str,
-                  model_metadata: dict | None = None) -> dict:
-    """The KFP component body: load the test split, find the champion, evaluate, write the report."""
-    from components.datasets.reader import load_manifest, load_split
-    from components.hashing import sha256_file
-    from components.registry import ObjectStoreRegistry
-    from components.storage import ObjectStore, S3Config
-
-    if not math.isfinite(float(margin)):
-        raise EvaluationError(f"margin must be a finite number (got {margin})")
-    store = ObjectStore(S3Config.from_env(endpoint=s3_endpoint, bucket=bucket, prefix=prefix))
-    manifest = load_manifest(store, manifest_path)
-    test = load_split(store, manifest, "test")
-    registry = ObjectStoreRegistry(store)
-    pointer = registry.latest(model_name) if model_name else None
-    with tempfile.TemporaryDirectory() as tmp:
-        champion, champion_type = None, None
-        if pointer is not None:
-            champion = registry.fetch(model_name, pointer["version"], Path(tmp) / "champion.pt")
-            champion_type = registry.card(model_name, pointer["version"]).get("model", {}).get("model_type")
-            log.info("champion: %s %s (%s)", model_name, pointer["version"], pointer.get("model_uri"))
-        metrics = evaluate(model_type, weights_path, model_path, test, champion_weights=champion,
-                           champion_model_type=champion_type,
-                           champion_name=pointer["version"] if pointer else "", margin=float(margin),
-                           device=device, report_path=out_report_path, history=_history(model_metadata, store),
-                           store=store, zero_shot_sha256=sha256_file(weights_path))
-    metrics["dataset_content_hash"] = manifest.get("content_hash")
-    print(f"box Dice: fine-tuned {metrics['finetuned_box_dice']:.4f}, zero-shot {metrics['zero_shot_box_dice']:.4f}"
-          + (f", champion {metrics['champion_box_dice']:.4f}" if metrics["champion_box_dice"] is not None else "")
-          + f"; margin {metrics['margin']:g} -> passed={metrics['passed']}")
-    return metrics

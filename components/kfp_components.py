@@ -1,4 +1,4 @@
-"""The five KFP components: thin wrappers that call one step function each.
+"""The five KFP components: thin wrappers that call one step function of `components.steps` each.
 
 KFP ships a component's *source* to the container, so each body imports what it needs from `components`
 (installed in every image) and runs a single step. `base_image` is fixed at decoration time, which is why
@@ -10,24 +10,12 @@ from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
 
-def publish(result: dict, artifact=None, metrics=None) -> None:
-    """Put a step's JSON result on its output artifact, and its numbers on the Metrics artifact so they
-    show in the KFP UI."""
-    if artifact is not None:
-        artifact.metadata.update(result)
-    if metrics is not None:
-        for key, value in sorted(result.items()):
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
-                metrics.log_metric(key, float(value))
-
-
 # -- component bodies (module level: KFP extracts their source) ------------------------------------
 
 def fetch_weights(model_type: str, url: str, sha256: str, s3_endpoint: str, bucket: str, prefix: str,
                   weights: Output[Model]):
     """Download (or reuse from the object store) a verified SAM checkpoint."""
-    from components.kfp_components import publish
-    from components.weights import fetch_step
+    from components.steps import fetch_step, publish
 
     publish(fetch_step(model_type=model_type, url=url, sha256=sha256, s3_endpoint=s3_endpoint, bucket=bucket,
                        prefix=prefix, out_path=weights.path), weights)
@@ -36,8 +24,7 @@ def fetch_weights(model_type: str, url: str, sha256: str, s3_endpoint: str, buck
 def ingest_dataset(source: str, dataset_format: str, dataset_name: str, split_seed: int, s3_endpoint: str,
                    bucket: str, prefix: str, dataset: Output[Dataset]):
     """Validate, split and upload a dataset version; the artifact is its manifest."""
-    from components.datasets.ingest import ingest_step
-    from components.kfp_components import publish
+    from components.steps import ingest_step, publish
 
     publish(ingest_step(source=source, dataset_format=dataset_format, dataset_name=dataset_name,
                         split_seed=split_seed, s3_endpoint=s3_endpoint, bucket=bucket, prefix=prefix,
@@ -49,22 +36,16 @@ def finetune(weights: Input[Model], dataset: Input[Dataset], debug_with_one_exam
              n_sub_iteration: int, lr: float, seed: int, val_every: int, run_id: str, s3_endpoint: str,
              bucket: str, prefix: str, model: Output[Model], metrics: Output[Metrics], report: Output[HTML]):
     """Fine-tune SAM's mask decoder; resumes from the run's latest.pt in the object store on a retry."""
-    from components.finetune import finetune_step
-    from components.kfp_components import publish
+    from components.steps import finetune_step, publish
 
+    # The training settings are this body's parameters (tests/test_pipeline.py pins them to TrainConfig).
     result = finetune_step(
-        weights_path=weights.path, manifest_path=dataset.path, debug_with_one_example=debug_with_one_example,
-        checkpoint_name=checkpoint_name, model_type=model_type, batch_size=batch_size,
-        n_objects_per_batch=n_objects_per_batch, device=device, n_iterations=n_iterations,
-        n_sub_iteration=n_sub_iteration, lr=lr, seed=seed, val_every=val_every, run_id=run_id,
-        s3_endpoint=s3_endpoint, bucket=bucket, prefix=prefix, out_model_path=model.path,
-        out_report_path=report.path)
-    # The model card records how the model was trained: the run's own settings travel with the model.
-    config = dict(debug_with_one_example=debug_with_one_example, checkpoint_name=checkpoint_name,
-                  model_type=model_type, batch_size=batch_size, n_objects_per_batch=n_objects_per_batch,
-                  device=device, n_iterations=n_iterations, n_sub_iteration=n_sub_iteration, lr=lr, seed=seed,
-                  val_every=val_every)
-    publish({**result, "config": config}, model, metrics)
+        weights_path=weights.path, manifest_path=dataset.path, run_id=run_id, s3_endpoint=s3_endpoint,
+        bucket=bucket, prefix=prefix, out_model_path=model.path, out_report_path=report.path,
+        debug_with_one_example=debug_with_one_example, checkpoint_name=checkpoint_name, model_type=model_type,
+        batch_size=batch_size, n_objects_per_batch=n_objects_per_batch, device=device, n_iterations=n_iterations,
+        n_sub_iteration=n_sub_iteration, lr=lr, seed=seed, val_every=val_every)
+    publish(result, model, metrics)
 
 
 def evaluate(weights: Input[Model], model: Input[Model], dataset: Input[Dataset], model_type: str, margin: float,
@@ -74,8 +55,7 @@ def evaluate(weights: Input[Model], model: Input[Model], dataset: Input[Dataset]
     """Zero-shot vs fine-tuned (vs the registered champion) on the test split; `passed` gates registration."""
     import json
 
-    from components.evaluate import evaluate_step
-    from components.kfp_components import publish
+    from components.steps import artifact_metadata, evaluate_step, publish
 
     result = evaluate_step(
         weights_path=weights.path, model_path=model.path, manifest_path=dataset.path, model_type=model_type,
@@ -85,14 +65,14 @@ def evaluate(weights: Input[Model], model: Input[Model], dataset: Input[Dataset]
     outputs = NamedTuple("Outputs", [("passed", bool), ("finetuned_box_dice", float),
                                      ("zero_shot_box_dice", float), ("metrics_json", str)])
     return outputs(bool(result["passed"]), float(result["finetuned_box_dice"]),
-                   float(result["zero_shot_box_dice"]), json.dumps(result, sort_keys=True))
+                   float(result["zero_shot_box_dice"]), json.dumps(artifact_metadata(result), sort_keys=True))
 
 
 def register_model(model: Input[Model], weights: Input[Model], dataset: Input[Dataset], metrics_json: str,
                    model_name: str, model_registry_url: str, run_id: str, s3_endpoint: str, bucket: str,
                    prefix: str) -> NamedTuple("Outputs", [("version", str), ("model_uri", str)]):
     """Store an immutable model version with its card; mirror it to Kubeflow Model Registry when configured."""
-    from components.registry import register_step
+    from components.steps import register_step
 
     result = register_step(
         model_path=model.path, metrics_json=metrics_json, model_name=model_name,

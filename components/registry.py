@@ -19,9 +19,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.errors import UserError
+from components.errors import UserError, first_line
+from components.eval_metrics import candidate_metrics
 from components.hashing import sha256_file
-from components.storage import ObjectStore, S3Config
+from components.storage import ObjectStore
+from components.training.config import TrainConfig
 
 MODEL_FILE = "model.pt"
 CARD_FILE = "model_card.json"
@@ -228,7 +230,7 @@ def register_in_model_registry(url: str, registered: RegisteredVersion, *, autho
         )
         mv = client.get_model_version(registered.name, registered.version)
     except Exception as e:  # the client raises many types (StoreError, aiohttp, openapi); one line for all
-        detail = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'failed'}"
+        detail = f"{type(e).__name__}: {first_line(e) if str(e).strip() else 'failed'}"
         if type(e).__name__ == "NotFoundException":
             # The client's first call (a registered-model listing under /api/model_registry/v1/) found
             # no such path: a server of another API line, e.g. v0.3.5, which serves only /v1alpha3/.
@@ -238,9 +240,9 @@ def register_in_model_registry(url: str, registered: RegisteredVersion, *, autho
     return {"model_registry_url": url, "model_registry_version_id": getattr(mv, "id", None)}
 
 
-# -- the pipeline step ------------------------------------------------------------------------------
+# -- the model card ---------------------------------------------------------------------------------
 
-def _loads(what: str, text: str | dict | None) -> dict:
+def parse_metrics_json(text: str | dict | None, what: str = "metrics_json") -> dict:
     if isinstance(text, dict):
         return text
     try:
@@ -259,10 +261,14 @@ def _scalars(meta: dict) -> dict:
 def build_card(metrics: dict, *, run_id: str, model_metadata: dict, dataset_metadata: dict,
                weights_metadata: dict) -> dict:
     """The model card: what was measured, on which data, from which weights, by which run."""
-    zero_shot = {k[len("zero_shot_"):]: v for k, v in metrics.items() if k.startswith("zero_shot_")}
-    champion = {k[len("champion_"):]: v for k, v in metrics.items() if k.startswith("champion_")}
-    finetuned = {k[len("finetuned_"):]: v for k, v in metrics.items() if k.startswith("finetuned_")}
-    training = {k: v for k, v in model_metadata.items() if k not in {"history", "display_name"}}
+    zero_shot = candidate_metrics(metrics, "zero_shot")
+    champion = candidate_metrics(metrics, "champion")
+    finetuned = candidate_metrics(metrics, "finetuned")
+    training = {k: v for k, v in model_metadata.items() if k not in {"history", "display_name", "config"}}
+    if isinstance(model_metadata.get("config"), dict):
+        # Read back through ML Metadata a bool is 0/1 and an int 3.0: the card states them as trained.
+        cfg = TrainConfig.from_params(model_metadata["config"])
+        training["config"] = {k: getattr(cfg, k) for k in model_metadata["config"]}
     return {
         "run_id": run_id,
         "metrics": finetuned or metrics,
@@ -275,22 +281,3 @@ def build_card(metrics: dict, *, run_id: str, model_metadata: dict, dataset_meta
         "model": {"model_type": model_metadata.get("model_type") or weights_metadata.get("model_type"),
                   "format": "pytorch state_dict (segment_anything / mobile_sam Sam)"},
     }
-
-
-def register_step(model_path: str, metrics_json: str | dict, model_name: str, model_registry_url: str,
-                  run_id: str, s3_endpoint: str, bucket: str, prefix: str, *, version: str = "",
-                  model_metadata: dict | None = None, dataset_metadata: dict | None = None,
-                  weights_metadata: dict | None = None) -> dict:
-    """Register the fine-tuned model; returns the version, its uris and the Model Registry id if any."""
-    metrics = _loads("metrics_json", metrics_json)
-    store = ObjectStore(S3Config.from_env(endpoint=s3_endpoint, bucket=bucket, prefix=prefix))
-    card = build_card(metrics, run_id=run_id, model_metadata=model_metadata or {},
-                      dataset_metadata=dataset_metadata or {}, weights_metadata=weights_metadata or {})
-    registered = ObjectStoreRegistry(store).register(model_name, model_path, card, version or None)
-    result = {"model_name": registered.name, "version": registered.version, "model_uri": registered.model_uri,
-              "card_uri": registered.card_uri, "sha256": registered.card["model"]["sha256"]}
-    if model_registry_url:
-        result.update(register_in_model_registry(
-            model_registry_url, registered,
-            format_version=str((model_metadata or {}).get("torch_version") or "2")))
-    return result

@@ -232,9 +232,8 @@ class Report:
                 f"<body><h1>{_esc(self.title)}</h1>{''.join(self._body)}</body></html>\n")
 
     def write(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.part")
-        tmp.write_text(self.html(), encoding="utf-8")
-        tmp.replace(path)
-        return path
+        from components.files import atomic_path
+
+        with atomic_path(path) as tmp:
+            tmp.write_text(self.html(), encoding="utf-8")
+        return Path(path)

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from components.download import DownloadError, download, remote_size
 from components.hashing import sha256_file
-from components.storage import ObjectStore, S3Config, unique_temp
+from components.storage import ObjectStore, unique_temp
 
 
 class WeightsError(DownloadError):
@@ -45,6 +44,8 @@ CATALOGUE: dict[str, Checkpoint] = {c.model_type: c for c in (
                2_564_550_879, "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
                "vit_h_sam_vit_h_4b8939.pth"),
 )}
+# The one list of model types (like segment-anything's sam_model_registry): the CLI and TrainConfig read it.
+MODEL_TYPES = tuple(CATALOGUE)
 
 
 @dataclass
@@ -215,15 +216,3 @@ def _to_store(store: ObjectStore, entry: Checkpoint, sha256: str, path: Path) ->
     if info is None or info.sha256 != sha256 or info.size != path.stat().st_size:
         store.put_file(key, path, sha256)
     return store.uri(key)
-
-
-def fetch_step(model_type: str, url: str, sha256: str, s3_endpoint: str, bucket: str, prefix: str,
-               out_path: str) -> dict:
-    """The KFP component body: fetch (or find) the checkpoint and copy it to the output artifact."""
-    store = ObjectStore(S3Config.from_env(endpoint=s3_endpoint, bucket=bucket, prefix=prefix))
-    result = fetch_weights(model_type, url or None, sha256 or None, store=store)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(result.path, out)
-    return {"model_type": model_type, "sha256": result.sha256, "source_url": result.source_url,
-            "bytes": result.bytes, "object_uri": result.object_uri}

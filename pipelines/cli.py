@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from components.errors import UserError, first_line
+from components.weights import MODEL_TYPES
 
-MODEL_TYPES = ("vit_t", "vit_b", "vit_h")
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 
 
@@ -73,19 +73,24 @@ def _usage(name: str):
 # -- parser ---------------------------------------------------------------------------------------
 
 def _add_seed_flags(p: argparse.ArgumentParser) -> None:
+    # Names and defaults come from TrainConfig (the one place they are stated); the short flags are the seed's.
+    from components.training.config import TrainConfig
+
+    d = TrainConfig()
     g = p.add_argument_group("training (the seed's flags)")
-    g.add_argument("-d", "--debug_with_one_example", action="store_true", help="train on a single example")
-    g.add_argument("-c", "--checkpoint_name", default="sam_instance_seg", help="checkpoints/<name>/{best,latest}.pt")
-    g.add_argument("-m", "--model_type", default="vit_t", choices=MODEL_TYPES)
-    g.add_argument("-b", "--batch_size", type=_int_at_least(1), default=1)
-    g.add_argument("-n", "--n_objects_per_batch", type=_int_at_least(1), default=25)
-    g.add_argument("-g", "--device", type=_device, default="cuda",
+    g.add_argument("-d", "--debug_with_one_example", action="store_true", default=d.debug_with_one_example,
+                   help="train on a single example")
+    g.add_argument("-c", "--checkpoint_name", default=d.checkpoint_name, help="checkpoints/<name>/{best,latest}.pt")
+    g.add_argument("-m", "--model_type", default=d.model_type, choices=MODEL_TYPES)
+    g.add_argument("-b", "--batch_size", type=_int_at_least(1), default=d.batch_size)
+    g.add_argument("-n", "--n_objects_per_batch", type=_int_at_least(1), default=d.n_objects_per_batch)
+    g.add_argument("-g", "--device", type=_device, default=d.device,
                    help="cuda (falls back to cpu with a notice when there is no GPU) or cpu")
-    g.add_argument("-i", "--n_iterations", type=_int_at_least(1), default=200)
-    g.add_argument("-s", "--n_sub_iteration", type=_int_at_least(1), default=2)
-    g.add_argument("--lr", type=float, default=1e-5)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--val-every", dest="val_every", type=_int_at_least(1), default=10,
+    g.add_argument("-i", "--n_iterations", type=_int_at_least(1), default=d.n_iterations)
+    g.add_argument("-s", "--n_sub_iteration", type=_int_at_least(1), default=d.n_sub_iteration)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--val-every", dest="val_every", type=_int_at_least(1), default=d.val_every,
                    help="validate every N iterations")
 
 
@@ -231,24 +236,23 @@ def cmd_compile(args) -> int:
 
 
 def _cuda_or_cpu(device: str) -> str:
+    """The local run's device: the pipeline's steps see a plain cpu rather than each warning on its own."""
     if not device.startswith("cuda"):
         return device
-    import torch
+    from components.sam.device import resolve_device
 
-    if torch.cuda.is_available():
-        return device
-    print("sam-pipeline: no CUDA device here; running on cpu (pass -g cpu to silence this)", file=sys.stderr)
-    return "cpu"
+    chosen = str(resolve_device(device, notice=False))
+    if chosen == "cpu":
+        print("sam-pipeline: no CUDA device here; running on cpu (pass -g cpu to silence this)", file=sys.stderr)
+    return chosen if chosen == "cpu" else device
 
 
 def run_params(args) -> dict:
     """Pipeline arguments from `run`'s flags (no credentials: those travel as environment variables)."""
+    from components.training.config import PIPELINE_SETTINGS
+
     return {
-        "debug_with_one_example": args.debug_with_one_example, "checkpoint_name": args.checkpoint_name,
-        "model_type": args.model_type, "batch_size": args.batch_size,
-        "n_objects_per_batch": args.n_objects_per_batch, "device": args.device,
-        "n_iterations": args.n_iterations, "n_sub_iteration": args.n_sub_iteration, "lr": args.lr,
-        "seed": args.seed, "val_every": args.val_every, "dataset_source": args.dataset_source,
+        **{name: getattr(args, name) for name in PIPELINE_SETTINGS}, "dataset_source": args.dataset_source,
         "dataset_format": args.dataset_format, "dataset_name": args.dataset_name,
         "weights_url": args.weights_url, "weights_sha256": args.weights_sha256, "bucket": args.bucket,
         "prefix": args.prefix, "margin": args.margin, "model_name": args.model_name,
@@ -259,15 +263,14 @@ def run_params(args) -> dict:
 def validate_run_params(params: dict) -> None:
     """Every pipeline argument checked before any work starts (a NaN would otherwise surface only after
     fetch, ingest and finetune, or crash KFP's protobuf serialisation). The rules live with their owners:
-    TrainConfig.validate, the registry's and the dataset's name rules, minio's bucket rule."""
+    TrainConfig.validate, the registry's and the dataset's name rules, the store's bucket rule."""
     import dataclasses
     import math
 
-    from minio.helpers import check_bucket_name
-
     from components.datasets.ingest import check_name as check_dataset_name
-    from components.finetune import TrainConfig
     from components.registry import _check_name as check_model_name
+    from components.storage import check_bucket
+    from components.training.config import TrainConfig
 
     for key, value in params.items():
         if isinstance(value, float) and not math.isfinite(value):
@@ -275,20 +278,14 @@ def validate_run_params(params: dict) -> None:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
         TrainConfig(**{k: v for k, v in params.items() if k in fields}).validate()
-    except ValueError as e:  # TrainConfig.validate's one-line report of every bad setting
+    except UserError as e:  # TrainConfig.validate's one-line report of every bad setting
         raise CLIError(first_line(e), EXIT_USAGE) from None
-    # numpy's generators (the split, the prompt sampling) refuse negative seeds; TrainConfig does not check it yet.
-    if params["seed"] < 0:
-        raise CLIError(f"--seed {params['seed']}: must be >= 0", EXIT_USAGE)
-    name = params["checkpoint_name"]
-    if "/" in name or "\\" in name or name in ("", ".", ".."):
-        raise CLIError(f"--checkpoint_name {name!r} must be a plain folder name", EXIT_USAGE)
     for flag, check in (("--dataset-name", lambda: check_dataset_name(params["dataset_name"])),
                         ("--model-name", lambda: check_model_name("name", params["model_name"])),
-                        ("--bucket", lambda: check_bucket_name(params["bucket"], s3_check=False))):
+                        ("--bucket", lambda: check_bucket(params["bucket"]))):
         try:
             check()
-        except (UserError, ValueError) as e:  # minio's rule raises a plain ValueError
+        except UserError as e:
             raise CLIError(f"{flag}: {first_line(e)}", EXIT_USAGE) from None
 
 

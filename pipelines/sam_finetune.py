@@ -10,14 +10,17 @@ from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 
+from components.datasets.sources import PENNFUDAN_URL as PENN_FUDAN_URL
+from components.files import atomic_path
 from components.kfp_components import make_components
+from components.training.config import TrainConfig
 from pipelines.images import image_refs
 
 PIPELINE_NAME = "sam-finetune"
 DEFAULT_YAML = Path(__file__).with_name("sam_finetune.yaml")
-PENN_FUDAN_URL = "https://www.cis.upenn.edu/~jshi/ped_html/PennFudanPed.zip"
 S3_SECRET = "mlpipeline-minio-artifact"
 S3_SECRET_ENV = {"accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"}
+_TRAIN = TrainConfig()  # the training parameters' defaults (tests/test_pipeline.py pins names and types)
 
 
 @dataclass(frozen=True)
@@ -65,17 +68,17 @@ def build_pipeline(placement: Placement | None = None):
                               "segmentation, evaluate against the zero-shot checkpoint and the registered "
                               "champion, and register the model when it is better.")
     def sam_finetune(
-        debug_with_one_example: bool = False,
-        checkpoint_name: str = "sam_instance_seg",
-        model_type: str = "vit_t",
-        batch_size: int = 1,
-        n_objects_per_batch: int = 25,
-        device: str = "cuda",
-        n_iterations: int = 200,
-        n_sub_iteration: int = 2,
-        lr: float = 1e-5,
-        seed: int = 0,
-        val_every: int = 10,
+        debug_with_one_example: bool = _TRAIN.debug_with_one_example,
+        checkpoint_name: str = _TRAIN.checkpoint_name,
+        model_type: str = _TRAIN.model_type,
+        batch_size: int = _TRAIN.batch_size,
+        n_objects_per_batch: int = _TRAIN.n_objects_per_batch,
+        device: str = _TRAIN.device,
+        n_iterations: int = _TRAIN.n_iterations,
+        n_sub_iteration: int = _TRAIN.n_sub_iteration,
+        lr: float = _TRAIN.lr,
+        seed: int = _TRAIN.seed,
+        val_every: int = _TRAIN.val_every,
         dataset_source: str = PENN_FUDAN_URL,
         dataset_format: str = "auto",
         dataset_name: str = "penn-fudan",
@@ -137,9 +140,6 @@ sam_finetune = build_pipeline()
 
 def compile_pipeline(path: str | Path = DEFAULT_YAML, placement: Placement | None = None) -> Path:
     """Compile to YAML; the same inputs give the same bytes (a test compares with the committed file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.part.yaml")  # the compiler picks the format from the suffix
-    compiler.Compiler().compile(build_pipeline(placement), str(tmp))
-    tmp.replace(path)
-    return path
+    with atomic_path(path, suffix=".yaml") as tmp:  # the compiler picks the format from the suffix
+        compiler.Compiler().compile(build_pipeline(placement), str(tmp))
+    return Path(path)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from components.evaluate import (EvaluationError, centre_points, encoder_fingerprint, evaluate, evaluate_step,
-                                 gate)
+from components.evaluate import EvaluationError, centre_points, encoder_fingerprint, evaluate, gate
 from components.report import Report, line_chart_svg, overlay
+from components.steps import evaluate_step
 
 
 # -- report -----------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ def test_evaluate_step_finds_the_champion(checkpoints, store, s3_env, tmp_path):
     """The step reads the test split through the manifest, and the bar rises to the registered champion."""
     from components.datasets.ingest import ingest
     from components.datasets.synthetic import make_folder
-    from components.registry import register_step
+    from components.steps import register_step
 
     cfg = store.config
     folder = make_folder(tmp_path / "data", [f"img{i}" for i in range(4)], seed=1, size=(48, 64))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from components.datasets.synthetic import make_samples
-from components.finetune import TrainConfig, Trainer, _prepare, resolve_amp, train
+from components.training import TrainConfig, Trainer, prepare_items, resolve_amp, train
 from components.sam.embeddings import EmbeddingCache, decode_bytes, image_key
 from components.sam.model import build_sam, decode, load_trainable_state_dict
 from helpers import make_random_vit_t_checkpoint
@@ -218,7 +218,7 @@ def test_cuda_amp_paths_train(tmp_path, weights, samples, amp_dtype):
 def test_nonfinite_losses_skip_steps_then_stop(weights, samples):
     model = build_sam("vit_t", weights[0])
     nan = torch.full((256, 64, 64), float("nan"))
-    items = _prepare(samples[:2], [nan, nan], torch.device("cpu"))
+    items = prepare_items(samples[:2], [nan, nan], torch.device("cpu"))
     c = TrainConfig(device="cpu", n_objects_per_batch=2)
     trainer = Trainer(c, model, items, items, torch.device("cpu"), resolve_amp(c, torch.device("cpu")))
     before = {k: v.clone() for k, v in model.mask_decoder.state_dict().items()}
@@ -250,7 +250,7 @@ def test_finetune_step_from_a_manifest_and_its_retry(tmp_path, weights, s3_env, 
 
     from components.datasets import synthetic
     from components.datasets.ingest import ingest
-    from components.finetune import finetune_step
+    from components.steps import finetune_step
 
     monkeypatch.setenv("SAM_DATA_CACHE", str(tmp_path / "data-cache"))
     root = synthetic.make_pennfudan(tmp_path / "src", 2, 2, seed=0, size_range=(96, 140))
@@ -276,3 +276,17 @@ def test_finetune_step_from_a_manifest_and_its_retry(tmp_path, weights, s3_env, 
                        checkpoint_dir=str(tmp_path / "pod2"))
     assert m2["resumed_from"] == 2 and m2["embeddings_computed"] == 0 and m2["embeddings_from_store"] == 1
     assert m2["model_sha256"] == m1["model_sha256"]
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "/abs", "..", ".", ""])
+def test_checkpoint_name_is_one_folder_name(tmp_path, name):
+    """`-p checkpoint_name=../../x` must not write outside checkpoint_dir: a one-line UserError in the
+    component, before any data is read."""
+    from components.errors import UserError
+    from components.steps import finetune_step
+
+    with pytest.raises(UserError, match="checkpoint_name must be one folder name"):
+        finetune_step("never-read.pt", "never-read.json", checkpoint_name=name, device="cpu",
+                      checkpoint_dir=str(tmp_path / "ck"))
+    assert not (tmp_path / "ck").exists()
+    TrainConfig(checkpoint_name="sam_instance_seg.v2-1").validate()

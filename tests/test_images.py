@@ -322,7 +322,7 @@ def test_fetch_weights_runs_with_weights_extra_only(store, http_server, tmp_path
     cfg = store.config
     out_path = tmp_path / "out" / "weights.pth"
     code = PROBE + f"""
-from components.weights import fetch_step
+from components.steps import fetch_step
 report(fetch_step(model_type="vit_t", url={url!r}, sha256={sha!r}, s3_endpoint={cfg.endpoint!r},
                   bucket={cfg.bucket!r}, prefix={cfg.prefix!r}, out_path={str(out_path)!r}))
 """
@@ -346,7 +346,7 @@ def test_ingest_runs_with_ingest_extra_only(store, http_server, tmp_path):
     cfg = store.config
     manifest_path = tmp_path / "out" / "manifest.json"
     code = PROBE + f"""
-from components.datasets.ingest import ingest_step
+from components.steps import ingest_step
 report(ingest_step(source={url!r}, dataset_format="penn-fudan", dataset_name="penn-fudan", split_seed=0,
                    s3_endpoint={cfg.endpoint!r}, bucket={cfg.bucket!r}, prefix={cfg.prefix!r},
                    out_manifest_path={str(manifest_path)!r}))
@@ -365,7 +365,7 @@ def test_register_runs_with_registry_extra_only(store, tmp_path):
     metrics = {"finetuned_box_dice": 0.81, "zero_shot_box_dice": 0.62, "passed": True}
     cfg = store.config
     code = PROBE + f"""
-from components.registry import register_step
+from components.steps import register_step
 report(register_step(model_path={str(model)!r}, metrics_json={json.dumps(metrics)!r}, model_name="sam-pennfudan",
                      model_registry_url="", run_id="run-1", s3_endpoint={cfg.endpoint!r}, bucket={cfg.bucket!r},
                      prefix={cfg.prefix!r}))

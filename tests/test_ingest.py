@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from components.datasets import synthetic
-from components.datasets.ingest import ingest, ingest_step
+from components.datasets.ingest import ingest
+from components.steps import ingest_step
 from components.datasets.sources import PENNFUDAN_URL, cache_path
 from components.datasets.validate import DatasetError
 from components.s3server import free_port

@@ -132,3 +132,35 @@ def test_bad_image_settings_are_rejected():
         image_refs("localhost", "bad tag")
     with pytest.raises(ImageError, match="invalid image registry"):
         image_refs("Not A Registry", "1")
+
+
+# -- training settings: TrainConfig is the one place their names, types and defaults are stated ------
+
+def test_training_parameters_are_trainconfigs():
+    """KFP needs literal signatures; this fails when a pipeline, component or CLI name, type or default
+    drifts from TrainConfig."""
+    import dataclasses
+    import inspect
+
+    from components.kfp_components import finetune
+    from components.training.config import PIPELINE_SETTINGS, TrainConfig
+    from pipelines.cli import build_parser
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert set(PIPELINE_SETTINGS) <= set(fields)
+    component_params = inspect.signature(finetune).parameters
+    run_args = vars(build_parser().parse_args(["run"]))
+    for name in PIPELINE_SETTINGS:
+        f = fields[name]
+        assert component_params[name].annotation.__name__ == f.type, name
+        assert run_args[name] == f.default, name
+
+    # The pipeline's parameters as KFP sees them: the compiled spec (pinned to a fresh compile above).
+    spec, _ = _load(DEFAULT_YAML)
+    kfp_types = {"bool": "BOOLEAN", "str": "STRING", "int": "NUMBER_INTEGER", "float": "NUMBER_DOUBLE"}
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    for name in PIPELINE_SETTINGS:
+        assert inputs[name]["parameterType"] == kfp_types[fields[name].type], name
+        assert inputs[name].get("defaultValue", False) == fields[name].default, name
+    finetune_inputs = spec["components"]["comp-finetune"]["inputDefinitions"]["parameters"]
+    assert set(PIPELINE_SETTINGS) <= set(finetune_inputs)

@@ -3,10 +3,13 @@ a synthetic Penn-Fudan zip and a random vit_t checkpoint served over HTTP, the S
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+from kfp_launcher_rules import check_run
 
 from pipelines.cli import main
+from pipelines.sam_finetune import DEFAULT_YAML
 
 TASKS = ("fetch-weights", "ingest-dataset", "finetune", "evaluate", "register-model")
 
@@ -47,6 +50,8 @@ def test_run_end_to_end_then_gate_skips_register(sources, http_server, store, s3
     code, summary, log = _run(tmp_path, capsys, *common, "--margin", "-1")
     assert code == 0, log[-3000:]
     assert {t: summary["tasks"][t]["state"] for t in TASKS} == dict.fromkeys(TASKS, "SUCCEEDED")
+    # What a real KFP 2.17 backend would record: every artifact's metadata and every output parameter.
+    assert check_run(Path(summary["run_dir"]), DEFAULT_YAML) == len(TASKS)
     for task, output in (("fetch-weights", "weights"), ("ingest-dataset", "dataset"), ("finetune", "model"),
                          ("finetune", "report"), ("evaluate", "report")):
         art = summary["tasks"][task]["artifacts"][output]
@@ -80,6 +85,7 @@ def test_run_end_to_end_then_gate_skips_register(sources, http_server, store, s3
     assert code == 0, log[-3000:]
     states = {t: summary["tasks"][t]["state"] for t in TASKS}
     assert states == {**dict.fromkeys(TASKS[:4], "SUCCEEDED"), "register-model": "SKIPPED"}
+    assert check_run(Path(summary["run_dir"]), DEFAULT_YAML) == 4  # a resumed finetune, a champion in evaluate
     assert summary["passed"] is False and summary["metrics"]["champion_version"] == "v1"
     assert reg.versions("sam-e2e") == ["v1"]
     assert "register-model skipped" in log

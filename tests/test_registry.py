@@ -9,7 +9,8 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from components.registry import ObjectStoreRegistry, RegistryError, build_card, register_step
+from components.registry import ObjectStoreRegistry, RegistryError, build_card
+from components.steps import register_step
 from helpers import JSONHandler
 
 METRICS = {"finetuned_box_dice": 0.81, "zero_shot_box_dice": 0.70, "finetuned_point_dice": 0.6,

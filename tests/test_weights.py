@@ -14,7 +14,8 @@ from components.download import DownloadError
 from components.hashing import sha256_file
 from components.s3server import free_port
 from components.storage import ObjectStore, StorageError
-from components.weights import CATALOGUE, WeightsError, fetch_step, fetch_weights
+from components.steps import fetch_step
+from components.weights import CATALOGUE, WeightsError, fetch_weights
 from helpers import make_random_vit_t_checkpoint
 
 

@@ -12,7 +12,6 @@ that no longer parses.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -167,19 +166,4 @@ def ingest(source: str, fmt: str = "auto", name: str = "penn-fudan", store: Obje
                         manifest, uploaded, skipped, n_objects if verify else None)
 
 
-def ingest_step(source: str, dataset_format: str, dataset_name: str, split_seed: int, s3_endpoint: str,
-                bucket: str, prefix: str, out_manifest_path: str) -> dict:
-    """The KFP component body: ingest, write the manifest to the Dataset artifact, return its metadata."""
-    store = ObjectStore(S3Config.from_env(endpoint=s3_endpoint, bucket=bucket, prefix=prefix))
-    result = ingest(source, dataset_format or "auto", dataset_name, store, seed=int(split_seed))
-    out = Path(out_manifest_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result.manifest, indent=2, sort_keys=True))
-    meta = {k: v for k, v in result.to_json().items() if k != "splits"}
-    for split, counts in result.manifest["totals"]["splits"].items():
-        meta[f"{split}_images"] = counts["images"]
-        meta[f"{split}_instances"] = counts["instances"]
-    return meta
-
-
-__all__ = ["DatasetError", "IngestResult", "Prepared", "ingest", "ingest_step", "prepare"]
+__all__ = ["DatasetError", "IngestResult", "Prepared", "ingest", "prepare"]

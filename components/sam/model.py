@@ -5,8 +5,6 @@ prompt encoder / mask decoder code, so everything below works for all three.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from components.errors import first_line
+from components.files import atomic_path
 from components.sam.transforms import Frame, postprocess_masks
+from components.weights import MODEL_TYPES
 
-MODEL_TYPES = ("vit_t", "vit_b", "vit_h")
 ENCODER_PREFIX = "image_encoder."
 
 
@@ -47,7 +47,7 @@ def load_state_dict_file(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated/non-torch files
-        raise ValueError(f"checkpoint {path} is not a readable torch file: {str(e).splitlines()[0]}") from e
+        raise ValueError(f"checkpoint {path} is not a readable torch file: {first_line(e)}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {path} is not a plain state dict of tensors")
     return state
@@ -59,14 +59,19 @@ def build_sam(model_type: str = "vit_t", checkpoint_path: str | Path | None = No
     in eval mode on `device`. A checkpoint of the wrong architecture is a clear error."""
     model = _registry(model_type)(checkpoint=None)
     if checkpoint_path is not None:
-        state = load_state_dict_file(checkpoint_path)
-        result = model.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise ValueError(
-                f"checkpoint {checkpoint_path} does not fit SAM {model_type}: "
-                f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:2]}), "
-                f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:2]})")
+        load_strict(model, load_state_dict_file(checkpoint_path), f"checkpoint {checkpoint_path}", model_type)
     return model.to(device).eval()
+
+
+def load_strict(model: nn.Module, state: dict, what: str, model_type: str) -> nn.Module:
+    """Load a complete state dict; any missing or unexpected key is a clear error naming `what`."""
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{what} does not fit SAM {model_type}: "
+            f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:2]}), "
+            f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:2]})")
+    return model
 
 
 def set_trainable(model: nn.Module, freeze_prompt_encoder: bool = False) -> list[nn.Parameter]:
@@ -93,17 +98,11 @@ def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) 
 
 def atomic_torch_save(obj, path: str | Path) -> Path:
     """torch.save to a temp file beside `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        # A file object, not the path: torch names the archive's records after the file, and the temp
+        # name is random; the same state must give the same bytes (model_sha256 of a resumed run).
+        torch.save(obj, f)
+    return Path(path)
 
 
 def export_state_dict(model: nn.Module, path: str | Path) -> Path:

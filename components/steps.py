@@ -1,0 +1,227 @@
+"""The pipeline steps' glue: the object store from a step's parameters, files and metadata in and out.
+
+One function per KFP component (`components.kfp_components` wraps each in a few lines); the domain
+modules (weights, datasets.ingest, training, evaluate, registry) know nothing of artifacts.
+
+Artifact metadata goes through `artifact_metadata()` on the way out and `read_metadata()` on the way in,
+because a real KFP 2.17 backend is stricter than kfp.local: its launcher stores each top-level metadata
+value as an ML Metadata custom property (`StructValueToMLMDValue` in kubeflow/pipelines
+backend/src/v2/metadata/converter.go) and fails the task on a null; what comes back downstream
+(`toRuntimeArtifact`, same file) has booleans and integers as numbers and dicts wrapped as {"struct": ...}.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def connect(endpoint: str, bucket: str, prefix: str):
+    """The object store a step was pointed at (credentials from the environment)."""
+    from components.storage import ObjectStore, S3Config
+
+    return ObjectStore(S3Config.from_env(endpoint=endpoint, bucket=bucket, prefix=prefix))
+
+
+# -- metadata out and back ---------------------------------------------------------------------------
+
+def _storable(value):
+    """`value` without what JSON or ML Metadata cannot hold (None, NaN, infinities), or None if nothing is left."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    if isinstance(value, dict):
+        return {str(k): v for k, v in ((k, _storable(v)) for k, v in value.items()) if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [v for v in (_storable(v) for v in value) if v is not None]
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)  # a Path or similar: its text is what a reader wants
+
+
+def artifact_metadata(result: dict) -> dict:
+    """A step's result as artifact metadata the KFP 2.17 launcher can record: a missing value is left out,
+    never written as null (the launcher has no case for null: `// TODO: support null`)."""
+    return _storable(result)
+
+
+def read_metadata(meta: dict | None) -> dict:
+    """Artifact metadata as a step wrote it, whether it comes straight from the producer (kfp.local) or
+    back from ML Metadata, which wraps dicts as {"struct": ...} and lists as {"list": ...}."""
+    def unwrap(v):
+        if isinstance(v, dict):
+            if len(v) == 1 and ("struct" in v or "list" in v):
+                return unwrap(next(iter(v.values())))
+            return {k: unwrap(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [unwrap(x) for x in v]
+        return v
+
+    return {k: unwrap(v) for k, v in (meta or {}).items() if k != "display_name"}
+
+
+def publish(result: dict, artifact=None, metrics=None) -> None:
+    """Put a step's result on its output artifact, and its numbers on the Metrics artifact so they show
+    in the KFP UI."""
+    meta = artifact_metadata(result)
+    if artifact is not None:
+        artifact.metadata.update(meta)
+    if metrics is not None:
+        for key, value in sorted(meta.items()):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics.log_metric(key, float(value))
+
+
+def _copy_out(src: str | Path, dest: str | Path) -> Path:
+    out = Path(dest)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, out)
+    return out
+
+
+# -- the five steps ----------------------------------------------------------------------------------
+
+def fetch_step(model_type: str, url: str, sha256: str, s3_endpoint: str, bucket: str, prefix: str,
+               out_path: str) -> dict:
+    """Fetch (or find) the checkpoint and copy it to the output artifact."""
+    from components.weights import fetch_weights
+
+    result = fetch_weights(model_type, url or None, sha256 or None, store=connect(s3_endpoint, bucket, prefix))
+    _copy_out(result.path, out_path)
+    return {"model_type": model_type, "sha256": result.sha256, "source_url": result.source_url,
+            "bytes": result.bytes, "object_uri": result.object_uri}
+
+
+def ingest_step(source: str, dataset_format: str, dataset_name: str, split_seed: int, s3_endpoint: str,
+                bucket: str, prefix: str, out_manifest_path: str) -> dict:
+    """Ingest, write the manifest to the Dataset artifact, return its metadata."""
+    from components.datasets.ingest import ingest
+
+    result = ingest(source, dataset_format or "auto", dataset_name, connect(s3_endpoint, bucket, prefix),
+                    seed=int(split_seed))
+    out = Path(out_manifest_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result.manifest, indent=2, sort_keys=True))
+    meta = {k: v for k, v in result.to_json().items() if k != "splits"}
+    for split, counts in result.manifest["totals"]["splits"].items():
+        meta[f"{split}_images"] = counts["images"]
+        meta[f"{split}_instances"] = counts["instances"]
+    return meta
+
+
+def write_finetune_report(path: str | Path, metrics: dict, history: dict) -> Path:
+    """The finetune step's page: the run's metrics and its loss / validation Dice curves."""
+    from components.report import Report
+
+    return Report("SAM fine-tuning").kv(metrics).history(history).write(path)
+
+
+def finetune_step(weights_path: str, manifest_path: str, *, run_id: str = "", s3_endpoint: str = "",
+                  bucket: str = "", prefix: str = "", out_model_path: str = "model.pt",
+                  out_report_path: str = "report.html", checkpoint_dir: str = "checkpoints", **settings) -> dict:
+    """Read the dataset version named by the manifest, train with `settings` (TrainConfig fields), write
+    the model (plain state dict) and an HTML report, and return the run's metrics and settings."""
+    from components.datasets.reader import load_manifest, load_split
+    from components.hashing import sha256_file
+    from components.training import TrainConfig, train
+
+    cfg = TrainConfig.from_params(settings, checkpoint_dir=checkpoint_dir)
+    cfg.validate()  # before anything is read or written: e.g. checkpoint_name must not leave checkpoint_dir
+    store = connect(s3_endpoint, bucket, prefix)
+    manifest = load_manifest(store, manifest_path)
+    train_samples = load_split(store, manifest, "train")
+    val_samples = [] if cfg.debug_with_one_example else load_split(store, manifest, "val")
+    weights_sha = sha256_file(weights_path)
+    result = train(cfg, weights_path, train_samples, val_samples, store=store, run_id=run_id or None,
+                   dataset_hash=manifest["content_hash"], weights_sha256=weights_sha)
+    out_model = _copy_out(result.model_path, out_model_path)
+    val_dice = result.history["val_dice"]
+    metrics = {
+        "best_val_dice": round(result.best_val_dice, 6),
+        # Absent rather than null: a resumed run did not measure the untrained model itself.
+        "initial_val_dice": round(val_dice[0], 6) if val_dice and result.resumed_from is None else None,
+        "best_iteration": result.best_iteration,
+        "iterations": result.iterations,
+        "resumed_from": result.resumed_from,
+        "final_loss": next((x for x in reversed(result.history["loss"]) if x == x), None),
+        "train_images": 1 if cfg.debug_with_one_example else len(train_samples),
+        "val_images": 1 if cfg.debug_with_one_example else len(val_samples),
+        "model_type": cfg.model_type,
+        "device": result.device,
+        "amp": result.amp,
+        "iterations_per_second": result.embedding_stats.get("it_per_s"),
+        "embeddings_computed": result.embedding_stats.get("computed"),
+        "embeddings_from_store": result.embedding_stats.get("store"),
+        "seconds": round(result.seconds, 1),
+        "weights_sha256": weights_sha,
+        "dataset_content_hash": manifest["content_hash"],
+        "model_sha256": sha256_file(out_model),
+        "run_id": run_id,
+    }
+    if run_id:
+        metrics["checkpoint_uri"] = store.uri(store.key("runs", run_id, "checkpoints", "best.pt"))
+        metrics["history_uri"] = store.uri(store.put_json(store.key("runs", run_id, "history.json"),
+                                                          result.history).key)
+    write_finetune_report(out_report_path, metrics, result.history)
+    # The model card records how the model was trained: the run's own settings travel with the model.
+    return {**metrics, "config": settings}
+
+
+def evaluate_step(weights_path: str, model_path: str, manifest_path: str, model_type: str, margin: float,
+                  model_name: str, device: str, s3_endpoint: str, bucket: str, prefix: str, out_report_path: str,
+                  model_metadata: dict | None = None) -> dict:
+    """Load the test split, find the champion, evaluate, write the report."""
+    from components.datasets.reader import load_manifest, load_split
+    from components.eval_metrics import box_dice_line
+    from components.evaluate import EvaluationError, evaluate, training_history
+    from components.hashing import sha256_file
+    from components.registry import ObjectStoreRegistry
+
+    if not math.isfinite(float(margin)):
+        raise EvaluationError(f"margin must be a finite number (got {margin})")
+    store = connect(s3_endpoint, bucket, prefix)
+    manifest = load_manifest(store, manifest_path)
+    test = load_split(store, manifest, "test")
+    registry = ObjectStoreRegistry(store)
+    pointer = registry.latest(model_name) if model_name else None
+    history = training_history(read_metadata(model_metadata).get("history_uri"), store)
+    with tempfile.TemporaryDirectory() as tmp:
+        champion, champion_type = None, None
+        if pointer is not None:
+            champion = registry.fetch(model_name, pointer["version"], Path(tmp) / "champion.pt")
+            champion_type = registry.card(model_name, pointer["version"]).get("model", {}).get("model_type")
+            log.info("champion: %s %s (%s)", model_name, pointer["version"], pointer.get("model_uri"))
+        metrics = evaluate(model_type, weights_path, model_path, test, champion_weights=champion,
+                           champion_model_type=champion_type,
+                           champion_name=pointer["version"] if pointer else "", margin=float(margin),
+                           device=device, report_path=out_report_path, history=history,
+                           store=store, zero_shot_sha256=sha256_file(weights_path))
+    metrics["dataset_content_hash"] = manifest.get("content_hash")
+    print(box_dice_line(metrics))
+    return metrics
+
+
+def register_step(model_path: str, metrics_json: str | dict, model_name: str, model_registry_url: str,
+                  run_id: str, s3_endpoint: str, bucket: str, prefix: str, *, version: str = "",
+                  model_metadata: dict | None = None, dataset_metadata: dict | None = None,
+                  weights_metadata: dict | None = None) -> dict:
+    """Register the fine-tuned model; returns the version, its uris and the Model Registry id if any."""
+    from components.registry import (ObjectStoreRegistry, build_card, parse_metrics_json,
+                                     register_in_model_registry)
+
+    metrics = parse_metrics_json(metrics_json)
+    model_metadata = read_metadata(model_metadata)
+    card = build_card(metrics, run_id=run_id, model_metadata=model_metadata,
+                      dataset_metadata=read_metadata(dataset_metadata), weights_metadata=read_metadata(weights_metadata))
+    registered = ObjectStoreRegistry(connect(s3_endpoint, bucket, prefix)).register(model_name, model_path, card,
+                                                                                    version or None)
+    result = {"model_name": registered.name, "version": registered.version, "model_uri": registered.model_uri,
+              "card_uri": registered.card_uri, "sha256": registered.card["model"]["sha256"]}
+    if model_registry_url:
+        result.update(register_in_model_registry(
+            model_registry_url, registered, format_version=str(model_metadata.get("torch_version") or "2")))
+    return result

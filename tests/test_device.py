@@ -1,0 +1,61 @@
+"""The device choice on this CPU-only machine: a local fallback with a notice, a one-line failure under KFP."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from components.errors import UserError
+from components.sam import device as dev
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a usable CUDA device")
+
+
+def test_local_cuda_falls_back_to_cpu_with_a_notice(monkeypatch):
+    for name in dev.KFP_POD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.warns(UserWarning, match="CUDA is not available; running on cpu"):
+        assert dev.resolve_device("cuda") == torch.device("cpu")
+    assert dev.resolve_device("cpu") == torch.device("cpu")
+
+
+def test_under_kfp_cuda_fails_in_one_line_saying_what_it_found(monkeypatch, tmp_path):
+    # The env the KFP 2.17 launcher's pod carries (backend/src/v2/component/constants.go).
+    monkeypatch.setenv("KFP_POD_NAME", "sam-finetune-abc-123")
+    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", "all")
+    version = tmp_path / "version"
+    version.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.14  Thu Feb 22 01:44:30 UTC 2024\n"
+                       "GCC version:  gcc version 12.2.0\n")
+    monkeypatch.setattr(dev, "DRIVER_VERSION_FILE", version)
+    with pytest.raises(dev.DeviceError) as e:
+        dev.resolve_device("cuda")
+    msg = str(e.value)
+    assert isinstance(e.value, UserError) and "\n" not in msg
+    assert f"torch {torch.__version__}" in msg and "NVIDIA driver 550.54.14" in msg
+    assert "NVIDIA_VISIBLE_DEVICES=all" in msg and "device plugin" in msg and "nvidia runtime" in msg
+    # An explicit cpu is still fine under KFP.
+    assert dev.resolve_device("cpu") == torch.device("cpu")
+
+
+def test_under_kfp_without_a_visible_driver(monkeypatch, tmp_path):
+    monkeypatch.setenv("KFP_POD_UID", "0f0e")
+    monkeypatch.delenv("NVIDIA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(dev, "DRIVER_VERSION_FILE", tmp_path / "absent")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi
+    with pytest.raises(dev.DeviceError, match="NVIDIA driver not visible, NVIDIA_VISIBLE_DEVICES=unset"):
+        dev.resolve_device("cuda:0")
+
+
+def test_finetune_under_kfp_fails_before_training(monkeypatch, tmp_path):
+    """The training entry point uses the same helper: no model is built, nothing is written."""
+    from components.training import TrainConfig, train
+
+    monkeypatch.setenv("KFP_POD_NAME", "p")
+    cfg = TrainConfig(device="cuda", checkpoint_dir=str(tmp_path / "ck"), show_progress=False)
+    with pytest.raises(dev.DeviceError, match="CUDA is not usable in this pod"):
+        train(cfg, tmp_path / "never-read.pt", [object()], [object()])
+    assert not (tmp_path / "ck").exists()
+
+
+def test_not_a_device():
+    with pytest.raises(dev.DeviceError, match="'gpu0' is not a torch device"):
+        dev.resolve_device("gpu0")
