@@ -16,6 +16,7 @@ project's dependencies), ours in the interpreter that runs this script.
     PYTHONPATH=$PWD .venv/bin/python -m benchmarks.peer_microsam                 # CPU, 40 iterations
     PYTHONPATH=$PWD .venv/bin/python -m benchmarks.peer_microsam --device cuda --iters 200
     PYTHONPATH=$PWD .venv/bin/python -m benchmarks.peer_microsam --setup-only    # just the peer venv
+    PEER_WHEELS=/path/to/wheels ...   # make the peer venv offline from a folder of wheels (pip download)
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ def ensure_peer_venv(venv: Path = PEER_VENV) -> Path:
                              check=True, capture_output=True, text=True).stdout.strip()
     Path(purelib, "project-venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     pip = [str(python), "-m", "pip", "install", "--quiet"]
+    if os.environ.get("PEER_WHEELS"):  # an offline machine (the GPU box): wheels brought along in a folder
+        pip += ["--no-index", "--find-links", os.environ["PEER_WHEELS"]]
     subprocess.run(pip + ["--no-deps"] + PEER_PACKAGES, check=True)
     # Without --no-deps, but torch is already visible through the .pth, so pip leaves it alone.
     subprocess.run(pip + PEER_DEPENDENCIES, check=True)
@@ -213,6 +216,7 @@ def main(argv=None) -> None:
     p.add_argument("--weights", help="vit_t state dict (default: a random one, seeded)")
     p.add_argument("--peer-python", help="the peer's interpreter (default: benchmarks/.peer-venv, made if missing)")
     p.add_argument("--json", type=Path, help="write both results here")
+    p.add_argument("--markdown", type=Path, help="write the table here")
     p.add_argument("--write", action="store_true", help="record the table in benchmarks/RESULTS.md")
     p.add_argument("--setup-only", action="store_true", help="only make the peer venv")
     p.add_argument("--side", choices=["ours", "peer"], help=argparse.SUPPRESS)  # internal: one side per process
@@ -239,6 +243,8 @@ def main(argv=None) -> None:
     load = (load, os.getloadavg())
     name = device_name(args.device)
     print("\n" + table(peer, ours, name))
+    if args.markdown:
+        args.markdown.write_text(table(peer, ours, name) + "\n")
     n_obj = instances(pedestrian_samples(args.images, (args.size, args.size)))
     if args.json:
         args.json.write_text(json.dumps({"peer": peer, "ours": ours, "device": name, "load": load}, indent=2))
