@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Training on a GPU, prepared for a lent machine (nothing here needs the network):
 #   bash benchmarks/gpu_check.sh                      # from the repo root, ~6-8 minutes on an H100/H200
-#   DEVICE=cpu ITERS=3 IMAGES=2 bash benchmarks/gpu_check.sh   # dry run of the Python side on a CPU
+#   DEVICE=cpu ITERS=2 IMAGES=2 THREADS=2 bash benchmarks/gpu_check.sh   # dry run of the Python side on a CPU
 # Needs torch, timm, numpy, pillow and pytest, plus the project's own wheels; the micro-sam peer gets its
 # own venv (benchmarks/.peer-venv, seeing this interpreter's torch): carry one along, or set PEER_WHEELS to
 # a folder of the peer's wheels (made online with `pip download -d DIR micro-sam torch-em python-elf
@@ -18,6 +18,7 @@ OUT_DIR=${OUT:-/tmp}
 DEVICE=${DEVICE:-cuda}
 ITERS=${ITERS:-200}
 IMAGES=${IMAGES:-24}
+THREADS=${THREADS:-8}  # torch CPU threads (the lent machines have 16 cores)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT_DIR"
 
@@ -45,7 +46,7 @@ fi
 echo "== against the peer (micro-sam SamTrainer), $DEVICE, $ITERS iterations =="
 if [ -x benchmarks/.peer-venv/bin/python ] || [ -n "${PEER_WHEELS:-}" ]; then
     timeout 400 "$PY" -m benchmarks.peer_microsam --device "$DEVICE" --iters "$ITERS" --images "$IMAGES" \
-        --threads 8 --json "$OUT_DIR/gpu_peer.json" --markdown "$OUT_DIR/gpu_table.md"
+        --threads "$THREADS" --json "$OUT_DIR/gpu_peer.json" --markdown "$OUT_DIR/gpu_table.md"
     echo "table: $OUT_DIR/gpu_table.md"
 else
     echo "skipped: no benchmarks/.peer-venv and no PEER_WHEELS (the machine is offline)" | tee "$OUT_DIR/gpu_table.md"
