@@ -46,5 +46,8 @@ bench: setup
 	$(BIN)/python -m benchmarks.ingest
 	$(BIN)/python -m benchmarks.train_throughput
 	$(BIN)/python -m benchmarks.e2e
+	$(BIN)/python -m benchmarks.ops_per_iteration
+	$(BIN)/python -m benchmarks.peer_microsam
+	$(BIN)/python -m benchmarks.learning_curve
 
 -include mk/kubernetes.mk

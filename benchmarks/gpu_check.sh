@@ -1,19 +1,32 @@
 #!/usr/bin/env bash
-# CUDA check for training, prepared for a GPU machine (nothing here needs the network):
-#   bash benchmarks/gpu_check.sh            # from the repo root, ~3-4 minutes
+# Training on a GPU, prepared for a lent machine (nothing here needs the network):
+#   bash benchmarks/gpu_check.sh                      # from the repo root, ~6-8 minutes on an H100/H200
+#   DEVICE=cpu ITERS=2 IMAGES=2 THREADS=2 bash benchmarks/gpu_check.sh   # dry run of the Python side on a CPU
+# Needs torch, timm, numpy, pillow and pytest, plus the project's own wheels; the micro-sam peer gets its
+# own venv (benchmarks/.peer-venv, seeing this interpreter's torch): carry one along, or set PEER_WHEELS to
+# a folder of the peer's wheels (made online with `pip download -d DIR micro-sam torch-em python-elf
+# bioimage-cpp --no-deps` plus the list in benchmarks/peer_microsam.py). Without either, the peer is skipped.
 # 1. the CUDA AMP paths train without non-finite losses (pytest, fp16+GradScaler and bf16);
-# 2. the training-throughput benchmark on CUDA: seed way vs cached embeddings, fp32 / fp16+GradScaler /
-#    bf16, 4/8/25 objects, peak torch.cuda.max_memory_allocated, one table (exit 1 on a non-finite loss).
-# Results JSON goes to $OUT (or /tmp) as gpu_train_throughput.json.
+# 2. the training-throughput benchmark: seed way vs cached embeddings, fp32 / fp16+GradScaler / bf16;
+# 3. ours against micro-sam's SamTrainer on identical work (issue 10's settings, 200 iterations).
+# Everything goes to $OUT (or /tmp); the closing table is $OUT/gpu_table.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 OUT_DIR=${OUT:-/tmp}
+DEVICE=${DEVICE:-cuda}
+ITERS=${ITERS:-200}
+IMAGES=${IMAGES:-24}
+THREADS=${THREADS:-8}  # torch CPU threads (the lent machines have 16 cores)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT_DIR"
 
-"$PY" - <<'PYEOF'
+"$PY" - "$DEVICE" <<'PYEOF'
 import sys, torch
+if sys.argv[1] == "cpu":
+    print(f"torch {torch.__version__}, CPU dry run")
+    raise SystemExit(0)
 if not torch.cuda.is_available():
     sys.exit("gpu_check: torch sees no CUDA device")
 p = torch.cuda.get_device_properties(0)
@@ -21,9 +34,20 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {p.name}, {p.total
       f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}")
 PYEOF
 
-echo "== AMP paths (pytest) =="
-timeout 120 "$PY" -m pytest tests/test_finetune.py -q -p no:cacheprovider -k "cuda_amp_paths" -rs
+if [ "$DEVICE" = cuda ]; then
+    echo "== AMP paths (pytest) =="
+    timeout 120 "$PY" -m pytest tests/test_finetune.py -q -p no:cacheprovider -k "cuda_amp_paths" -rs
 
-echo "== training throughput (CUDA) =="
-timeout 240 "$PY" -m benchmarks.train_throughput --device cuda --dtypes fp32 fp16 bf16 --objects 4 8 25 \
-    --iters 10 --repeats 1 --images 3 --embed-images 20 --threads 8 --json "$OUT_DIR/gpu_train_throughput.json"
+    echo "== training throughput (CUDA) =="
+    timeout 240 "$PY" -m benchmarks.train_throughput --device cuda --dtypes fp32 fp16 bf16 --objects 4 8 25 \
+        --iters 10 --repeats 1 --images 3 --embed-images 20 --threads 8 --json "$OUT_DIR/gpu_train_throughput.json"
+fi
+
+echo "== against the peer (micro-sam SamTrainer), $DEVICE, $ITERS iterations =="
+if [ -x benchmarks/.peer-venv/bin/python ] || [ -n "${PEER_WHEELS:-}" ]; then
+    timeout 400 "$PY" -m benchmarks.peer_microsam --device "$DEVICE" --iters "$ITERS" --images "$IMAGES" \
+        --threads "$THREADS" --json "$OUT_DIR/gpu_peer.json" --markdown "$OUT_DIR/gpu_table.md"
+    echo "table: $OUT_DIR/gpu_table.md"
+else
+    echo "skipped: no benchmarks/.peer-venv and no PEER_WHEELS (the machine is offline)" | tee "$OUT_DIR/gpu_table.md"
+fi
