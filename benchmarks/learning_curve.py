@@ -26,7 +26,7 @@ def curve(args) -> list[dict]:
     import torch
 
     from benchmarks.pedestrians import pedestrian_samples, random_vit_t
-    from benchmarks.trainer_api import TrainConfig, train
+    from components.training import TrainConfig, train
     from components.evaluate import score_model
     from components.hashing import sha256_file
     from components.s3server import embedded_s3

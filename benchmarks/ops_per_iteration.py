@@ -32,7 +32,7 @@ def top_level_aten_ops(events) -> int:
 def profiled_run(iterations: int, weights: Path, samples, workdir: Path) -> int:
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks.trainer_api import TrainConfig, train
+    from components.training import TrainConfig, train
 
     cfg = TrainConfig(device="cpu", n_iterations=iterations, val_every=iterations, amp=True, amp_dtype="bf16",
                       checkpoint_dir=str(workdir / f"ckpt{iterations}"), resume=False, show_progress=False)

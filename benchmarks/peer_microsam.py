@@ -83,7 +83,7 @@ def run_ours(args) -> dict:
     import torch
 
     from benchmarks.pedestrians import pedestrian_samples
-    from benchmarks.trainer_api import Trainer, TrainConfig, prepare_items, resolve_amp
+    from components.training import Trainer, TrainConfig, prepare_items, resolve_amp
     from components.sam.embeddings import EmbeddingCache
     from components.sam.model import build_sam
 
