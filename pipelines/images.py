@@ -27,7 +27,9 @@ _REGISTRY = re.compile(r"^[a-z0-9]([a-z0-9._:/-]*[a-z0-9])?$")
 
 
 class ImageError(UserError, ValueError):
-    """A bad registry or tag, reported in one line."""
+    """A bad registry or tag, reported in one line; the CLI exits 2 (a usage error)."""
+
+    exit_code = 2
 
 
 def image_name(step: str) -> str:
