@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from components.download import DownloadError, download, remote_size
+from components.files import Discard, atomic_path, unique_temp
 from components.hashing import sha256_file
-from components.storage import ObjectStore, unique_temp
+from components.storage import ObjectStore
 
 
 class WeightsError(DownloadError):
@@ -123,9 +124,8 @@ class _SourceIndex:
         except (OSError, ValueError):
             data = {}
         data[url] = sha256
-        tmp = unique_temp(self.path)
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
 def fetch_weights(model_type: str = "vit_t", url: str | None = None, sha256: str | None = None,
@@ -158,6 +158,8 @@ def fetch_weights(model_type: str = "vit_t", url: str | None = None, sha256: str
             path.unlink(missing_ok=True)
             path, origin = None, "download"
     if path is None:
+        # download() writes atomically; the file's name in the cache is its sha256, known only once it is
+        # in, so it lands under a temp name first and moves to its content name after the checks.
         incoming = unique_temp(cache_dir / model_type, "incoming")
         try:
             actual = download(url, incoming, sha256=pinned, size=size, desc=f"{model_type} weights")
@@ -197,17 +199,14 @@ def _from_store(store: ObjectStore, entry: Checkpoint, sha256: str, size: int | 
     info = store.stat(key)
     if info is None or (size is not None and info.size != size):
         return None
-    tmp = unique_temp(dest, "from-store")
-    try:
+    with atomic_path(dest, tag="from-store") as tmp:
         # get_file checks the bytes against the object's recorded sha256 (hashing 2.5 GB of vit_h once
         # is enough); hash again only for an object written without one.
         got = store.get_file(key, tmp).sha256
         if (got or sha256_file(tmp)) != sha256 or (size is not None and tmp.stat().st_size != size):
-            return None  # a damaged object is replaced by the download that follows
-        os.replace(tmp, dest)
-        return dest
-    finally:
-        tmp.unlink(missing_ok=True)
+            raise Discard  # a damaged object is replaced by the download that follows
+        return dest  # moved into place as the block ends
+    return None
 
 
 def _to_store(store: ObjectStore, entry: Checkpoint, sha256: str, path: Path) -> str:

@@ -16,8 +16,9 @@ import numpy as np
 from PIL import Image
 
 from components.datasets.split import SPLITS
+from components.files import atomic_path
 from components.hashing import sha256_file
-from components.storage import ObjectStore, StorageError, unique_temp
+from components.storage import ObjectStore, StorageError
 
 
 @dataclass
@@ -104,16 +105,12 @@ def _cached_object(store: ObjectStore, ref: dict, cache_dir: Path) -> Path:
         if sha256_file(path) == sha:
             return path
         path.unlink()
-    tmp = unique_temp(path)
-    try:
+    with atomic_path(path) as tmp:
         # get_file has already checked the bytes against the object's recorded sha256; hash again only
         # for an object written without one.
         actual = store.get_file(ref["key"], tmp).sha256 or sha256_file(tmp)
         if actual != sha:
             raise StorageError(f"{store.uri(ref['key'])}: sha256 {actual} does not match the manifest's {sha}")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
