@@ -10,8 +10,7 @@ import os
 import re
 
 from components.errors import UserError
-
-STEPS = ("fetch-weights", "ingest-dataset", "finetune", "evaluate", "register-model")
+from components.kfp_components import STEPS
 # Each step's image installs the project with this pyproject extra (build argument EXTRA).
 EXTRAS = {"fetch-weights": "weights", "ingest-dataset": "ingest", "finetune": "train", "evaluate": "train",
           "register-model": "registry"}
