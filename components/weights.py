@@ -128,7 +128,7 @@ class _SourceIndex:
             tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
-def fetch_weights(model_type: str = "vit_t", url: str | None = None, sha256: str | None = None,
+def fetch_weights(model_type: str, url: str | None = None, sha256: str | None = None,
                   cache_dir: str | Path | None = None, store: ObjectStore | None = None) -> FetchResult:
     """Return a verified local checkpoint, fetching it only when neither cache has it.
 
