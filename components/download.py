@@ -5,7 +5,6 @@ A failed or interrupted download never leaves a file where a cache would find it
 from __future__ import annotations
 
 import hashlib
-import os
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from components.errors import UserError
-from components.storage import unique_temp
+from components.files import atomic_path
 
 _CHUNK = 1 << 20
 
@@ -60,30 +59,26 @@ def download(url: str, dest: str | Path, *, sha256: str | None = None, size: int
              desc: str | None = None, timeout: float = 30.0) -> str:
     """Fetch url into dest (atomically) and return its sha256; raises DownloadError."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = unique_temp(dest)
     stream, total = _open(url, timeout)
     h = hashlib.sha256()
     written = 0
     try:
-        with stream, open(tmp, "wb") as out, tqdm(
-                total=total or size, unit="B", unit_scale=True, desc=desc or dest.name,
-                disable=None, leave=False) as bar:
-            while chunk := stream.read(_CHUNK):
-                out.write(chunk)
-                h.update(chunk)
-                written += len(chunk)
-                bar.update(len(chunk))
-        if total is not None and written != total:
-            raise DownloadError(f"{url}: connection closed after {written} of {total} bytes")
-        if size is not None and written != size:
-            raise DownloadError(f"{url}: size mismatch: expected {size} bytes, got {written}")
-        actual = h.hexdigest()
-        if sha256 is not None and actual != sha256.lower():
-            raise DownloadError(f"{url}: sha256 mismatch: expected {sha256.lower()}, got {actual}")
-        os.replace(tmp, dest)
+        with stream, atomic_path(dest) as tmp:
+            with open(tmp, "wb") as out, tqdm(
+                    total=total or size, unit="B", unit_scale=True, desc=desc or dest.name,
+                    disable=None, leave=False) as bar:
+                while chunk := stream.read(_CHUNK):
+                    out.write(chunk)
+                    h.update(chunk)
+                    written += len(chunk)
+                    bar.update(len(chunk))
+            if total is not None and written != total:
+                raise DownloadError(f"{url}: connection closed after {written} of {total} bytes")
+            if size is not None and written != size:
+                raise DownloadError(f"{url}: size mismatch: expected {size} bytes, got {written}")
+            actual = h.hexdigest()
+            if sha256 is not None and actual != sha256.lower():
+                raise DownloadError(f"{url}: sha256 mismatch: expected {sha256.lower()}, got {actual}")
         return actual
     except OSError as e:
         raise DownloadError(f"{url}: download failed ({e})") from None
-    finally:
-        tmp.unlink(missing_ok=True)

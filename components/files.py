@@ -2,24 +2,38 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
+class Discard(Exception):
+    """Raised inside `atomic_path` to drop what was written without replacing the target (and without an
+    error): e.g. a copy that failed its check and is fetched again another way."""
+
+
+def unique_temp(path: Path, tag: str = "part", suffix: str = "") -> Path:
+    """A hidden temp name beside `path`, unique per process, thread and call: several threads of one
+    process may download the same content (two byte-identical files share one cache entry) at once.
+    `suffix` ends the name, for writers that choose the format from it."""
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}"
+                          f"{suffix}")
+
+
 @contextmanager
-def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    """A fresh temp path beside `path` to write to; it replaces `path` (os.replace, atomic on one
-    filesystem) when the block ends without error and is removed otherwise. `suffix` ends the temp
-    name, for writers that choose the format from it."""
+def atomic_path(path: str | Path, suffix: str = "", tag: str = "part") -> Iterator[Path]:
+    """A fresh temp path beside `path` (`unique_temp`) to write to; it replaces `path` (os.replace, atomic
+    on one filesystem) when the block ends without error and is removed otherwise. Raising `Discard` in the
+    block removes it too, silently; any other exception propagates."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = unique_temp(path, tag, suffix)
     try:
         yield tmp
         os.replace(tmp, path)
+    except Discard:
+        pass
     finally:
         tmp.unlink(missing_ok=True)

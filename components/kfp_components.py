@@ -86,6 +86,9 @@ def register_model(model: Input[Model], weights: Input[Model], dataset: Input[Da
 
 _BODIES = {"fetch-weights": fetch_weights, "ingest-dataset": ingest_dataset, "finetune": finetune,
            "evaluate": evaluate, "register-model": register_model}
+# The one list of step names, in the pipeline's order (each upstream step before the steps that use it):
+# images, the local runner's task states and the tests read it from here.
+STEPS = tuple(_BODIES)
 
 
 class Components(NamedTuple):

@@ -10,10 +10,8 @@ import io
 import json
 import os
 import random
-import threading
 import time
 import urllib3
-import uuid
 from xml.etree.ElementTree import ParseError
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -24,6 +22,7 @@ from minio.error import InvalidResponseError, S3Error, ServerError
 from minio.helpers import check_bucket_name
 
 from components.errors import UserError
+from components.files import atomic_path
 from components.hashing import sha256_bytes, sha256_file
 
 SHA_META = "sha256"  # stored as x-amz-meta-sha256
@@ -37,12 +36,6 @@ class StorageError(UserError, RuntimeError):
 
 class IntegrityError(StorageError):
     """An object whose bytes no longer match the sha256 recorded when it was written."""
-
-
-def unique_temp(path: Path, tag: str = "part") -> Path:
-    """A hidden temp name beside `path`, unique per process, thread and call: several threads of one
-    process may download the same content (two byte-identical files share one cache entry) at once."""
-    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}")
 
 
 def _status_of(e: Exception) -> int:
@@ -331,9 +324,7 @@ class ObjectStore:
         info = self.stat(key)
         if info is None:
             raise StorageError(f"{self.uri(key)} does not exist")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = unique_temp(path)
-        try:
+        with atomic_path(path) as tmp:
             self._call(f"download {self.uri(key)}", self.client.fget_object, self.config.bucket, key,
                        str(tmp))
             if info.sha256:
@@ -341,9 +332,6 @@ class ObjectStore:
                 if actual != info.sha256:
                     raise IntegrityError(f"{self.uri(key)}: sha256 mismatch after download "
                                        f"(expected {info.sha256}, got {actual})")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return info
 
     def list(self, prefix: str) -> list[str]:

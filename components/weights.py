@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from components.download import DownloadError, download, remote_size
+from components.files import Discard, atomic_path, unique_temp
 from components.hashing import sha256_file
-from components.storage import ObjectStore, unique_temp
+from components.storage import ObjectStore
 
 
 class WeightsError(DownloadError):
@@ -81,22 +82,45 @@ def cache_name(entry: Checkpoint, sha256: str) -> str:
     return entry.filename if sha256 == entry.sha256 else f"{entry.model_type}_{sha256}.pth"
 
 
-def checkpoint_problem(path: Path) -> str | None:
-    """Why `path` is not a loadable PyTorch checkpoint holding a dict (a state dict or a dict around
-    one), or None. Loaded safely (weights_only) and memory-mapped, so even vit_h costs little."""
-    import pickle
+# What torch.save's pre-1.6 (non-zip) format starts with: the pickled magic number 0x1950a86a20f9469cfc6c.
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+_MEMO_OPS = {"PROTO", "FRAME", "BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE"}
 
-    import torch
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not a PyTorch checkpoint holding a dict (a state dict or a dict around one), or None.
+
+    Read without torch (the fetch-weights image has none) and without unpickling anything: torch.save
+    writes a zip whose one `<name>/data.pkl` starts with the top-level object, a dict (`}`) or an
+    OrderedDict (`collections OrderedDict`) for a state dict. A file in torch's pre-1.6 format is
+    recognised by its magic number alone. (torch/serialization.py: `_save`, `_legacy_save`.)"""
+    import pickletools
+    import zipfile
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError):
-        # torch's own message advises weights_only=False, i.e. running whatever the file contains:
-        # never pass that on for a file from a URL.
+        if not zipfile.is_zipfile(path):
+            with open(path, "rb") as f:
+                legacy = f.read(len(_LEGACY_TORCH_MAGIC)) == _LEGACY_TORCH_MAGIC
+            return None if legacy else "not a PyTorch checkpoint"
+        with zipfile.ZipFile(path) as z:
+            pkl = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+            ops = [(op.name, arg) for op, arg, _ in pickletools.genops(z.read(pkl[0]))
+                   if op.name not in _MEMO_OPS] if len(pkl) == 1 else []
+    except (zipfile.BadZipFile, OSError, ValueError):  # ValueError: a damaged pickle
         return "not a PyTorch checkpoint"
-    if not isinstance(obj, dict) or not obj:
-        return f"not a checkpoint (a PyTorch file holding {type(obj).__name__}, not a dict of tensors)"
-    return None
+    if not ops:
+        return "not a PyTorch checkpoint"
+    first, arg = ops[0]
+    if first != "GLOBAL" and len(ops) > 2 and ops[2][0] == "STACK_GLOBAL":  # pickle protocol 4 and later
+        first, arg = "GLOBAL", f"{ops[0][1]} {ops[1][1]}"
+    if first == "EMPTY_DICT" or (first, arg) == ("GLOBAL", "collections OrderedDict"):
+        if any(name in ("SETITEM", "SETITEMS") for name, _ in ops):
+            return None
+        return "not a checkpoint (a PyTorch file holding an empty dict)"
+    held = {"EMPTY_LIST": "list", "EMPTY_TUPLE": "tuple", "EMPTY_SET": "set"}.get(first, "no dict")
+    if first == "GLOBAL":
+        held = "Tensor" if "_rebuild_tensor" in arg else arg.split()[-1]
+    return f"not a checkpoint (a PyTorch file holding {held}, not a dict of tensors)"
 
 
 def _verified(path: Path, sha256: str, size: int | None) -> bool:
@@ -123,12 +147,11 @@ class _SourceIndex:
         except (OSError, ValueError):
             data = {}
         data[url] = sha256
-        tmp = unique_temp(self.path)
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
-def fetch_weights(model_type: str = "vit_t", url: str | None = None, sha256: str | None = None,
+def fetch_weights(model_type: str, url: str | None = None, sha256: str | None = None,
                   cache_dir: str | Path | None = None, store: ObjectStore | None = None) -> FetchResult:
     """Return a verified local checkpoint, fetching it only when neither cache has it.
 
@@ -158,6 +181,8 @@ def fetch_weights(model_type: str = "vit_t", url: str | None = None, sha256: str
             path.unlink(missing_ok=True)
             path, origin = None, "download"
     if path is None:
+        # download() writes atomically; the file's name in the cache is its sha256, known only once it is
+        # in, so it lands under a temp name first and moves to its content name after the checks.
         incoming = unique_temp(cache_dir / model_type, "incoming")
         try:
             actual = download(url, incoming, sha256=pinned, size=size, desc=f"{model_type} weights")
@@ -197,17 +222,14 @@ def _from_store(store: ObjectStore, entry: Checkpoint, sha256: str, size: int | 
     info = store.stat(key)
     if info is None or (size is not None and info.size != size):
         return None
-    tmp = unique_temp(dest, "from-store")
-    try:
+    with atomic_path(dest, tag="from-store") as tmp:
         # get_file checks the bytes against the object's recorded sha256 (hashing 2.5 GB of vit_h once
         # is enough); hash again only for an object written without one.
         got = store.get_file(key, tmp).sha256
         if (got or sha256_file(tmp)) != sha256 or (size is not None and tmp.stat().st_size != size):
-            return None  # a damaged object is replaced by the download that follows
-        os.replace(tmp, dest)
-        return dest
-    finally:
-        tmp.unlink(missing_ok=True)
+            raise Discard  # a damaged object is replaced by the download that follows
+        return dest  # moved into place as the block ends
+    return None
 
 
 def _to_store(store: ObjectStore, entry: Checkpoint, sha256: str, path: Path) -> str:

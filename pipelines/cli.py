@@ -15,8 +15,9 @@ from pathlib import Path
 
 from components.errors import UserError, first_line
 from components.weights import MODEL_TYPES
+from pipelines.run_args import EXIT_USAGE
 
-EXIT_USAGE, EXIT_FAILURE = 2, 1
+EXIT_FAILURE = 1
 
 
 class CLIError(UserError):
@@ -57,6 +58,14 @@ def _key_value(text: str) -> tuple[str, str]:
     return key.strip(), value
 
 
+def _toleration(text: str) -> tuple[str, str] | None:
+    """KEY[:EFFECT] as (key, effect), the effect NoSchedule by default; None for 'none' (drop the default)."""
+    key, _, effect = text.partition(":")
+    if effect and effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
+        raise argparse.ArgumentTypeError(f"effect {effect!r}: use NoSchedule, PreferNoSchedule or NoExecute")
+    return None if text == "none" else (key, effect or "NoSchedule")
+
+
 def _usage(name: str):
     """An argparse type from a kfp_client parser, so its message becomes a one-line usage error."""
     def parse(text: str):
@@ -65,7 +74,7 @@ def _usage(name: str):
         try:
             return getattr(kfp_client, name)(text)
         except kfp_client.UsageError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
+            raise argparse.ArgumentTypeError(first_line(e)) from None
     parse.__name__ = name
     return parse
 
@@ -105,6 +114,7 @@ def _add_store_flags(p: argparse.ArgumentParser, *, local_default: bool) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from components.training.config import TrainConfig
     from pipelines.sam_finetune import DEFAULT_YAML, PENN_FUDAN_URL
 
     parser = _Parser(prog="sam-pipeline", description=__doc__.split("\n\n")[0])
@@ -117,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-node-selector", action="append", type=_key_value, metavar="KEY=VALUE",
                    help="node selector for the GPU steps (repeatable; default nvidia.com/gpu.present=true; "
                         "'none' to drop)")
-    p.add_argument("--gpu-toleration", action="append", metavar="KEY[:EFFECT]",
+    p.add_argument("--gpu-toleration", action="append", type=_toleration, metavar="KEY[:EFFECT]",
                    help="toleration (operator Exists) for the GPU steps (repeatable; default nvidia.com/gpu:NoSchedule; "
                         "'none' to drop)")
     p.add_argument("--shm-size", default="2Gi", help="memory-backed /dev/shm for finetune and evaluate")
@@ -190,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(func=cmd_schedule)
 
     p = sub.add_parser("fetch-weights", help="run the fetch-weights step alone; prints a JSON summary")
-    p.add_argument("-m", "--model-type", "--model_type", dest="model_type", default="vit_t", choices=MODEL_TYPES)
+    p.add_argument("-m", "--model-type", "--model_type", dest="model_type",
+                   default=TrainConfig.model_type, choices=MODEL_TYPES)
     p.add_argument("--url", default=None)
     p.add_argument("--sha256", default=None)
     _add_store_flags(p, local_default=False)
@@ -212,191 +223,43 @@ def build_parser() -> argparse.ArgumentParser:
 # -- commands -------------------------------------------------------------------------------------
 
 def cmd_compile(args) -> int:
-    from pipelines.images import ImageError, image_refs
+    from pipelines.images import image_refs
     from pipelines.sam_finetune import Placement, compile_pipeline
 
-    try:
-        images = image_refs(args.registry, args.tag)
-    except ImageError as e:
-        raise CLIError(str(e), EXIT_USAGE) from None
-    kw = {"images": images, "shm_size": args.shm_size,
-          "finetune_retries": args.retries}
+    # A bad --registry/--tag is an ImageError: a usage error (exit 2) of its own.
+    kw = {"images": image_refs(args.registry, args.tag), "shm_size": args.shm_size, "finetune_retries": args.retries}
     if args.gpu_node_selector:
         kw["gpu_node_selector"] = {k: v for k, v in args.gpu_node_selector if k != "none"}
     if args.gpu_toleration:
-        kw["gpu_tolerations"] = tuple((t.partition(":")[0], t.partition(":")[2] or "NoSchedule")
-                                      for t in args.gpu_toleration if t != "none")
-        for _, effect in kw["gpu_tolerations"]:
-            if effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
-                raise CLIError(f"--gpu-toleration effect {effect!r}: use NoSchedule, PreferNoSchedule or NoExecute",
-                               EXIT_USAGE)
+        kw["gpu_tolerations"] = tuple(t for t in args.gpu_toleration if t is not None)
     path = compile_pipeline(args.output, Placement(**kw))
     print(f"wrote {path}")
     return 0
 
 
-def _cuda_or_cpu(device: str) -> str:
-    """The local run's device: the pipeline's steps see a plain cpu rather than each warning on its own."""
-    if not device.startswith("cuda"):
-        return device
-    from components.sam.device import resolve_device
-
-    chosen = str(resolve_device(device, notice=False))
-    if chosen == "cpu":
-        print("sam-pipeline: no CUDA device here; running on cpu (pass -g cpu to silence this)", file=sys.stderr)
-    return chosen if chosen == "cpu" else device
-
-
-def run_params(args) -> dict:
-    """Pipeline arguments from `run`'s flags (no credentials: those travel as environment variables)."""
-    from components.training.config import PIPELINE_SETTINGS
-
-    return {
-        **{name: getattr(args, name) for name in PIPELINE_SETTINGS}, "dataset_source": args.dataset_source,
-        "dataset_format": args.dataset_format, "dataset_name": args.dataset_name,
-        "weights_url": args.weights_url, "weights_sha256": args.weights_sha256, "bucket": args.bucket,
-        "prefix": args.prefix, "margin": args.margin, "model_name": args.model_name,
-        "model_registry_url": args.model_registry_url,
-    }
-
-
-def validate_run_params(params: dict) -> None:
-    """Every pipeline argument checked before any work starts (a NaN would otherwise surface only after
-    fetch, ingest and finetune, or crash KFP's protobuf serialisation). The rules live with their owners:
-    TrainConfig.validate, the registry's and the dataset's name rules, the store's bucket rule."""
-    import dataclasses
-    import math
-
-    from components.datasets.ingest import check_name as check_dataset_name
-    from components.registry import _check_name as check_model_name
-    from components.storage import check_bucket
-    from components.training.config import TrainConfig
-
-    for key, value in params.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise CLIError(f"--{key} {value}: must be a finite number", EXIT_USAGE)
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    try:
-        TrainConfig(**{k: v for k, v in params.items() if k in fields}).validate()
-    except UserError as e:  # TrainConfig.validate's one-line report of every bad setting
-        raise CLIError(first_line(e), EXIT_USAGE) from None
-    for flag, check in (("--dataset-name", lambda: check_dataset_name(params["dataset_name"])),
-                        ("--model-name", lambda: check_model_name("name", params["model_name"])),
-                        ("--bucket", lambda: check_bucket(params["bucket"]))):
-        try:
-            check()
-        except UserError as e:
-            raise CLIError(f"{flag}: {first_line(e)}", EXIT_USAGE) from None
-
-
 def cmd_run(args) -> int:
-    from pipelines import local
+    from pipelines import local, run_args
 
-    validate_run_params(run_params(args))
-    if args.demo:
-        if args.model_type != "vit_t":
-            raise CLIError("--demo builds a random vit_t checkpoint; drop -m/--model_type", EXIT_USAGE)
-        assets = local.make_demo_assets(Path("runs/demo"), images=args.demo_images)
-        args.dataset_source, args.weights_url, args.weights_sha256 = (
-            assets["dataset_source"], assets["weights_url"], assets["weights_sha256"])
-        args.dataset_name = "synthetic-penn-fudan"
-        if args.model_name == "sam-pennfudan":
-            args.model_name = "sam-demo"
-    from components.datasets.sources import cache_path
-
-    if not cache_path(args.dataset_source).is_file():  # a dataset cached by an earlier run works offline
-        local.check_reachable(args.dataset_source, "dataset")
-    if args.weights_url:
-        local.check_reachable(args.weights_url, "weights")
-    else:
-        url, cached = local.default_weights_url(args.model_type)
-        if cached is None:
-            local.check_reachable(url, f"{args.model_type} weights")
-    args.device = _cuda_or_cpu(args.device)
-
-    with _sigterm_unwinds():  # a SIGTERM stops the run's S3 server and tasks like Ctrl-C does
-        summary = local.run_local(run_params(args), pipeline_root=args.pipeline_root,
+    run_args.validate_run_params(run_args.run_params(args))
+    run_args.prepare_inputs(args)
+    with run_args.sigterm_unwinds():  # a SIGTERM stops the run's S3 server and tasks like Ctrl-C does
+        summary = local.run_local(run_args.run_params(args), pipeline_root=args.pipeline_root,
                                   s3_endpoint=args.s3_endpoint, retries=args.retries, verbose=args.verbose)
     summary["checkpoints"] = local.find_checkpoints(args.checkpoint_name)
     local.remove_old_runs(args.pipeline_root, keep=args.keep_runs)
     if args.summary_json:
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)
         args.summary_json.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
-    _print_run(summary, args)
+    run_args.print_summary(summary, margin=args.margin, model_name=args.model_name, summary_json=args.summary_json)
     if not summary["succeeded"]:
-        failed = [t for t, i in summary["tasks"].items() if i["state"] == "FAILED"] or ["an unknown task"]
-        error = summary["tasks"].get(failed[0], {}).get("error")
-        raise CLIError(f"pipeline failed at {', '.join(failed)}" + (f" ({error})" if error else "")
-                       + f"; full log in {summary['log']}"
-                       + (f"; summary in {args.summary_json}" if args.summary_json else ""))
+        raise CLIError(run_args.failure_line(summary, args.summary_json))
     return 0
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds():
-    """Turn SIGTERM into KeyboardInterrupt while the run is in progress, so every `finally` runs (the embedded
-    S3 server stops with it). SIGKILL runs nothing: the server's parent-death watch covers that."""
-    import signal
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread: signals cannot be handled here, leave them as they are
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _print_run(summary: dict, args) -> None:
-    out = sys.stdout
-    print("\n== sam-pipeline run ==", file=out)
-    for name, info in summary["tasks"].items():
-        secs = f" {info['seconds']:.1f}s" if "seconds" in info else ""
-        print(f"  {name:<15} {info['state']}{secs}", file=out)
-    m = summary.get("metrics", {})
-    if "finetuned_box_dice" in m:
-        print(f"  box Dice: fine-tuned {m['finetuned_box_dice']:.4f}, zero-shot {m.get('zero_shot_box_dice', 0):.4f}"
-              + (f", champion {m['champion_box_dice']:.4f}" if m.get("champion_box_dice") is not None else "")
-              + f" -> passed={summary.get('passed')} (margin {args.margin})", file=out)
-    for name, path in summary.get("checkpoints", {}).items():
-        print(f"  checkpoint {name}: {path}", file=out)
-    for task, path in summary.get("reports", {}).items():
-        print(f"  {task} report: {path}", file=out)
-    if summary.get("registered"):
-        r = summary["registered"]
-        print(f"  registered {args.model_name} {r['version']}: {r['model_uri']}", file=out)
-        copy = summary.get("registered_copy") or {}
-        if copy.get("model"):
-            print(f"    (the embedded store is gone after the run; copy kept at {copy['model']})", file=out)
-        elif copy.get("conflict"):
-            print(f"    not kept: {copy['conflict']}", file=out)
-    elif summary["tasks"]["register-model"]["state"] == "SKIPPED":
-        print("  register-model skipped: the fine-tuned model did not beat the bar", file=out)
-    print(f"  full log: {summary['log']}", file=out)
-    if args.summary_json:
-        print(f"  summary: {args.summary_json}", file=out)
-
-
-@contextlib.contextmanager
-def _usage_errors():
-    from pipelines.kfp_client import UsageError
-
-    try:
-        yield
-    except UsageError as e:
-        raise CLIError(str(e), EXIT_USAGE) from None
 
 
 def _connect(args):
     from pipelines import kfp_client
 
-    with _usage_errors():
-        return kfp_client.connect(args.host, args.token, args.namespace)
+    return kfp_client.connect(args.host, args.token, args.namespace)  # a bad --host is a UsageError (exit 2)
 
 
 def _target(args, conn=None):
@@ -414,16 +277,13 @@ def _target(args, conn=None):
     else:
         spec, package, ref, source = kfp_client.load_package(args.package), args.package, None, args.package.name
     declared = kfp_client.declared_parameters(spec)
-    with _usage_errors():
-        params = kfp_client.typed_params(args.param, declared, source)
-    return package, ref, params, declared
+    return package, ref, kfp_client.typed_params(args.param, declared, source), declared
 
 
 def cmd_upload(args) -> int:
     from pipelines import kfp_client
 
-    with _usage_errors():
-        version = args.version or kfp_client.default_version_name()
+    version = args.version or kfp_client.default_version_name()
     kfp_client.load_package(args.package)
     conn = _connect(args)
     result = kfp_client.upload(conn, args.package, args.pipeline, version, args.description)
@@ -466,12 +326,10 @@ def cmd_schedule(args) -> int:
 
 
 def _store_or_none(args):
-    from components.storage import ObjectStore, S3Config
+    from components.steps import connect
 
     endpoint = args.s3_endpoint or os.environ.get("S3_ENDPOINT")
-    if not endpoint:
-        return None
-    return ObjectStore(S3Config.from_env(endpoint=endpoint, bucket=args.bucket, prefix=args.prefix))
+    return connect(endpoint, args.bucket, args.prefix) if endpoint else None
 
 
 def cmd_fetch_weights(args) -> int:
@@ -483,19 +341,15 @@ def cmd_fetch_weights(args) -> int:
 
 
 def cmd_ingest(args) -> int:
-    import contextlib
-
     from components.datasets.ingest import ingest
 
     store = _store_or_none(args)
     with contextlib.ExitStack() as stack:
-        if store is None:
-            # Without a store the step still validates, splits and hashes: into a throwaway local server.
+        if store is None:  # the step still validates, splits and hashes: into a throwaway local server
             from components.s3server import embedded_s3
             from components.storage import ObjectStore
 
-            cfg = stack.enter_context(embedded_s3(prefix=args.prefix, bucket=args.bucket))
-            store = ObjectStore(cfg)
+            store = ObjectStore(stack.enter_context(embedded_s3(prefix=args.prefix, bucket=args.bucket)))
             print("sam-pipeline: no --s3-endpoint/S3_ENDPOINT: ingesting into a temporary local store",
                   file=sys.stderr)
         result = ingest(args.source, args.dataset_format, args.dataset_name, store, seed=args.split_seed,
@@ -509,7 +363,7 @@ def _report(e: UserError) -> str:
     file), as `DatasetError.problems` carries them."""
     problems = getattr(e, "problems", None)
     if problems:
-        head = f"sam-pipeline: error: {str(e).strip().splitlines()[0]}"
+        head = f"sam-pipeline: error: {first_line(e)}"
         if len(problems) == 1:  # one problem stays one line
             return f"{head} {problems[0]}"
         return "\n".join([head, *(f"  {p}" for p in problems)])

@@ -10,8 +10,7 @@ import os
 import re
 
 from components.errors import UserError
-
-STEPS = ("fetch-weights", "ingest-dataset", "finetune", "evaluate", "register-model")
+from components.kfp_components import STEPS
 # Each step's image installs the project with this pyproject extra (build argument EXTRA).
 EXTRAS = {"fetch-weights": "weights", "ingest-dataset": "ingest", "finetune": "train", "evaluate": "train",
           "register-model": "registry"}
@@ -27,7 +26,9 @@ _REGISTRY = re.compile(r"^[a-z0-9]([a-z0-9._:/-]*[a-z0-9])?$")
 
 
 class ImageError(UserError, ValueError):
-    """A bad registry or tag, reported in one line."""
+    """A bad registry or tag, reported in one line; the CLI exits 2 (a usage error)."""
+
+    exit_code = 2
 
 
 def image_name(step: str) -> str:

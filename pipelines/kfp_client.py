@@ -37,6 +37,8 @@ class KFPError(UserError):
 class UsageError(KFPError):
     """Bad command-line input (the CLI exits 2)."""
 
+    exit_code = 2
+
 
 class RunDetached(KFPError):
     """The run was created but we could not follow it to the end; it goes on on the cluster."""

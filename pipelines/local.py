@@ -21,10 +21,9 @@ import warnings
 from pathlib import Path
 
 from components.errors import UserError
+from components.kfp_components import STEPS as TASKS  # in topological order
 from pipelines.local_console import Console, Events
 from pipelines.sam_finetune import PIPELINE_NAME, Placement, build_pipeline
-
-TASKS = ("fetch-weights", "ingest-dataset", "finetune", "evaluate", "register-model")
 
 
 class RunError(UserError, RuntimeError):

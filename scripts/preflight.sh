@@ -60,6 +60,24 @@ version_ge() {
   return 0
 }
 
+# tool_at_least TOOL MIN SHOWN_MIN WHY FIX VERSION_COMMAND...: TOOL is on PATH and the first line of its
+# version command names MIN or newer; otherwise one MISSING line with WHY (why the minimum) and FIX.
+tool_at_least() {
+  local tool=$1 min=$2 shown=$3 why=$4 fix=$5 out ver
+  shift 5
+  if ! have "$tool"; then
+    bad "$tool" "not on PATH ($shown or newer; $why)" "$fix"
+    return
+  fi
+  out="$("$@" 2>/dev/null | head -n1)"
+  ver="$(printf '%s\n' "$out" | version_in)"
+  if [ -n "$ver" ] && version_ge "$ver" "$min"; then
+    ok "$tool" "$out"
+  else
+    bad "$tool >= $shown" "found '${out:-no version}' ($why)" "$fix"
+  fi
+}
+
 echo "sam-pipeline preflight (kind cluster with a GPU worker)"
 
 # --- tools ---------------------------------------------------------------------------------------
@@ -72,32 +90,12 @@ else
   ok docker "$(docker version --format '{{.Server.Version}}' 2>/dev/null || echo present)"
 fi
 
-kind_fix="go install sigs.k8s.io/kind@v$KIND_MIN, or https://kind.sigs.k8s.io/docs/user/quick-start/#installation"
-if ! have kind; then
-  bad kind "not on PATH (v$KIND_MIN or newer: the node image is kindest/node:v1.33.1)" "$kind_fix"
-else
-  kind_out="$(kind version 2>/dev/null | head -n1)"
-  kind_ver="$(printf '%s\n' "$kind_out" | version_in)"
-  if [ -n "$kind_ver" ] && version_ge "$kind_ver" "$KIND_MIN"; then
-    ok kind "$kind_out"
-  else
-    bad "kind >= v$KIND_MIN" "found '${kind_out:-no version}' (the node image is kindest/node:v1.33.1)" "$kind_fix"
-  fi
-fi
-
-kubectl_fix="https://kubernetes.io/docs/tasks/tools/ (any kubectl v${KUBECTL_MIN%.0} or newer)"
-if ! have kubectl; then
-  bad kubectl "not on PATH (v${KUBECTL_MIN%.0} or newer; its built-in kustomize installs KFP)" "$kubectl_fix"
-else
-  kubectl_out="$(kubectl version --client 2>/dev/null | head -n1)"
-  kubectl_ver="$(printf '%s\n' "$kubectl_out" | version_in)"
-  if [ -n "$kubectl_ver" ] && version_ge "$kubectl_ver" "$KUBECTL_MIN"; then
-    ok kubectl "$kubectl_out"
-  else
-    bad "kubectl >= v${KUBECTL_MIN%.0}" "found '${kubectl_out:-no version}' (its built-in kustomize installs KFP)" \
-      "$kubectl_fix"
-  fi
-fi
+tool_at_least kind "$KIND_MIN" "v$KIND_MIN" "the node image is kindest/node:v1.33.1" \
+  "go install sigs.k8s.io/kind@v$KIND_MIN, or https://kind.sigs.k8s.io/docs/user/quick-start/#installation" \
+  kind version
+tool_at_least kubectl "$KUBECTL_MIN" "v${KUBECTL_MIN%.0}" "its built-in kustomize installs KFP" \
+  "https://kubernetes.io/docs/tasks/tools/ (any kubectl v${KUBECTL_MIN%.0} or newer)" \
+  kubectl version --client
 
 # helm: nothing in `make kind-up` uses it; only the GPU Operator route (docs/kubernetes.md section 5).
 if have helm; then

@@ -313,10 +313,13 @@ def check_light(out: dict, extra: str) -> None:
 
 @pytest.mark.slow
 def test_fetch_weights_runs_with_weights_extra_only(store, http_server, tmp_path):
-    blob = os.urandom(256 * 1024)
+    import torch
+
+    # A real (small, random) state dict: a mirror's file must load as a checkpoint, checked without torch.
     served = tmp_path / "served"
     served.mkdir()
-    (served / "vit_t_mobile_sam.pth").write_bytes(blob)
+    torch.save({"image_encoder.w": torch.rand(64 * 1024)}, served / "vit_t_mobile_sam.pth")
+    blob = (served / "vit_t_mobile_sam.pth").read_bytes()
     url = http_server(served) + "/vit_t_mobile_sam.pth"
     sha = hashlib.sha256(blob).hexdigest()
     cfg = store.config

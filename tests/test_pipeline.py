@@ -134,6 +134,20 @@ def test_bad_image_settings_are_rejected():
         image_refs("Not A Registry", "1")
 
 
+def test_steps_are_listed_once_in_pipeline_order():
+    """images and the local runner read kfp_components' list; the local runner's task states rely on its order
+    (each step after the steps it waits for), checked here against the compiled DAG."""
+    from components.kfp_components import STEPS as listed
+    from pipelines import images, local
+    from pipelines.sam_finetune import Placement, build_pipeline
+
+    assert images.STEPS is listed and local.TASKS is listed
+    graph = local.task_graph(build_pipeline(Placement()))
+    assert set(graph) == set(listed)
+    for i, step in enumerate(listed):
+        assert graph[step]["after"] <= set(listed[:i]), f"{step} waits for {graph[step]['after']}"
+
+
 # -- training settings: TrainConfig is the one place their names, types and defaults are stated ------
 
 def test_training_parameters_are_trainconfigs():

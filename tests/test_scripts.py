@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from test_manifests import ROOT, SCRIPTS, make_dry
+from test_manifests import ROOT, SCRIPTS
+from test_runbook import make_dry
 
 # --- syntax ----------------------------------------------------------------------------------------
 

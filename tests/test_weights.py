@@ -206,3 +206,27 @@ def test_cached_file_whose_source_changed_size_is_fetched_again(tmp_path, http_s
     assert again.origin == "download" and again.sha256 == sha256_file(www / "m.pt") != first_sha
     # Same size as the cached file: no download (the size is all an unpinned URL can be checked by).
     assert fetch_weights("vit_b", url=url).origin == "local-cache"
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda torch, p: torch.save({"image_encoder.w": torch.ones(3)}, p), None),
+    (lambda torch, p: torch.save(torch.nn.Linear(2, 2).state_dict(), p), None),  # an OrderedDict
+    (lambda torch, p: torch.save({"model": torch.nn.Linear(2, 2).state_dict()}, p), None),
+    (lambda torch, p: torch.save(torch.nn.Linear(2, 2).state_dict(), p, pickle_protocol=4), None),
+    (lambda torch, p: torch.save({"w": torch.ones(2)}, p, _use_new_zipfile_serialization=False), None),
+    (lambda torch, p: torch.save(torch.ones(3), p), "holding Tensor, not a dict of tensors"),
+    (lambda torch, p: torch.save(torch.ones(3), p, pickle_protocol=4), "holding Tensor, not a dict of tensors"),
+    (lambda torch, p: torch.save([torch.ones(2)], p), "holding list, not a dict of tensors"),
+    (lambda torch, p: torch.save({}, p), "holding an empty dict"),
+    (lambda torch, p: p.write_text("<!doctype html><html></html>"), "not a PyTorch checkpoint"),
+    (lambda torch, p: __import__("zipfile").ZipFile(p, "w").close(), "not a PyTorch checkpoint"),
+])
+def test_checkpoint_problem_reads_torch_files_without_torch(make, problem, tmp_path):
+    """Files written by the real torch.save; the check itself imports no torch (the fetch-weights image has
+    none: tests/test_images.py runs the step in a venv with only the weights extra)."""
+    import torch
+
+    path = tmp_path / "m.pt"
+    make(torch, path)
+    found = weights.checkpoint_problem(path)
+    assert found == problem if problem is None else problem in found

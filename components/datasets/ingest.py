@@ -69,9 +69,9 @@ def prepare(source: str, fmt: str = "auto", *, store: ObjectStore | None = None,
         items.sort(key=lambda it: it.id)
         files = [(f"images/{it.image_path.name}", it.image_sha256) for it in items]
         files += [(f"masks/{it.mask_path.name}", it.mask_sha256) for it in items]
+        # Only a run that gets through (validated and, for ingest, committed) fills the data cache: open_source
+        # moves a downloaded zip there when this block ends without an error.
         yield Prepared(str(source), layout.name, items, seed, fractions, content_hash(files, seed, fractions))
-        # Only a run that got through (validated and, for ingest, committed) fills the data cache.
-        local.keep()
 
 
 def split_totals(items: list[dict]) -> dict:

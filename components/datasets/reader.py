@@ -6,7 +6,6 @@ sha256, so a second epoch, a retried pod or another step on the same node downlo
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -16,10 +15,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from components.datasets.split import SPLITS
+from components.files import atomic_path
 from components.hashing import sha256_file
-from components.storage import ObjectStore, StorageError, unique_temp
-
-SPLITS = ("train", "val", "test")
+from components.storage import ObjectStore, StorageError
 
 
 @dataclass
@@ -106,16 +105,12 @@ def _cached_object(store: ObjectStore, ref: dict, cache_dir: Path) -> Path:
         if sha256_file(path) == sha:
             return path
         path.unlink()
-    tmp = unique_temp(path)
-    try:
+    with atomic_path(path) as tmp:
         # get_file has already checked the bytes against the object's recorded sha256; hash again only
         # for an object written without one.
         actual = store.get_file(ref["key"], tmp).sha256 or sha256_file(tmp)
         if actual != sha:
             raise StorageError(f"{store.uri(ref['key'])}: sha256 {actual} does not match the manifest's {sha}")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -126,12 +121,6 @@ def decode_sample(sample_id: str, image_path: Path, mask_path: Path, image_sha25
         # P-mode masks hold instance ids as palette indices: read the indices, never the colours.
         mask = np.asarray(m if m.mode in ("L", "P") else m.convert("L"), dtype=np.uint8)
     return Sample(sample_id, image, mask, image_sha256 or sha256_file(image_path))
-
-
-def encode_png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def load_local_split(folder: Path, split: str, *, seed: int = 0, fractions: dict | None = None,

@@ -14,13 +14,14 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 from components.datasets.validate import DatasetError
 from components.download import DownloadError, download
-from components.storage import ObjectStore, StorageError, unique_temp
+from components.files import atomic_path
+from components.storage import ObjectStore, StorageError
 
 PENNFUDAN_URL = "https://www.cis.upenn.edu/~jshi/ped_html/PennFudanPed.zip"
 WORK_PREFIX = "sam-ingest-"
@@ -37,14 +38,6 @@ def data_dir() -> Path:
 class LocalSource:
     root: Path  # a folder the adapters search
     label: str  # how messages name the source
-    _pending: list[tuple[Path, Path]] = field(default_factory=list)  # (verified tmp, cache path)
-
-    def keep(self) -> None:
-        """Move downloads into the cache: call once the dataset has validated."""
-        for tmp, final in self._pending:
-            if tmp.exists():
-                os.replace(tmp, final)
-        self._pending.clear()
 
 
 def cache_path(url: str, cache_dir: Path | None = None) -> Path:
@@ -86,12 +79,15 @@ def clean_stale_work_dirs(now: float | None = None) -> list[Path]:
 
 @contextlib.contextmanager
 def open_source(source: str, store: ObjectStore | None = None, cache_dir: Path | None = None) -> Iterator[LocalSource]:
+    """The source's files in a local folder for the `with` block; a downloaded zip enters the data cache
+    only when the block ends without an error (the dataset validated and, for ingest, was committed)."""
     source = str(source)
     # The pid in the name lets a later ingest recognise this folder as stale if this one is killed.
-    with tempfile.TemporaryDirectory(prefix=f"{WORK_PREFIX}{os.getpid()}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{WORK_PREFIX}{os.getpid()}-") as tmp, \
+            contextlib.ExitStack() as cache_entry:
         work = Path(tmp)
         if source.startswith(("http://", "https://")):
-            local = _from_url(source, work, cache_dir)
+            local = _from_url(source, work, cache_dir, cache_entry)
         elif source.startswith("s3://"):
             local = _from_s3(source, store, work)
         else:
@@ -102,33 +98,25 @@ def open_source(source: str, store: ObjectStore | None = None, cache_dir: Path |
                 local = LocalSource(_unzip(path, work / "unzipped", source), source)
             else:
                 raise DatasetError(source, [f"{source}: no such file or folder"])
-        try:
-            yield local
-        finally:
-            for pending, _ in local._pending:
-                pending.unlink(missing_ok=True)
+        yield local
 
 
-def _from_url(url: str, work: Path, cache_dir: Path | None) -> LocalSource:
+def _from_url(url: str, work: Path, cache_dir: Path | None, cache_entry: contextlib.ExitStack) -> LocalSource:
+    """The zip at `url`, from the data cache or downloaded into a temp file that `cache_entry` (an open
+    `atomic_path`) moves into the cache when the caller's block ends without an error."""
     cached = cache_path(url, cache_dir)
     if cached.is_file():
         try:
             return LocalSource(_unzip(cached, work / "unzipped", url), url)
         except DatasetError:
             cached.unlink()  # a damaged cache entry is fetched again, never used
-    # Beside the cache entry (same filesystem, so keep() is an atomic rename), hidden from lookups.
-    pending = unique_temp(cached, "unverified")
+    # Beside the cache entry (same filesystem, so the move is an atomic rename), hidden from lookups.
+    pending = cache_entry.enter_context(atomic_path(cached, tag="unverified"))
     try:
         download(url, pending, desc=cached.name)
     except DownloadError as e:
         raise DatasetError(url, [str(e)]) from None
-    local = LocalSource(Path(), url, [(pending, cached)])
-    try:
-        local.root = _unzip(pending, work / "unzipped", url)
-    except BaseException:
-        pending.unlink(missing_ok=True)
-        raise
-    return local
+    return LocalSource(_unzip(pending, work / "unzipped", url), url)
 
 
 def _from_s3(uri: str, store: ObjectStore | None, work: Path) -> LocalSource:

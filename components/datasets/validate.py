@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from components.datasets.adapters import Pair, _rel
-from components.errors import UserError
+from components.errors import UserError, first_line
 from components.hashing import sha256_file
 
 # Modes PIL turns into RGB faithfully; 16-bit and float images would be silently mangled.
@@ -106,7 +106,7 @@ def check_pair(pair: Pair, top: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> t
     except _TooLarge as e:
         problems.append(str(e))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        problems.append(f"{img_name}: cannot decode as an image ({_why(e)})")
+        problems.append(f"{img_name}: cannot decode as an image ({first_line(e)})")
     instances = 0
     try:
         with _open_checked(pair.mask_path, mask_name, max_pixels) as m:
@@ -130,7 +130,7 @@ def check_pair(pair: Pair, top: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> t
     except _TooLarge as e:
         problems.append(str(e))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        problems.append(f"{mask_name}: cannot decode as a PNG mask ({_why(e)})")
+        problems.append(f"{mask_name}: cannot decode as a PNG mask ({first_line(e)})")
     if problems:
         return None, problems
     return Item(pair.id, pair.group, pair.image_path, pair.mask_path,
@@ -157,7 +157,3 @@ def validate(pairs: list[Pair], top: Path, source: str, problems: list[str] | No
     if problems:
         raise DatasetError(source, problems)
     return items
-
-
-def _why(e: Exception) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__

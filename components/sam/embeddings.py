@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from components.errors import first_line
 from components.hashing import sha256_bytes
 from components.sam.transforms import preprocess_image
 from components.storage import IntegrityError
@@ -48,7 +49,7 @@ def decode_bytes(data: bytes, what: str = "embedding") -> torch.Tensor:
     try:
         t = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{what} is not a readable tensor: {str(e).splitlines()[0]}") from e
+        raise ValueError(f"{what} is not a readable tensor: {first_line(e)}") from e
     if not isinstance(t, torch.Tensor) or tuple(t.shape) != EMBEDDING_SHAPE:
         shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"{what} has shape {shape}, expected {EMBEDDING_SHAPE}")

@@ -1,0 +1,159 @@
+"""`sam-pipeline run` between its flags and the local runner (`pipelines/local.py`): the pipeline arguments
+built from the flags and checked before any work starts, the demo/offline inputs filled in, and the summary
+printed at the end. `pipelines/cli.py` keeps only argparse and the command's order of work.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+from components.errors import UserError, first_line
+
+EXIT_USAGE = 2
+
+
+class RunArgsError(UserError):
+    """A bad `run` flag, found before any work starts (the CLI exits 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+def run_params(args) -> dict:
+    """Pipeline arguments from `run`'s flags (no credentials: those travel as environment variables)."""
+    from components.training.config import PIPELINE_SETTINGS
+
+    return {
+        **{name: getattr(args, name) for name in PIPELINE_SETTINGS}, "dataset_source": args.dataset_source,
+        "dataset_format": args.dataset_format, "dataset_name": args.dataset_name,
+        "weights_url": args.weights_url, "weights_sha256": args.weights_sha256, "bucket": args.bucket,
+        "prefix": args.prefix, "margin": args.margin, "model_name": args.model_name,
+        "model_registry_url": args.model_registry_url,
+    }
+
+
+def validate_run_params(params: dict) -> None:
+    """Every pipeline argument checked before any work starts (a NaN would otherwise surface only after
+    fetch, ingest and finetune, or crash KFP's protobuf serialisation). The rules live with their owners:
+    TrainConfig.validate, the registry's and the dataset's name rules, the store's bucket rule."""
+    import dataclasses
+    import math
+
+    from components.datasets.ingest import check_name as check_dataset_name
+    from components.registry import _check_name as check_model_name
+    from components.storage import check_bucket
+    from components.training.config import TrainConfig
+
+    for key, value in params.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RunArgsError(f"--{key} {value}: must be a finite number")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        TrainConfig(**{k: v for k, v in params.items() if k in fields}).validate()
+    except UserError as e:  # TrainConfig.validate's one-line report of every bad setting
+        raise RunArgsError(first_line(e)) from None
+    for flag, check in (("--dataset-name", lambda: check_dataset_name(params["dataset_name"])),
+                        ("--model-name", lambda: check_model_name("name", params["model_name"])),
+                        ("--bucket", lambda: check_bucket(params["bucket"]))):
+        try:
+            check()
+        except UserError as e:
+            raise RunArgsError(f"{flag}: {first_line(e)}") from None
+
+
+def _cuda_or_cpu(device: str) -> str:
+    """The local run's device: the pipeline's steps see a plain cpu rather than each warning on its own."""
+    if not device.startswith("cuda"):
+        return device
+    from components.sam.device import resolve_device
+
+    chosen = str(resolve_device(device, notice=False))
+    if chosen == "cpu":
+        print("sam-pipeline: no CUDA device here; running on cpu (pass -g cpu to silence this)", file=sys.stderr)
+    return chosen if chosen == "cpu" else device
+
+
+def prepare_inputs(args) -> None:
+    """Fill in `--demo`'s synthetic dataset and random checkpoint, fail in one line when a source cannot be
+    reached (before any task starts), and settle the device; `args` is updated in place."""
+    from components.datasets.sources import cache_path
+    from pipelines import local
+
+    if args.demo:
+        if args.model_type != "vit_t":
+            raise RunArgsError("--demo builds a random vit_t checkpoint; drop -m/--model_type")
+        assets = local.make_demo_assets(Path("runs/demo"), images=args.demo_images)
+        args.dataset_source, args.weights_url, args.weights_sha256 = (
+            assets["dataset_source"], assets["weights_url"], assets["weights_sha256"])
+        args.dataset_name = "synthetic-penn-fudan"
+        if args.model_name == "sam-pennfudan":
+            args.model_name = "sam-demo"
+    if not cache_path(args.dataset_source).is_file():  # a dataset cached by an earlier run works offline
+        local.check_reachable(args.dataset_source, "dataset")
+    if args.weights_url:
+        local.check_reachable(args.weights_url, "weights")
+    else:
+        url, cached = local.default_weights_url(args.model_type)
+        if cached is None:
+            local.check_reachable(url, f"{args.model_type} weights")
+    args.device = _cuda_or_cpu(args.device)
+
+
+@contextlib.contextmanager
+def sigterm_unwinds():
+    """Turn SIGTERM into KeyboardInterrupt while the run is in progress, so every `finally` runs (the embedded
+    S3 server stops with it). SIGKILL runs nothing: the server's parent-death watch covers that."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: signals cannot be handled here, leave them as they are
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def failure_line(summary: dict, summary_json: Path | None) -> str:
+    """The one line a failed run ends with: the first failed task, its error, where the log is."""
+    failed = [t for t, i in summary["tasks"].items() if i["state"] == "FAILED"] or ["an unknown task"]
+    error = summary["tasks"].get(failed[0], {}).get("error")
+    return (f"pipeline failed at {', '.join(failed)}" + (f" ({error})" if error else "")
+            + f"; full log in {summary['log']}" + (f"; summary in {summary_json}" if summary_json else ""))
+
+
+def print_summary(summary: dict, *, margin: float, model_name: str, summary_json: Path | None, out=None) -> None:
+    """What a person reads at the end of a run: task states and times, the verdict, where things are."""
+    from components.eval_metrics import FINETUNED_BOX_DICE, box_dice_line
+
+    out = out or sys.stdout
+    print("\n== sam-pipeline run ==", file=out)
+    for name, info in summary["tasks"].items():
+        secs = f" {info['seconds']:.1f}s" if "seconds" in info else ""
+        print(f"  {name:<15} {info['state']}{secs}", file=out)
+    if FINETUNED_BOX_DICE in summary.get("metrics", {}):
+        # The run's own margin and verdict stand in for an evaluation that did not record them.
+        print(f"  {box_dice_line({'margin': margin, 'passed': summary.get('passed'), **summary['metrics']})}",
+              file=out)
+    for name, path in summary.get("checkpoints", {}).items():
+        print(f"  checkpoint {name}: {path}", file=out)
+    for task, path in summary.get("reports", {}).items():
+        print(f"  {task} report: {path}", file=out)
+    if summary.get("registered"):
+        r = summary["registered"]
+        print(f"  registered {model_name} {r['version']}: {r['model_uri']}", file=out)
+        copy = summary.get("registered_copy") or {}
+        if copy.get("model"):
+            print(f"    (the embedded store is gone after the run; copy kept at {copy['model']})", file=out)
+        elif copy.get("conflict"):
+            print(f"    not kept: {copy['conflict']}", file=out)
+    elif summary["tasks"]["register-model"]["state"] == "SKIPPED":
+        print("  register-model skipped: the fine-tuned model did not beat the bar", file=out)
+    print(f"  full log: {summary['log']}", file=out)
+    if summary_json:
+        print(f"  summary: {summary_json}", file=out)
