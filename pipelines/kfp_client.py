@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from components.errors import UserError
+from components.errors import UserError, first_line
 
 # kubeflow/pipelines backend/api/v2beta1/run.proto `enum RuntimeState`: SUCCEEDED, SKIPPED, FAILED and
 # CANCELED are final; CANCELING only moves on to one of those and PAUSED waits for a person, so waiting on
@@ -356,7 +356,7 @@ def wait(conn: Connection, run_id: str, timeout: float) -> str:
                     raise api_error(f"looking at run {run_id}", conn.host, e) from None
                 failures += 1
                 if failures > RECONNECT_TRIES:
-                    reason = str(getattr(e, "reason", None) or e).strip().splitlines()[0].rsplit(": ", 1)[-1]
+                    reason = first_line(getattr(e, "reason", None) or e).rsplit(": ", 1)[-1]
                     raise RunDetached(f"lost {conn.host} while waiting for run {run_id} ({reason}); the run "
                                       f"continues on the cluster; watch it at {link}") from None
                 state = ""
