@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="register only if fine-tuned box Dice >= zero-shot (and champion) + margin")
     g.add_argument("--model-name", default="sam-pennfudan")
     g.add_argument("--model-registry-url", default="", help="also register in Kubeflow Model Registry")
+    g.add_argument("--verify-data", action="store_true",
+                   help="re-check every stored object of the dataset against its sha256 and repair what is wrong")
+    g.add_argument("--force", "--force-retrain", dest="force_retrain", action="store_true",
+                   help="train even when data, weights and settings equal the registered champion's")
+    g.add_argument("--allow-overlap", action="store_true",
+                   help="register even when the splits overlap (a dataset under 3 images)")
     g.add_argument("--demo", action="store_true",
                    help="offline: a synthetic Penn-Fudan-like dataset and a random vit_t checkpoint")
     g.add_argument("--demo-images", type=_int_at_least(6), default=12)
@@ -256,7 +262,8 @@ def run_params(args) -> dict:
         "dataset_format": args.dataset_format, "dataset_name": args.dataset_name,
         "weights_url": args.weights_url, "weights_sha256": args.weights_sha256, "bucket": args.bucket,
         "prefix": args.prefix, "margin": args.margin, "model_name": args.model_name,
-        "model_registry_url": args.model_registry_url,
+        "model_registry_url": args.model_registry_url, "verify_data": args.verify_data,
+        "force_retrain": args.force_retrain, "allow_overlap": args.allow_overlap,
     }
 
 
@@ -375,8 +382,12 @@ def _print_run(summary: dict, args) -> None:
             print(f"    (the embedded store is gone after the run; copy kept at {copy['model']})", file=out)
         elif copy.get("conflict"):
             print(f"    not kept: {copy['conflict']}", file=out)
+    elif summary.get("skipped"):
+        print(f"  skipped: {summary['skipped']} (--force retrains anyway)", file=out)
     elif summary["tasks"]["register-model"]["state"] == "SKIPPED":
-        print("  register-model skipped: the fine-tuned model did not beat the bar", file=out)
+        print(f"  register-model skipped: {summary['tasks']['register-model']['reason']}", file=out)
+    for warning in summary.get("warnings", []):
+        print(f"  WARNING: {warning}", file=out)
     print(f"  full log: {summary['log']}", file=out)
     if args.summary_json:
         print(f"  summary: {args.summary_json}", file=out)
