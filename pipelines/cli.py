@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train even when data, weights and settings equal the registered champion's")
     g.add_argument("--allow-overlap", action="store_true",
                    help="register even when the splits overlap (a dataset under 3 images)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the last killed or failed run of this checkpoint name from its latest.pt")
     g.add_argument("--demo", action="store_true",
                    help="offline: a synthetic Penn-Fudan-like dataset and a random vit_t checkpoint")
     g.add_argument("--demo-images", type=_int_at_least(6), default=12)
@@ -296,8 +298,27 @@ def validate_run_params(params: dict) -> None:
             raise CLIError(f"{flag}: {first_line(e)}", EXIT_USAGE) from None
 
 
+def _run_id(args) -> str:
+    """This run's id: a new one, or with --resume the last unfinished run's (pipelines/local_runs.py)."""
+    from pipelines import local_runs
+
+    pending = local_runs.unfinished(args.pipeline_root, args.checkpoint_name)
+    if args.resume:
+        if pending is None:
+            raise CLIError(f"--resume: no killed or failed run of {args.checkpoint_name} in "
+                           f"{args.pipeline_root / 'runs'}", EXIT_USAGE)
+        print(f"sam-pipeline: resuming run {pending['run_id']} of {args.checkpoint_name}", file=sys.stderr)
+        return pending["run_id"]
+    if pending is not None:
+        at = local_runs.stopped_at(args.checkpoint_name, pending["run_id"])
+        if at is not None:
+            print(f"sam-pipeline: a run of {args.checkpoint_name} stopped at iteration {at}; --resume continues "
+                  "it (this run starts from zero)", file=sys.stderr)
+    return local_runs.new_run_id()
+
+
 def cmd_run(args) -> int:
-    from pipelines import local
+    from pipelines import local, local_runs
 
     validate_run_params(run_params(args))
     if args.demo:
@@ -321,9 +342,17 @@ def cmd_run(args) -> int:
             local.check_reachable(url, f"{args.model_type} weights")
     args.device = _cuda_or_cpu(args.device)
 
-    with _sigterm_unwinds():  # a SIGTERM stops the run's S3 server and tasks like Ctrl-C does
-        summary = local.run_local(run_params(args), pipeline_root=args.pipeline_root,
-                                  s3_endpoint=args.s3_endpoint, retries=args.retries, verbose=args.verbose)
+    run_id = _run_id(args)
+    local_runs.record(args.pipeline_root, run_id, args.checkpoint_name, local_runs.RUNNING)
+    state = local_runs.FAILED  # unless the run gets through; a SIGKILL leaves "running" with a dead pid
+    try:
+        with _sigterm_unwinds():  # a SIGTERM stops the run's S3 server and tasks like Ctrl-C does
+            summary = local.run_local({**run_params(args), "resume_run_id": run_id},
+                                      pipeline_root=args.pipeline_root, s3_endpoint=args.s3_endpoint,
+                                      retries=args.retries, verbose=args.verbose)
+        state = local_runs.SUCCEEDED if summary["succeeded"] else local_runs.FAILED
+    finally:
+        local_runs.record(args.pipeline_root, run_id, args.checkpoint_name, state)
     summary["checkpoints"] = local.find_checkpoints(args.checkpoint_name)
     local.remove_old_runs(args.pipeline_root, keep=args.keep_runs)
     if args.summary_json:
