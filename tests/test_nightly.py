@@ -144,3 +144,31 @@ def test_nightly_runs_register_then_skip_then_train_on_changed_data(sources, htt
     summary, states, _ = run(*one, "--allow-overlap")
     assert states == dict.fromkeys(("check-changes", *STAGES), "SUCCEEDED")
     assert summary["registered"]["version"] == "v2"
+
+
+def test_run_flags_become_pipeline_parameters():
+    from pipelines.cli import build_parser, run_params
+
+    plain = run_params(build_parser().parse_args(["run"]))
+    assert (plain["verify_data"], plain["force_retrain"], plain["allow_overlap"]) == (False, False, False)
+    flags = run_params(build_parser().parse_args(["run", "--verify-data", "--force", "--allow-overlap"]))
+    assert (flags["verify_data"], flags["force_retrain"], flags["allow_overlap"]) == (True, True, True)
+
+
+def test_ingest_step_with_verify_repairs_a_damaged_object(store, s3_env, tmp_path):
+    """The ingest step's `verify` (pipeline parameter verify_data) reaches ingest(verify=True)."""
+    from components.datasets.synthetic import make_pennfudan_zip
+    from components.steps import ingest_step
+
+    src = make_pennfudan_zip(tmp_path / "d.zip", n_fudan=2, n_penn=2, size_range=(48, 64))
+    cfg = store.config
+    common = dict(source=str(src), dataset_format="auto", dataset_name="d", split_seed=0, s3_endpoint=cfg.endpoint,
+                  bucket=cfg.bucket, prefix=cfg.prefix, out_manifest_path=str(tmp_path / "m.json"))
+    first = ingest_step(**common)
+    manifest = json.loads((tmp_path / "m.json").read_text())
+    key = manifest["items"][0]["image"]["key"]
+    store.put_bytes(key, b"garbage")
+    assert ingest_step(**common)["uploaded"] == 0  # trusted without verify: the damage stays
+    repaired = ingest_step(**common, verify=True)
+    assert repaired["verified"] == 2 * first["images"] and repaired["uploaded"] == 1
+    assert store.get_bytes(key) != b"garbage"
