@@ -25,15 +25,15 @@ def fetch_weights(model_type: str, url: str, sha256: str, s3_endpoint: str, buck
     return outputs(result["sha256"])
 
 
-def ingest_dataset(source: str, dataset_format: str, dataset_name: str, split_seed: int, verify: bool,
+def ingest_dataset(source: str, dataset_format: str, dataset_name: str, split_seed: int, verify_data: bool,
                    s3_endpoint: str, bucket: str, prefix: str, dataset: Output[Dataset]):
-    """Validate, split and upload a dataset version; the artifact is its manifest. `verify` re-hashes every
-    object already stored and repairs what is wrong."""
+    """Validate, split and upload a dataset version; the artifact is its manifest. `verify_data` re-hashes every
+    object already stored and repairs what is wrong (named like the pipeline parameter, as the others are)."""
     from components.steps import ingest_step, publish
 
     publish(ingest_step(source=source, dataset_format=dataset_format, dataset_name=dataset_name,
                         split_seed=split_seed, s3_endpoint=s3_endpoint, bucket=bucket, prefix=prefix,
-                        out_manifest_path=dataset.path, verify=verify), dataset)
+                        out_manifest_path=dataset.path, verify=verify_data), dataset)
 
 
 def check_changes(dataset: Input[Dataset], weights_sha256: str, model_name: str, force_retrain: bool,

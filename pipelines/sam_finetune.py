@@ -103,7 +103,7 @@ def build_pipeline(placement: Placement | None = None):
         weights.set_display_name("fetch-weights").set_caching_options(True)
 
         dataset = c.ingest_dataset(source=dataset_source, dataset_format=dataset_format,
-                                   dataset_name=dataset_name, split_seed=split_seed, verify=verify_data,
+                                   dataset_name=dataset_name, split_seed=split_seed, verify_data=verify_data,
                                    **store)
         # Not cached, although its output is content-addressed: the cache key is the source string, so a
         # scheduled run reading a fixed s3:// drop folder would never see new data. Ingest hashes first and

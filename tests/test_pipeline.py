@@ -143,7 +143,7 @@ def test_pipeline_parameters_and_defaults(compiled):
     assert params["allow_overlap"] is False and params["resume_run_id"] == ""
     # Each reaches its step.
     ingest = spec["root"]["dag"]["tasks"]["ingest-dataset"]["inputs"]["parameters"]
-    assert ingest["verify"] == {"componentInputParameter": "verify_data"}
+    assert ingest["verify_data"] == {"componentInputParameter": "verify_data"}
     check = spec["root"]["dag"]["tasks"]["check-changes"]["inputs"]["parameters"]
     assert check["force_retrain"] == {"componentInputParameter": "force_retrain"}
     changed = _inner_tasks(spec, "check-changes-changed")
