@@ -76,8 +76,9 @@ def finetune(weights: Input[Model], dataset: Input[Dataset], debug_with_one_exam
 
 def evaluate(weights: Input[Model], model: Input[Model], dataset: Input[Dataset], model_type: str, margin: float,
              model_name: str, device: str, allow_overlap: bool, s3_endpoint: str, bucket: str, prefix: str,
-             metrics: Output[Metrics], report: Output[HTML]) -> NamedTuple("Outputs", [("passed", bool), ("finetuned_box_dice", float),
-                                                             ("zero_shot_box_dice", float), ("metrics_json", str)]):
+             metrics: Output[Metrics], report: Output[HTML]
+             ) -> NamedTuple("Outputs", [("passed", bool), ("finetuned_box_dice", float),
+                                         ("zero_shot_box_dice", float), ("metrics_json", str)]):
     """Zero-shot vs fine-tuned (vs the registered champion) on the test split; `passed` gates registration."""
     import json
 
