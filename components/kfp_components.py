@@ -1,4 +1,4 @@
-"""The five KFP components: thin wrappers that call one step function of `components.steps` each.
+"""The KFP components: thin wrappers that call one step function of `components.steps` each.
 
 KFP ships a component's *source* to the container, so each body imports what it needs from `components`
 (installed in every image) and runs a single step. `base_image` is fixed at decoration time, which is why
@@ -13,34 +13,60 @@ from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 # -- component bodies (module level: KFP extracts their source) ------------------------------------
 
 def fetch_weights(model_type: str, url: str, sha256: str, s3_endpoint: str, bucket: str, prefix: str,
-                  weights: Output[Model]):
+                  weights: Output[Model]) -> NamedTuple("Outputs", [("sha256", str)]):
     """Download (or reuse from the object store) a verified SAM checkpoint."""
     from components.steps import fetch_step, publish
 
-    publish(fetch_step(model_type=model_type, url=url, sha256=sha256, s3_endpoint=s3_endpoint, bucket=bucket,
-                       prefix=prefix, out_path=weights.path), weights)
+    result = fetch_step(model_type=model_type, url=url, sha256=sha256, s3_endpoint=s3_endpoint, bucket=bucket,
+                        prefix=prefix, out_path=weights.path)
+    publish(result, weights)
+    # Also a parameter: check-changes compares it without downloading the checkpoint (2.5 GB for vit_h).
+    outputs = NamedTuple("Outputs", [("sha256", str)])
+    return outputs(result["sha256"])
 
 
-def ingest_dataset(source: str, dataset_format: str, dataset_name: str, split_seed: int, s3_endpoint: str,
-                   bucket: str, prefix: str, dataset: Output[Dataset]):
-    """Validate, split and upload a dataset version; the artifact is its manifest."""
+def ingest_dataset(source: str, dataset_format: str, dataset_name: str, split_seed: int, verify_data: bool,
+                   s3_endpoint: str, bucket: str, prefix: str, dataset: Output[Dataset]):
+    """Validate, split and upload a dataset version; the artifact is its manifest. `verify_data` re-hashes every
+    object already stored and repairs what is wrong (named like the pipeline parameter, as the others are)."""
     from components.steps import ingest_step, publish
 
     publish(ingest_step(source=source, dataset_format=dataset_format, dataset_name=dataset_name,
                         split_seed=split_seed, s3_endpoint=s3_endpoint, bucket=bucket, prefix=prefix,
-                        out_manifest_path=dataset.path), dataset)
+                        out_manifest_path=dataset.path, verify=verify_data), dataset)
+
+
+def check_changes(dataset: Input[Dataset], weights_sha256: str, model_name: str, force_retrain: bool,
+                  debug_with_one_example: bool, model_type: str, batch_size: int, n_objects_per_batch: int,
+                  n_iterations: int, n_sub_iteration: int, lr: float, seed: int, val_every: int, s3_endpoint: str,
+                  bucket: str, prefix: str) -> NamedTuple("Outputs", [("changed", bool), ("reason", str)]):
+    """Whether the dataset, the weights or the training settings differ from the registered champion's;
+    finetune, evaluate and register run only when they do (or with force_retrain)."""
+    from components.steps import check_step
+
+    result = check_step(
+        manifest_path=dataset.path, weights_sha256=weights_sha256, model_name=model_name,
+        force_retrain=force_retrain, s3_endpoint=s3_endpoint, bucket=bucket, prefix=prefix,
+        debug_with_one_example=debug_with_one_example, model_type=model_type, batch_size=batch_size,
+        n_objects_per_batch=n_objects_per_batch, n_iterations=n_iterations, n_sub_iteration=n_sub_iteration,
+        lr=lr, seed=seed, val_every=val_every)
+    outputs = NamedTuple("Outputs", [("changed", bool), ("reason", str)])
+    return outputs(bool(result["changed"]), result["reason"])
 
 
 def finetune(weights: Input[Model], dataset: Input[Dataset], debug_with_one_example: bool, checkpoint_name: str,
              model_type: str, batch_size: int, n_objects_per_batch: int, device: str, n_iterations: int,
-             n_sub_iteration: int, lr: float, seed: int, val_every: int, run_id: str, s3_endpoint: str,
-             bucket: str, prefix: str, model: Output[Model], metrics: Output[Metrics], report: Output[HTML]):
-    """Fine-tune SAM's mask decoder; resumes from the run's latest.pt in the object store on a retry."""
+             n_sub_iteration: int, lr: float, seed: int, val_every: int, run_id: str, resume_run_id: str,
+             s3_endpoint: str, bucket: str, prefix: str, model: Output[Model], metrics: Output[Metrics],
+             report: Output[HTML]):
+    """Fine-tune SAM's mask decoder; resumes from the run's latest.pt in the object store on a retry (or from
+    run `resume_run_id`'s when set)."""
     from components.steps import finetune_step, publish
 
     # The training settings are this body's parameters (tests/test_pipeline.py pins them to TrainConfig).
     result = finetune_step(
-        weights_path=weights.path, manifest_path=dataset.path, run_id=run_id, s3_endpoint=s3_endpoint,
+        weights_path=weights.path, manifest_path=dataset.path, run_id=run_id, resume_run_id=resume_run_id,
+        s3_endpoint=s3_endpoint,
         bucket=bucket, prefix=prefix, out_model_path=model.path, out_report_path=report.path,
         debug_with_one_example=debug_with_one_example, checkpoint_name=checkpoint_name, model_type=model_type,
         batch_size=batch_size, n_objects_per_batch=n_objects_per_batch, device=device, n_iterations=n_iterations,
@@ -49,9 +75,10 @@ def finetune(weights: Input[Model], dataset: Input[Dataset], debug_with_one_exam
 
 
 def evaluate(weights: Input[Model], model: Input[Model], dataset: Input[Dataset], model_type: str, margin: float,
-             model_name: str, device: str, s3_endpoint: str, bucket: str, prefix: str, metrics: Output[Metrics],
-             report: Output[HTML]) -> NamedTuple("Outputs", [("passed", bool), ("finetuned_box_dice", float),
-                                                             ("zero_shot_box_dice", float), ("metrics_json", str)]):
+             model_name: str, device: str, allow_overlap: bool, s3_endpoint: str, bucket: str, prefix: str,
+             metrics: Output[Metrics], report: Output[HTML]
+             ) -> NamedTuple("Outputs", [("passed", bool), ("finetuned_box_dice", float),
+                                         ("zero_shot_box_dice", float), ("metrics_json", str)]):
     """Zero-shot vs fine-tuned (vs the registered champion) on the test split; `passed` gates registration."""
     import json
 
@@ -60,7 +87,8 @@ def evaluate(weights: Input[Model], model: Input[Model], dataset: Input[Dataset]
     result = evaluate_step(
         weights_path=weights.path, model_path=model.path, manifest_path=dataset.path, model_type=model_type,
         margin=margin, model_name=model_name, device=device, s3_endpoint=s3_endpoint, bucket=bucket,
-        prefix=prefix, out_report_path=report.path, model_metadata=dict(model.metadata))
+        prefix=prefix, out_report_path=report.path, model_metadata=dict(model.metadata),
+        allow_overlap=allow_overlap)
     publish(result, None, metrics)
     outputs = NamedTuple("Outputs", [("passed", bool), ("finetuned_box_dice", float),
                                      ("zero_shot_box_dice", float), ("metrics_json", str)])
@@ -84,11 +112,18 @@ def register_model(model: Input[Model], weights: Input[Model], dataset: Input[Da
     return outputs(result["version"], result["model_uri"])
 
 
-_BODIES = {"fetch-weights": fetch_weights, "ingest-dataset": ingest_dataset, "finetune": finetune,
-           "evaluate": evaluate, "register-model": register_model}
-# The one list of step names, in the pipeline's order (each upstream step before the steps that use it):
-# images, the local runner's task states and the tests read it from here.
-STEPS = tuple(_BODIES)
+# Every task of the pipeline, in the pipeline's order (each task after the tasks it waits for), with the
+# step whose image it runs on. The one list of task and step names: images, the local runner's task states
+# and the tests read TASKS and STEPS from here.
+_BODIES = {"fetch-weights": (fetch_weights, "fetch-weights"),
+           "ingest-dataset": (ingest_dataset, "ingest-dataset"),
+           # check-changes needs only the registry code, which the light register-model image has.
+           "check-changes": (check_changes, "register-model"),
+           "finetune": (finetune, "finetune"),
+           "evaluate": (evaluate, "evaluate"),
+           "register-model": (register_model, "register-model")}
+TASKS = tuple(_BODIES)
+STEPS = tuple(task for task, (_, image) in _BODIES.items() if image == task)  # each has an image of its own
 
 
 class Components(NamedTuple):
@@ -97,13 +132,14 @@ class Components(NamedTuple):
     finetune: object
     evaluate: object
     register_model: object
+    check_changes: object
 
 
 def make_components(images: dict[str, str]) -> Components:
-    """Decorate the five bodies with their own images ({step: image ref}, see pipelines.images)."""
-    missing = set(_BODIES) - set(images)
+    """Decorate the bodies with their images ({step: image ref}, see pipelines.images)."""
+    missing = set(STEPS) - set(images)
     if missing:
         raise ValueError(f"no image given for step(s) {', '.join(sorted(missing))}")
-    made = {step.replace("-", "_"): dsl.component(body, base_image=images[step], install_kfp_package=False)
-            for step, body in _BODIES.items()}
+    made = {task.replace("-", "_"): dsl.component(body, base_image=images[image], install_kfp_package=False)
+            for task, (body, image) in _BODIES.items()}
     return Components(**made)

@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from components.changes import trained_on
 from components.errors import UserError, first_line
 from components.eval_metrics import candidate_metrics
 from components.hashing import sha256_file
@@ -269,7 +270,7 @@ def build_card(metrics: dict, *, run_id: str, model_metadata: dict, dataset_meta
         # Read back through ML Metadata a bool is 0/1 and an int 3.0: the card states them as trained.
         cfg = TrainConfig.from_params(model_metadata["config"])
         training["config"] = {k: getattr(cfg, k) for k in model_metadata["config"]}
-    return {
+    card = {
         "run_id": run_id,
         "metrics": finetuned or metrics,
         "zero_shot": zero_shot,
@@ -281,3 +282,9 @@ def build_card(metrics: dict, *, run_id: str, model_metadata: dict, dataset_meta
         "model": {"model_type": model_metadata.get("model_type") or weights_metadata.get("model_type"),
                   "format": "pytorch state_dict (segment_anything / mobile_sam Sam)"},
     }
+    if isinstance(model_metadata.get("config"), dict):
+        # What the nightly check (components/changes.py) compares the next run with.
+        card["trained_on"] = trained_on(
+            model_metadata.get("dataset_content_hash") or dataset_metadata.get("content_hash"),
+            model_metadata.get("weights_sha256") or weights_metadata.get("sha256"), model_metadata["config"])
+    return card

@@ -97,12 +97,13 @@ def fetch_step(model_type: str, url: str, sha256: str, s3_endpoint: str, bucket:
 
 
 def ingest_step(source: str, dataset_format: str, dataset_name: str, split_seed: int, s3_endpoint: str,
-                bucket: str, prefix: str, out_manifest_path: str) -> dict:
-    """Ingest, write the manifest to the Dataset artifact, return its metadata."""
+                bucket: str, prefix: str, out_manifest_path: str, verify: bool = False) -> dict:
+    """Ingest (`verify`: re-hash every stored object and repair what is wrong), write the manifest to the
+    Dataset artifact, return its metadata."""
     from components.datasets.ingest import ingest
 
     result = ingest(source, dataset_format or "auto", dataset_name, connect(s3_endpoint, bucket, prefix),
-                    seed=int(split_seed))
+                    seed=int(split_seed), verify=bool(verify))
     out = Path(out_manifest_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result.manifest, indent=2, sort_keys=True))
@@ -113,6 +114,31 @@ def ingest_step(source: str, dataset_format: str, dataset_name: str, split_seed:
     return meta
 
 
+def check_step(manifest_path: str, weights_sha256: str, model_name: str, force_retrain: bool, s3_endpoint: str,
+               bucket: str, prefix: str, **settings) -> dict:
+    """Whether this run has anything new to train compared with the registered champion (components/changes.py):
+    {"changed": bool, "reason": str}."""
+    from components.changes import decide, trained_on
+    from components.registry import ObjectStoreRegistry
+
+    manifest = json.loads(Path(manifest_path).read_text())
+    now = trained_on(manifest["content_hash"], weights_sha256, settings)
+    decision = decide(ObjectStoreRegistry(connect(s3_endpoint, bucket, prefix)), model_name, now,
+                      force=bool(force_retrain))
+    print(("training: " if decision.changed else "skipping training: ") + decision.reason)
+    return {"changed": decision.changed, "reason": decision.reason}
+
+
+def _overlap_warning(manifest: dict) -> str | None:
+    from components.datasets.split import overlapping
+
+    shared = overlapping(manifest["items"])
+    if not shared:
+        return None
+    return (f"the splits of {manifest['name']} overlap: {len(shared)} of {len(manifest['items'])} images serve more "
+            "than one of train/val/test, so the model is evaluated on images it was trained on")
+
+
 def write_finetune_report(path: str | Path, metrics: dict, history: dict) -> Path:
     """The finetune step's page: the run's metrics and its loss / validation Dice curves."""
     from components.report import Report
@@ -120,19 +146,28 @@ def write_finetune_report(path: str | Path, metrics: dict, history: dict) -> Pat
     return Report("SAM fine-tuning").kv(metrics).history(history).write(path)
 
 
-def finetune_step(weights_path: str, manifest_path: str, *, run_id: str = "", s3_endpoint: str = "",
+def finetune_step(weights_path: str, manifest_path: str, *, run_id: str = "", resume_run_id: str = "",
+                  s3_endpoint: str = "",
                   bucket: str = "", prefix: str = "", out_model_path: str = "model.pt",
                   out_report_path: str = "report.html", checkpoint_dir: str = "checkpoints", **settings) -> dict:
     """Read the dataset version named by the manifest, train with `settings` (TrainConfig fields), write
-    the model (plain state dict) and an HTML report, and return the run's metrics and settings."""
+    the model (plain state dict) and an HTML report, and return the run's metrics and settings.
+
+    resume_run_id: train as that run (its checkpoints under runs/<id>/ in the store, and the local
+    checkpoint's identity, which names the run) instead of this one: how `sam-pipeline run --resume`, or a
+    user on a cluster, continues a run that was killed. A checkpoint of another run is never resumed."""
     from components.datasets.reader import load_manifest, load_split
     from components.hashing import sha256_file
     from components.training import TrainConfig, train
 
     cfg = TrainConfig.from_params(settings, checkpoint_dir=checkpoint_dir)
     cfg.validate()  # before anything is read or written: e.g. checkpoint_name must not leave checkpoint_dir
+    run_id = resume_run_id or run_id
     store = connect(s3_endpoint, bucket, prefix)
     manifest = load_manifest(store, manifest_path)
+    overlap = _overlap_warning(manifest)
+    if overlap:
+        log.warning("WARNING: %s", overlap)
     train_samples = load_split(store, manifest, "train")
     val_samples = [] if cfg.debug_with_one_example else load_split(store, manifest, "val")
     weights_sha = sha256_file(weights_path)
@@ -173,8 +208,9 @@ def finetune_step(weights_path: str, manifest_path: str, *, run_id: str = "", s3
 
 def evaluate_step(weights_path: str, model_path: str, manifest_path: str, model_type: str, margin: float,
                   model_name: str, device: str, s3_endpoint: str, bucket: str, prefix: str, out_report_path: str,
-                  model_metadata: dict | None = None) -> dict:
-    """Load the test split, find the champion, evaluate, write the report."""
+                  model_metadata: dict | None = None, allow_overlap: bool = False) -> dict:
+    """Load the test split, find the champion, evaluate, write the report. `passed` (the registration gate)
+    is also false when the splits overlap, unless `allow_overlap`: this is the one place of that rule."""
     from components.datasets.reader import load_manifest, load_split
     from components.eval_metrics import box_dice_line
     from components.evaluate import EvaluationError, evaluate, training_history
@@ -202,6 +238,15 @@ def evaluate_step(weights_path: str, model_path: str, manifest_path: str, model_
                            store=store, zero_shot_sha256=sha256_file(weights_path))
     metrics["dataset_content_hash"] = manifest.get("content_hash")
     print(box_dice_line(metrics))
+    overlap = _overlap_warning(manifest)
+    metrics["splits_overlap"] = bool(overlap)
+    if overlap and not allow_overlap:
+        metrics["passed"] = False
+        metrics["refused"] = f"{overlap}; registration refused (allow_overlap / run --allow-overlap to register)"
+        log.warning("WARNING: %s", metrics["refused"])
+        print("NOT PASSED:", metrics["refused"])
+    elif overlap:
+        log.warning("WARNING: %s; registering anyway (allow_overlap)", overlap)
     return metrics
 
 

@@ -146,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="register only if fine-tuned box Dice >= zero-shot (and champion) + margin")
     g.add_argument("--model-name", default="sam-pennfudan")
     g.add_argument("--model-registry-url", default="", help="also register in Kubeflow Model Registry")
+    g.add_argument("--verify-data", action="store_true",
+                   help="re-check every stored object of the dataset against its sha256 and repair what is wrong")
+    g.add_argument("--force", "--force-retrain", dest="force_retrain", action="store_true",
+                   help="train even when data, weights and settings equal the registered champion's")
+    g.add_argument("--allow-overlap", action="store_true",
+                   help="register even when the splits overlap (a dataset under 3 images)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the last killed or failed run of this checkpoint name from its latest.pt")
     g.add_argument("--demo", action="store_true",
                    help="offline: a synthetic Penn-Fudan-like dataset and a random vit_t checkpoint")
     g.add_argument("--demo-images", type=_int_at_least(6), default=12)
@@ -238,13 +246,21 @@ def cmd_compile(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from pipelines import local, run_args
+    from pipelines import local, local_runs, run_args
 
     run_args.validate_run_params(run_args.run_params(args))
     run_args.prepare_inputs(args)
-    with run_args.sigterm_unwinds():  # a SIGTERM stops the run's S3 server and tasks like Ctrl-C does
-        summary = local.run_local(run_args.run_params(args), pipeline_root=args.pipeline_root,
-                                  s3_endpoint=args.s3_endpoint, retries=args.retries, verbose=args.verbose)
+    run_id = run_args.choose_run_id(args)
+    local_runs.record(args.pipeline_root, run_id, args.checkpoint_name, local_runs.RUNNING)
+    state = local_runs.FAILED  # unless the run gets through; a SIGKILL leaves "running" with a dead pid
+    try:
+        with run_args.sigterm_unwinds():  # a SIGTERM stops the run's S3 server and tasks like Ctrl-C does
+            summary = local.run_local({**run_args.run_params(args), "resume_run_id": run_id},
+                                      pipeline_root=args.pipeline_root, s3_endpoint=args.s3_endpoint,
+                                      retries=args.retries, verbose=args.verbose)
+        state = local_runs.SUCCEEDED if summary["succeeded"] else local_runs.FAILED
+    finally:
+        local_runs.record(args.pipeline_root, run_id, args.checkpoint_name, state)
     summary["checkpoints"] = local.find_checkpoints(args.checkpoint_name)
     local.remove_old_runs(args.pipeline_root, keep=args.keep_runs)
     if args.summary_json:

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 from components.errors import UserError
-from components.kfp_components import STEPS as TASKS  # in topological order
+from components.kfp_components import TASKS  # in topological order
 from pipelines.local_console import Console, Events
 from pipelines.sam_finetune import PIPELINE_NAME, Placement, build_pipeline
 
@@ -117,37 +117,67 @@ def _fix_kfp_local_conditions() -> None:
 
 
 def task_graph(pipeline) -> dict[str, dict]:
-    """{task: {"after": upstream tasks, "gated": whether a dsl.If decides if it runs}} from the compiled spec:
-    the one description of the DAG, so states can be told apart without reading log lines."""
+    """{task: {"after": upstream tasks, "gated": the tasks whose outputs decide, through dsl.If, whether it
+    runs}} from the compiled spec: the one description of the DAG, so states can be told apart without reading
+    log lines. Conditions nest (register-model sits in evaluate's dsl.If inside check-changes')."""
+    import re
+
     spec = pipeline.pipeline_spec
-    graph = {}
-    for name, task in spec.root.dag.tasks.items():
-        inner = spec.components[task.component_ref.name].dag.tasks
-        if not inner:
-            graph[name] = {"after": set(task.dependent_tasks), "gated": bool(task.trigger_policy.condition)}
-        for sub, subtask in inner.items():  # a dsl.If's sub-DAG: its tasks wait for what the condition waits for
-            graph[sub] = {"after": set(task.dependent_tasks) | set(subtask.dependent_tasks), "gated": True}
+    graph: dict[str, dict] = {}
+
+    def walk(dag, after: set, gated: tuple) -> None:
+        for name, task in dag.tasks.items():
+            deps = after | set(task.dependent_tasks)
+            gates = gated
+            if task.trigger_policy.condition:
+                channels = re.findall(r"pipelinechannel--[\w.-]+", task.trigger_policy.condition)
+                producers = tuple(task.inputs.parameters[c].task_output_parameter.producer_task for c in channels
+                                  if c in task.inputs.parameters)
+                gates = gated + tuple(p for p in producers if p)
+            inner = spec.components[task.component_ref.name].dag
+            if inner.tasks:  # a dsl.If's sub-DAG: its tasks wait for what the condition waits for
+                walk(inner, deps, gates)
+            else:
+                graph[name] = {"after": deps, "gated": gates}
+
+    walk(spec.root.dag, set(), ())
     return graph
 
 
-def task_states(graph: dict, run_dir: Path | None, gate_open: bool | None) -> dict[str, dict]:
+def task_states(graph: dict, run_dir: Path | None, gate_open: bool | None = None,
+                gates: dict[str, tuple[bool | None, str]] | None = None) -> dict[str, dict]:
     """Each task's state and outputs, read from its executor output (written by kfp's executor only when the
-    task's function returned): present means SUCCEEDED; absent with every upstream task succeeded means kfp ran
-    it and it FAILED, unless it sits behind a dsl.If that was false (SKIPPED); otherwise it never ran."""
+    task's function returned): present means SUCCEEDED; absent behind a dsl.If whose deciding task said no
+    means SKIPPED (with that gate's reason); absent with every upstream task succeeded means kfp ran it and it
+    FAILED; otherwise it never ran. `gates`: {deciding task: (its verdict, the reason when no)};
+    `gate_open` is evaluate's."""
+    gates = {"evaluate": (gate_open, "evaluate.passed is false"), **(gates or {})}
     out = {name: _read_outputs(run_dir / name) if run_dir else {} for name in TASKS}
     states: dict[str, dict] = {}
     for name in TASKS:  # TASKS is in topological order
         info = {"state": "SUCCEEDED", **out[name]} if out[name] else {}
         if not info:
+            closed = [gates[g][1] for g in graph[name]["gated"] if g in gates and gates[g][0] is False]
             blocked = [t for t in graph[name]["after"] if states.get(t, {}).get("state") != "SUCCEEDED"]
-            if blocked:
+            if closed:
+                info = {"state": "SKIPPED", "reason": closed[0]}
+            elif blocked:
                 info = {"state": "NOT_RUN", "reason": f"{', '.join(sorted(blocked))} did not succeed"}
-            elif graph[name]["gated"] and gate_open is False:
-                info = {"state": "SKIPPED", "reason": "evaluate.passed is false"}
             else:
                 info = {"state": "FAILED"}
         states[name] = info
     return states
+
+
+def _gates(run_dir: Path | None) -> dict[str, tuple[bool | None, str]]:
+    """What each dsl.If's deciding task said, and why, from its outputs."""
+    if run_dir is None:
+        return {}
+    check = _read_outputs(run_dir / "check-changes").get("parameters", {})
+    ev = _read_outputs(run_dir / "evaluate").get("parameters", {})
+    refused = json.loads(ev.get("metrics_json") or "{}").get("refused")
+    return {"check-changes": (check.get("changed"), check.get("reason") or "nothing changed"),
+            "evaluate": (ev.get("passed"), refused or "the fine-tuned model did not beat the bar")}
 
 
 def _read_outputs(task_dir: Path) -> dict:
@@ -250,8 +280,7 @@ def run_local(params: dict, *, pipeline_root: Path, s3_endpoint: str | None = No
             console.write("\n")
         new = sorted(p for p in pipeline_root.glob(f"{PIPELINE_NAME}-*") if p.name not in before)
         run_dir = new[-1] if new else None
-        gate = _read_outputs(run_dir / "evaluate").get("parameters", {}).get("passed") if run_dir else None
-        tasks = task_states(task_graph(pipeline), run_dir, gate)
+        tasks = task_states(task_graph(pipeline), run_dir, gates=_gates(run_dir))
         for name, seconds in events.seconds().items():
             if name in tasks:
                 tasks[name]["seconds"] = seconds
@@ -270,6 +299,13 @@ def run_local(params: dict, *, pipeline_root: Path, s3_endpoint: str | None = No
             "tasks": tasks,
         }
         summary.update(_digest(summary))
+        if tasks["check-changes"].get("parameters", {}).get("changed") is False:
+            summary["skipped"] = tasks["check-changes"]["parameters"].get("reason")
+        if summary["dataset"].get("splits_overlap"):
+            summary["warnings"] = [f"the splits of {summary['dataset'].get('dataset')} overlap: images serve more "
+                                   "than one of train/val/test, so the evaluation scores images the model was "
+                                   "trained on" + ("" if params.get("allow_overlap")
+                                                   else "; registration refused (--allow-overlap registers anyway)")]
         # KFP names an HTML artifact after its output ("report"); a .html copy opens in a browser.
         for task, path in list(summary["reports"].items()):
             if run_dir is not None and Path(path).is_file():

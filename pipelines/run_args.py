@@ -28,7 +28,8 @@ def run_params(args) -> dict:
         "dataset_format": args.dataset_format, "dataset_name": args.dataset_name,
         "weights_url": args.weights_url, "weights_sha256": args.weights_sha256, "bucket": args.bucket,
         "prefix": args.prefix, "margin": args.margin, "model_name": args.model_name,
-        "model_registry_url": args.model_registry_url,
+        "model_registry_url": args.model_registry_url, "verify_data": args.verify_data,
+        "force_retrain": args.force_retrain, "allow_overlap": args.allow_overlap,
     }
 
 
@@ -99,6 +100,25 @@ def prepare_inputs(args) -> None:
     args.device = _cuda_or_cpu(args.device)
 
 
+def choose_run_id(args) -> str:
+    """This run's id: a new one, or with --resume the last unfinished run's (pipelines/local_runs.py)."""
+    from pipelines import local_runs
+
+    pending = local_runs.unfinished(args.pipeline_root, args.checkpoint_name)
+    if args.resume:
+        if pending is None:
+            raise RunArgsError(f"--resume: no killed or failed run of {args.checkpoint_name} in "
+                               f"{args.pipeline_root / 'runs'}")
+        print(f"sam-pipeline: resuming run {pending['run_id']} of {args.checkpoint_name}", file=sys.stderr)
+        return pending["run_id"]
+    if pending is not None:
+        at = local_runs.stopped_at(args.checkpoint_name, pending["run_id"])
+        if at is not None:
+            print(f"sam-pipeline: a run of {args.checkpoint_name} stopped at iteration {at}; --resume continues "
+                  "it (this run starts from zero)", file=sys.stderr)
+    return local_runs.new_run_id()
+
+
 @contextlib.contextmanager
 def sigterm_unwinds():
     """Turn SIGTERM into KeyboardInterrupt while the run is in progress, so every `finally` runs (the embedded
@@ -152,8 +172,12 @@ def print_summary(summary: dict, *, margin: float, model_name: str, summary_json
             print(f"    (the embedded store is gone after the run; copy kept at {copy['model']})", file=out)
         elif copy.get("conflict"):
             print(f"    not kept: {copy['conflict']}", file=out)
+    elif summary.get("skipped"):
+        print(f"  skipped: {summary['skipped']} (--force retrains anyway)", file=out)
     elif summary["tasks"]["register-model"]["state"] == "SKIPPED":
-        print("  register-model skipped: the fine-tuned model did not beat the bar", file=out)
+        print(f"  register-model skipped: {summary['tasks']['register-model']['reason']}", file=out)
+    for warning in summary.get("warnings", []):
+        print(f"  WARNING: {warning}", file=out)
     print(f"  full log: {summary['log']}", file=out)
     if summary_json:
         print(f"  summary: {summary_json}", file=out)

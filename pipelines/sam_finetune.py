@@ -1,4 +1,5 @@
-"""The KFP v2 pipeline: fetch-weights + ingest-dataset -> finetune (GPU) -> evaluate (GPU) -> register-model.
+"""The KFP v2 pipeline: fetch-weights + ingest-dataset -> check-changes -> finetune (GPU) -> evaluate (GPU) ->
+register-model; the last three only when check-changes finds something new to train.
 
 Everything that is fixed at compile time (images, GPU placement, resources, retries) is an argument of
 `build_pipeline`; everything a run may change is a pipeline parameter. `sam_finetune` is the pipeline
@@ -91,6 +92,10 @@ def build_pipeline(placement: Placement | None = None):
         margin: float = 0.0,
         model_name: str = "sam-pennfudan",
         model_registry_url: str = "",
+        verify_data: bool = False,
+        force_retrain: bool = False,
+        allow_overlap: bool = False,
+        resume_run_id: str = "",
     ):
         store = dict(s3_endpoint=s3_endpoint, bucket=bucket, prefix=prefix)
 
@@ -98,38 +103,50 @@ def build_pipeline(placement: Placement | None = None):
         weights.set_display_name("fetch-weights").set_caching_options(True)
 
         dataset = c.ingest_dataset(source=dataset_source, dataset_format=dataset_format,
-                                   dataset_name=dataset_name, split_seed=split_seed, **store)
+                                   dataset_name=dataset_name, split_seed=split_seed, verify_data=verify_data,
+                                   **store)
         # Not cached, although its output is content-addressed: the cache key is the source string, so a
         # scheduled run reading a fixed s3:// drop folder would never see new data. Ingest hashes first and
         # uploads nothing when the content is unchanged, so running it every time costs seconds.
         dataset.set_display_name("ingest-dataset").set_caching_options(False)
 
-        train = c.finetune(
-            weights=weights.outputs["weights"], dataset=dataset.outputs["dataset"],
-            debug_with_one_example=debug_with_one_example, checkpoint_name=checkpoint_name,
-            model_type=model_type, batch_size=batch_size, n_objects_per_batch=n_objects_per_batch,
-            device=device, n_iterations=n_iterations, n_sub_iteration=n_sub_iteration, lr=lr, seed=seed,
-            val_every=val_every, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **store)
-        # Scheduled retraining must retrain; a retry of the same run resumes from its latest.pt.
-        train.set_display_name("finetune").set_caching_options(False)
-        if p.finetune_retries:
-            train.set_retry(num_retries=p.finetune_retries, backoff_duration=p.retry_backoff, backoff_factor=2)
-        _on_gpu(train, p, p.finetune_cpu, p.finetune_memory)
+        # A scheduled run on unchanged data, weights and settings has nothing to train: the check compares
+        # them with the registered champion's card, and everything below runs only when something differs.
+        check = c.check_changes(
+            dataset=dataset.outputs["dataset"], weights_sha256=weights.outputs["sha256"], model_name=model_name,
+            force_retrain=force_retrain, debug_with_one_example=debug_with_one_example, model_type=model_type,
+            batch_size=batch_size, n_objects_per_batch=n_objects_per_batch, n_iterations=n_iterations,
+            n_sub_iteration=n_sub_iteration, lr=lr, seed=seed, val_every=val_every, **store)
+        # Never cached: the champion it compares with changes between runs with the same inputs.
+        check.set_display_name("check-changes").set_caching_options(False)
 
-        ev = c.evaluate(weights=weights.outputs["weights"], model=train.outputs["model"],
-                        dataset=dataset.outputs["dataset"], model_type=model_type, margin=margin,
-                        model_name=model_name, device=device, **store)
-        ev.set_display_name("evaluate").set_caching_options(False)
-        _on_gpu(ev, p, p.evaluate_cpu, p.evaluate_memory)
+        with dsl.If(check.outputs["changed"] == True, name="something-changed"):  # noqa: E712 (KFP condition)
+            train = c.finetune(
+                weights=weights.outputs["weights"], dataset=dataset.outputs["dataset"],
+                debug_with_one_example=debug_with_one_example, checkpoint_name=checkpoint_name,
+                model_type=model_type, batch_size=batch_size, n_objects_per_batch=n_objects_per_batch,
+                device=device, n_iterations=n_iterations, n_sub_iteration=n_sub_iteration, lr=lr, seed=seed,
+                val_every=val_every, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, resume_run_id=resume_run_id, **store)
+            # Scheduled retraining must retrain; a retry of the same run resumes from its latest.pt.
+            train.set_display_name("finetune").set_caching_options(False)
+            if p.finetune_retries:
+                train.set_retry(num_retries=p.finetune_retries, backoff_duration=p.retry_backoff, backoff_factor=2)
+            _on_gpu(train, p, p.finetune_cpu, p.finetune_memory)
 
-        with dsl.If(ev.outputs["passed"] == True, name="better-than-baseline"):  # noqa: E712 (KFP condition)
-            reg = c.register_model(model=train.outputs["model"], weights=weights.outputs["weights"],
-                                   dataset=dataset.outputs["dataset"], metrics_json=ev.outputs["metrics_json"],
-                                   model_name=model_name, model_registry_url=model_registry_url,
-                                   run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **store)
-            reg.set_display_name("register-model").set_caching_options(False)
+            ev = c.evaluate(weights=weights.outputs["weights"], model=train.outputs["model"],
+                            dataset=dataset.outputs["dataset"], model_type=model_type, margin=margin,
+                            model_name=model_name, device=device, allow_overlap=allow_overlap, **store)
+            ev.set_display_name("evaluate").set_caching_options(False)
+            _on_gpu(ev, p, p.evaluate_cpu, p.evaluate_memory)
 
-        for task in (weights, dataset, train, ev, reg):
+            with dsl.If(ev.outputs["passed"] == True, name="better-than-baseline"):  # noqa: E712
+                reg = c.register_model(model=train.outputs["model"], weights=weights.outputs["weights"],
+                                       dataset=dataset.outputs["dataset"], metrics_json=ev.outputs["metrics_json"],
+                                       model_name=model_name, model_registry_url=model_registry_url,
+                                       run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **store)
+                reg.set_display_name("register-model").set_caching_options(False)
+
+        for task in (weights, dataset, check, train, ev, reg):
             _with_s3_secret(task)
 
     return sam_finetune

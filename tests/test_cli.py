@@ -114,7 +114,9 @@ def test_compile_with_overrides(tmp_path, capsys):
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-finetune"]
     assert k8s["nodeSelector"]["labels"] == {"gpu": "yes"}
     assert k8s["tolerations"] == [{"key": "gpu-only", "operator": "Exists", "effect": "NoSchedule"}]
-    assert spec["root"]["dag"]["tasks"]["finetune"]["retryPolicy"]["maxRetryCount"] == 1
+    # finetune sits in check-changes' dsl.If (the `something-changed` condition's sub-DAG).
+    inner = spec["components"]["comp-condition-1"]["dag"]["tasks"]
+    assert inner["finetune"]["retryPolicy"]["maxRetryCount"] == 1
 
 
 def test_fetch_weights_and_ingest_alone(tmp_path, http_server, s3_env, capsys):

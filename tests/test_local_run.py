@@ -54,19 +54,32 @@ def _succeed(run_dir: Path, task: str, **params) -> None:
 
 
 def test_graph_is_read_from_the_compiled_spec(graph):
-    assert graph["fetch-weights"] == {"after": set(), "gated": False}
-    assert graph["finetune"]["after"] == {"fetch-weights", "ingest-dataset"}
-    assert graph["register-model"]["gated"] and "evaluate" in graph["register-model"]["after"]
+    assert graph["fetch-weights"] == {"after": set(), "gated": ()}
+    assert graph["finetune"]["after"] == {"fetch-weights", "ingest-dataset", "check-changes"}
+    assert graph["finetune"]["gated"] == graph["evaluate"]["gated"] == ("check-changes",)
+    assert graph["register-model"]["gated"] == ("check-changes", "evaluate")
+    assert "evaluate" in graph["register-model"]["after"]
+
+
+def test_states_when_nothing_changed(graph, tmp_path):
+    for task in ("fetch-weights", "ingest-dataset"):
+        _succeed(tmp_path, task)
+    _succeed(tmp_path, "check-changes", changed=False, reason="nothing changed since m v1")
+    states = local.task_states(graph, tmp_path, gates={"check-changes": (False, "nothing changed since m v1")})
+    assert {t: states[t]["state"] for t in ("finetune", "evaluate", "register-model")} == dict.fromkeys(
+        ("finetune", "evaluate", "register-model"), "SKIPPED")
+    assert states["register-model"]["reason"] == "nothing changed since m v1"
 
 
 def test_states_success_skip_failure_and_not_run(graph, tmp_path):
     for task in ("fetch-weights", "ingest-dataset", "finetune"):
         _succeed(tmp_path, task)
+    _succeed(tmp_path, "check-changes", changed=True, reason="no registered version of m yet")
     _succeed(tmp_path, "evaluate", passed=False)
     states = local.task_states(graph, tmp_path, gate_open=False)
     assert {t: s["state"] for t, s in states.items()} == {
-        "fetch-weights": "SUCCEEDED", "ingest-dataset": "SUCCEEDED", "finetune": "SUCCEEDED",
-        "evaluate": "SUCCEEDED", "register-model": "SKIPPED"}
+        "fetch-weights": "SUCCEEDED", "ingest-dataset": "SUCCEEDED", "check-changes": "SUCCEEDED",
+        "finetune": "SUCCEEDED", "evaluate": "SUCCEEDED", "register-model": "SKIPPED"}
     assert states["evaluate"]["parameters"] == {"passed": False}
 
     # The gate was open and register-model left no output: it ran and failed.

@@ -10,8 +10,9 @@ import yaml
 from pipelines.images import STEPS, image_refs
 from pipelines.sam_finetune import DEFAULT_YAML, Placement, compile_pipeline
 
-EXECUTORS = {f"exec-{s}": s for s in STEPS}
-STORAGE_TASKS = set(STEPS)  # every step reads or writes the object store
+# Each step's executor and the image it runs in; check-changes borrows register-model's light image.
+EXECUTORS = {**{f"exec-{s}": s for s in STEPS}, "exec-check-changes": "register-model"}
+STORAGE_TASKS = {*STEPS, "check-changes"}  # every step reads or writes the object store
 
 
 def _load(path: Path) -> tuple[dict, dict]:
@@ -33,7 +34,7 @@ def test_committed_yaml_matches_a_fresh_compile(compiled):
         "pipelines/sam_finetune.yaml is stale: run `sam-pipeline compile` and commit it"
 
 
-def test_five_executors_with_their_own_images(compiled):
+def test_executors_and_their_images(compiled):
     spec, _ = _load(compiled)
     executors = spec["deploymentSpec"]["executors"]
     assert set(executors) == set(EXECUTORS)
@@ -56,28 +57,55 @@ def test_gpu_steps_placement_and_retry(compiled):
         assert cfg["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
         assert cfg["emptyDirMounts"] == [{"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory",
                                           "sizeLimit": "2Gi"}]
-    for step in ("fetch-weights", "ingest-dataset", "register-model"):
+    for step in ("fetch-weights", "ingest-dataset", "check-changes", "register-model"):
         assert "accelerator" not in spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"].get(
             "resources", {})
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = _inner_tasks(spec, "check-changes-changed")
     retry = tasks["finetune"]["retryPolicy"]
     assert retry["maxRetryCount"] == 3 and retry["backoffDuration"] == "60s" and retry["backoffFactor"] == 2.0
     # A retry of the same run resumes: finetune gets the run's id, not a fresh one per attempt.
     assert tasks["finetune"]["inputs"]["parameters"]["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
 
 
-def test_caching_and_the_register_gate(compiled):
+def _inner_tasks(spec: dict, channel: str, tasks: dict | None = None) -> dict:
+    """The tasks of the dsl.If sub-DAG whose condition reads `channel` (e.g. "evaluate-passed"), at any depth."""
+    tasks = spec["root"]["dag"]["tasks"] if tasks is None else tasks
+    for task in tasks.values():
+        inner = spec["components"][task["componentRef"]["name"]].get("dag", {}).get("tasks")
+        if not inner:
+            continue
+        condition = task.get("triggerPolicy", {}).get("condition", "")
+        if f"pipelinechannel--{channel}']" in condition and "== true" in condition:
+            return inner
+        found = _inner_tasks(spec, channel, inner)
+        if found:
+            return found
+    return {}
+
+
+def test_caching_and_the_gates(compiled):
     spec, _ = _load(compiled)
     tasks = spec["root"]["dag"]["tasks"]
     assert tasks["fetch-weights"]["cachingOptions"] == {"enableCache": True}
-    # Ingest re-reads its source every run (new data at a fixed s3:// prefix must reach training).
-    for name in ("ingest-dataset", "finetune", "evaluate"):
+    # Ingest re-reads its source every run (new data at a fixed s3:// prefix must reach training); the check
+    # compares with a champion that changes between runs with the same inputs.
+    for name in ("ingest-dataset", "check-changes"):
         assert tasks[name]["cachingOptions"] == {}, name
-    (cond_name,) = [n for n in tasks if n.startswith("condition")]
-    cond = tasks[cond_name]
-    assert "evaluate-passed" in cond["triggerPolicy"]["condition"] and "== true" in cond["triggerPolicy"]["condition"]
-    inner = spec["components"][cond["componentRef"]["name"]]["dag"]["tasks"]
-    assert list(inner) == ["register-model"] and inner["register-model"]["cachingOptions"] == {}
+    assert {n for n in tasks if not n.startswith("condition")} == {"fetch-weights", "ingest-dataset", "check-changes"}
+    # Training, evaluation and registration run only when check-changes found something new ...
+    changed = _inner_tasks(spec, "check-changes-changed")
+    assert {"finetune", "evaluate"} <= set(changed)
+    for name in ("finetune", "evaluate"):
+        assert changed[name]["cachingOptions"] == {}, name
+    # ... and registration, inside that, only when evaluate passed.
+    passed = _inner_tasks(spec, "evaluate-passed")
+    assert list(passed) == ["register-model"] and passed["register-model"]["cachingOptions"] == {}
+    assert "register-model" not in changed
+    # The check reads the weights' sha256 as a parameter: the checkpoint itself is not downloaded.
+    check = tasks["check-changes"]["inputs"]
+    assert check["parameters"]["weights_sha256"]["taskOutputParameter"] == {
+        "producerTask": "fetch-weights", "outputParameterKey": "sha256"}
+    assert set(check["artifacts"]) == {"dataset"}
 
 
 def test_storage_tasks_get_the_secret_and_no_credential_is_compiled_in(compiled):
@@ -111,6 +139,18 @@ def test_pipeline_parameters_and_defaults(compiled):
         "mlpipeline", "sam-pipeline/", "seaweedfs.kubeflow:9000")
     assert params["margin"] == 0.0 and params["model_name"] == "sam-pennfudan"
     assert params["model_registry_url"] == "" and params["weights_url"] == "" and params["weights_sha256"] == ""
+    assert params["verify_data"] is False and params["force_retrain"] is False
+    assert params["allow_overlap"] is False and params["resume_run_id"] == ""
+    # Each reaches its step.
+    ingest = spec["root"]["dag"]["tasks"]["ingest-dataset"]["inputs"]["parameters"]
+    assert ingest["verify_data"] == {"componentInputParameter": "verify_data"}
+    check = spec["root"]["dag"]["tasks"]["check-changes"]["inputs"]["parameters"]
+    assert check["force_retrain"] == {"componentInputParameter": "force_retrain"}
+    changed = _inner_tasks(spec, "check-changes-changed")
+    assert changed["evaluate"]["inputs"]["parameters"]["allow_overlap"] == {
+        "componentInputParameter": "pipelinechannel--allow_overlap"}
+    assert changed["finetune"]["inputs"]["parameters"]["resume_run_id"] == {
+        "componentInputParameter": "pipelinechannel--resume_run_id"}
 
 
 def test_compile_time_overrides(tmp_path):
@@ -122,7 +162,7 @@ def test_compile_time_overrides(tmp_path):
     assert k8s["exec-finetune"]["nodeSelector"]["labels"] == {"pool": "gpu"}
     assert k8s["exec-finetune"]["tolerations"][0]["key"] == "dedicated"
     assert k8s["exec-finetune"]["emptyDirMounts"][0]["sizeLimit"] == "8Gi"
-    assert "retryPolicy" not in spec["root"]["dag"]["tasks"]["finetune"]
+    assert "retryPolicy" not in _inner_tasks(spec, "check-changes-changed")["finetune"]
 
 
 def test_bad_image_settings_are_rejected():
@@ -137,11 +177,11 @@ def test_bad_image_settings_are_rejected():
 def test_steps_are_listed_once_in_pipeline_order():
     """images and the local runner read kfp_components' list; the local runner's task states rely on its order
     (each step after the steps it waits for), checked here against the compiled DAG."""
-    from components.kfp_components import STEPS as listed
+    from components.kfp_components import STEPS, TASKS as listed
     from pipelines import images, local
     from pipelines.sam_finetune import Placement, build_pipeline
 
-    assert images.STEPS is listed and local.TASKS is listed
+    assert images.STEPS is STEPS and local.TASKS is listed and set(STEPS) < set(listed)
     graph = local.task_graph(build_pipeline(Placement()))
     assert set(graph) == set(listed)
     for i, step in enumerate(listed):
@@ -178,3 +218,12 @@ def test_training_parameters_are_trainconfigs():
         assert inputs[name].get("defaultValue", False) == fields[name].default, name
     finetune_inputs = spec["components"]["comp-finetune"]["inputDefinitions"]["parameters"]
     assert set(PIPELINE_SETTINGS) <= set(finetune_inputs)
+    # check-changes compares every setting that decides the model (all but TrainConfig.NOT_TRAJECTORY).
+    from components.kfp_components import check_changes
+    from components.training.config import NOT_TRAJECTORY
+
+    check_params = inspect.signature(check_changes).parameters
+    assert set(PIPELINE_SETTINGS) - NOT_TRAJECTORY <= set(check_params)
+    assert not set(check_params) & NOT_TRAJECTORY
+    for name in set(PIPELINE_SETTINGS) - NOT_TRAJECTORY:
+        assert check_params[name].annotation.__name__ == fields[name].type, name

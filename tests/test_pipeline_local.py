@@ -11,7 +11,7 @@ from kfp_launcher_rules import check_run
 from pipelines.cli import main
 from pipelines.sam_finetune import DEFAULT_YAML
 
-TASKS = ("fetch-weights", "ingest-dataset", "finetune", "evaluate", "register-model")
+TASKS = ("fetch-weights", "ingest-dataset", "check-changes", "finetune", "evaluate", "register-model")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_run_end_to_end_then_gate_skips_register(sources, http_server, store, s3
               "--weights-url", f"{base}/vit_t_random.pth", "--weights-sha256", weights_sha,
               "--s3-endpoint", s3_env.endpoint, "--prefix", s3_env.prefix, "--model-name", "sam-e2e"]
 
-    # margin -1: any fine-tuned model beats the bar, so all five tasks run.
+    # margin -1: any fine-tuned model beats the bar, so every task runs.
     code, summary, log = _run(tmp_path, capsys, *common, "--margin", "-1")
     assert code == 0, log[-3000:]
     assert {t: summary["tasks"][t]["state"] for t in TASKS} == dict.fromkeys(TASKS, "SUCCEEDED")
@@ -81,11 +81,13 @@ def test_run_end_to_end_then_gate_skips_register(sources, http_server, store, s3
     sam_model_registry["vit_t"](checkpoint=str(path))
 
     # An impossible margin: evaluate runs (against v1 as the champion too) and register-model is skipped.
-    code, summary, log = _run(tmp_path, capsys, *common, "--margin", "2.0")
+    # --force: the data and settings are v1's, which alone would skip training (tests/test_nightly.py).
+    code, summary, log = _run(tmp_path, capsys, *common, "--margin", "2.0", "--force")
     assert code == 0, log[-3000:]
     states = {t: summary["tasks"][t]["state"] for t in TASKS}
-    assert states == {**dict.fromkeys(TASKS[:4], "SUCCEEDED"), "register-model": "SKIPPED"}
-    assert check_run(Path(summary["run_dir"]), DEFAULT_YAML) == 4  # a resumed finetune, a champion in evaluate
+    assert states == {**dict.fromkeys(TASKS[:5], "SUCCEEDED"), "register-model": "SKIPPED"}
+    assert summary["tasks"]["check-changes"]["parameters"]["reason"] == "retraining forced (force_retrain)"
+    assert check_run(Path(summary["run_dir"]), DEFAULT_YAML) == 5  # a resumed finetune, a champion in evaluate
     assert summary["passed"] is False and summary["metrics"]["champion_version"] == "v1"
     assert reg.versions("sam-e2e") == ["v1"]
     assert "register-model skipped" in log

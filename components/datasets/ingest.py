@@ -12,6 +12,7 @@ that no longer parses.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,12 +21,13 @@ from pathlib import Path
 
 from components.datasets.adapters import get_layout
 from components.datasets.sources import clean_stale_work_dirs, open_source
-from components.datasets.split import SPLITS, assign_splits, check_fractions, content_hash
+from components.datasets.split import SPLITS, assign_splits, check_fractions, content_hash, overlapping
 from components.datasets.validate import DatasetError, Item, validate
 from components.errors import UserError
 from components.storage import ObjectStore, S3Config, StorageError
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
+log = logging.getLogger(__name__)
 
 
 class DatasetNameError(UserError, ValueError):
@@ -101,7 +103,7 @@ def build_manifest(prep: Prepared, name: str, store: ObjectStore) -> dict:
         "layout": prep.layout, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "bucket": store.config.bucket, "root": root,
         "split": {"seed": prep.seed, "fractions": prep.fractions, "stratify": "group"},
-        "items": items, "totals": split_totals(items),
+        "items": items, "totals": split_totals(items), "splits_overlap": bool(overlapping(items)),
     }
 
 
@@ -123,6 +125,8 @@ class IngestResult:
                "splits": totals["splits"], "uploaded": self.uploaded, "skipped": self.skipped}
         if self.verified is not None:
             out["verified"] = self.verified
+        # From the items, not the manifest's own flag: manifests committed before the flag existed lack it.
+        out["splits_overlap"] = bool(overlapping(self.manifest["items"]))
         return out
 
 
@@ -162,6 +166,12 @@ def ingest(source: str, fmt: str = "auto", name: str = "penn-fudan", store: Obje
                                                progress=f"{'verify' if verify else 'upload'} {name}")
             if not committed:
                 store.put_json(manifest_key, manifest)
+    shared = overlapping(manifest["items"])
+    if shared:
+        log.warning("WARNING: %s: %d of %d images serve more than one of train/val/test (too few images to hold "
+                    "any out); a model trained on it is evaluated on its own training images, and registration "
+                    "is refused unless allow_overlap (sam-pipeline run --allow-overlap)",
+                    name, len(shared), len(manifest["items"]))
     return IngestResult(name, prep.content_hash, store.uri(manifest["root"]), store.uri(manifest_key),
                         manifest, uploaded, skipped, n_objects if verify else None)
 

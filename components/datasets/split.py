@@ -77,6 +77,12 @@ def assign_splits(members: list[tuple[str, str]], seed: int, fractions: dict | N
     return result
 
 
+def overlapping(items: list[dict]) -> list[str]:
+    """Ids of manifest items serving more than one split (a dataset under 3 images, see assign_splits):
+    a model evaluated on such a test split is scored on its own training images."""
+    return [it["id"] for it in items if len(it.get("splits") or [it["split"]]) > 1]
+
+
 def content_hash(files: list[tuple[str, str]], seed: int, fractions: dict) -> str:
     """sha256 over the sorted (relative name, file sha256) pairs and the split parameters:
     the same data split the same way always gets the same hash, so it is stored once."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -18,15 +17,14 @@ import torch
 from components.errors import first_line
 from components.sam.embeddings import image_key
 from components.sam.model import atomic_torch_save
-from components.training.config import TrainConfig
+from components.training.config import NOT_TRAJECTORY, TrainConfig, trajectory_settings
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 # Config fields that do not change the training trajectory: a checkpoint written under other values
 # of these may be resumed (e.g. more iterations, or a retry that landed on another device).
-_RESUMABLE_ACROSS = {"n_iterations", "device", "checkpoint_dir", "checkpoint_name", "resume", "embed_batch_size",
-                     "show_progress"}
+_RESUMABLE_ACROSS = NOT_TRAJECTORY | {"n_iterations"}
 
 
 def samples_fingerprint(samples: Sequence) -> str:
@@ -40,7 +38,7 @@ def samples_fingerprint(samples: Sequence) -> str:
 
 
 def trajectory_config(cfg: TrainConfig) -> dict:
-    return {k: v for k, v in asdict(cfg).items() if k not in _RESUMABLE_ACROSS}
+    return {k: v for k, v in trajectory_settings(cfg).items() if k not in _RESUMABLE_ACROSS}
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 PIPELINE_SETTINGS = ("debug_with_one_example", "checkpoint_name", "model_type", "batch_size", "n_objects_per_batch",
                      "device", "n_iterations", "n_sub_iteration", "lr", "seed", "val_every")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Fields that say where or how training runs, not what it computes: the same data, weights and other
+# settings give the same model under any value of these (a checkpoint's identity and the nightly
+# change check, components/changes.py, both leave them out).
+NOT_TRAJECTORY = frozenset({"device", "checkpoint_dir", "checkpoint_name", "resume", "embed_batch_size",
+                            "show_progress"})
 
 
 class TrainConfigError(UserError, ValueError):
@@ -97,6 +102,11 @@ class TrainConfig:
             else:
                 values[name] = {"bool": bool, "int": int, "float": float, "str": str}[kind](value)
         return cls(**values)
+
+
+def trajectory_settings(cfg: TrainConfig) -> dict:
+    """The settings that decide the trained model (every field but NOT_TRAJECTORY)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_TRAJECTORY}
 
 
 @dataclass(frozen=True)
