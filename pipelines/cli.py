@@ -21,9 +21,11 @@ EXIT_FAILURE = 1
 
 
 class CLIError(UserError):
+    """A bad command line or a failed command, with the exit code to end on."""
+
     def __init__(self, message: str, code: int = EXIT_FAILURE):
         super().__init__(message)
-        self.code = self.exit_code = code
+        self.exit_code = code
 
 
 class _Parser(argparse.ArgumentParser):
@@ -251,16 +253,12 @@ def cmd_run(args) -> int:
     run_args.validate_run_params(run_args.run_params(args))
     run_args.prepare_inputs(args)
     run_id = run_args.choose_run_id(args)
-    local_runs.record(args.pipeline_root, run_id, args.checkpoint_name, local_runs.RUNNING)
-    state = local_runs.FAILED  # unless the run gets through; a SIGKILL leaves "running" with a dead pid
-    try:
-        with run_args.sigterm_unwinds():  # a SIGTERM stops the run's S3 server and tasks like Ctrl-C does
-            summary = local.run_local({**run_args.run_params(args), "resume_run_id": run_id},
-                                      pipeline_root=args.pipeline_root, s3_endpoint=args.s3_endpoint,
-                                      retries=args.retries, verbose=args.verbose)
-        state = local_runs.SUCCEEDED if summary["succeeded"] else local_runs.FAILED
-    finally:
-        local_runs.record(args.pipeline_root, run_id, args.checkpoint_name, state)
+    with local_runs.recorded(args.pipeline_root, run_id, args.checkpoint_name) as outcome, \
+            run_args.sigterm_unwinds():  # a SIGTERM stops the run's S3 server and tasks like Ctrl-C does
+        summary = local.run_local({**run_args.run_params(args), "resume_run_id": run_id},
+                                  pipeline_root=args.pipeline_root, s3_endpoint=args.s3_endpoint,
+                                  retries=args.retries, verbose=args.verbose)
+        outcome["state"] = local_runs.SUCCEEDED if summary["succeeded"] else local_runs.FAILED
     summary["checkpoints"] = local.find_checkpoints(args.checkpoint_name)
     local.remove_old_runs(args.pipeline_root, keep=args.keep_runs)
     if args.summary_json:
@@ -377,13 +375,10 @@ def cmd_ingest(args) -> int:
 def _report(e: UserError) -> str:
     """A user-facing error as printed: one line, or a summary line and one line per problem (each naming its
     file), as `DatasetError.problems` carries them."""
-    problems = getattr(e, "problems", None)
-    if problems:
-        head = f"sam-pipeline: error: {first_line(e)}"
-        if len(problems) == 1:  # one problem stays one line
-            return f"{head} {problems[0]}"
-        return "\n".join([head, *(f"  {p}" for p in problems)])
-    return f"sam-pipeline: error: {first_line(e)}"
+    head, problems = f"sam-pipeline: error: {first_line(e)}", getattr(e, "problems", None) or []
+    if len(problems) == 1:  # one problem stays one line
+        return f"{head} {problems[0]}"
+    return "\n".join([head, *(f"  {p}" for p in problems)])
 
 
 def main(argv: list[str] | None = None) -> int:

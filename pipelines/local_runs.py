@@ -10,6 +10,7 @@ if that checkpoint's identity (run id, data, weights, settings) matches, and oth
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -39,6 +40,19 @@ def record(pipeline_root: Path, run_id: str, checkpoint_name: str, state: str) -
     with atomic_path(path, suffix=".json") as tmp:
         Path(tmp).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     return path
+
+
+@contextlib.contextmanager
+def recorded(pipeline_root: Path, run_id: str, checkpoint_name: str):
+    """Record the run as running, then as what the caller sets `outcome["state"]` to (failed unless it says
+    otherwise). A SIGKILL runs no `finally`: the record stays "running" with a dead pid, which is how a
+    killed run is recognised."""
+    record(pipeline_root, run_id, checkpoint_name, RUNNING)
+    outcome = {"state": FAILED}
+    try:
+        yield outcome
+    finally:
+        record(pipeline_root, run_id, checkpoint_name, outcome["state"])
 
 
 def _alive(pid: int) -> bool:
