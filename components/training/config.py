@@ -28,7 +28,7 @@ class TrainConfig:
     freeze_prompt_encoder: bool = False
     checkpoint_dir: str = "checkpoints"
     prompt_mode: str = "alternate"  # "alternate" box/point per object, or only "box" / only "point"
-    box_jitter: float = 0.05  # fraction of the box's size each edge may move outwards
+    box_jitter: float = 0.05  # fraction of the box's size each edge may move
     mask_prompt_prob: float = 0.5  # chance that a corrective round also gets the previous mask (micro-sam's 0.5)
     n_points: int = 1  # positive points for point-prompted objects
     click_largest_area: bool = False  # corrective clicks in the largest-area region, not the thickest (slower)

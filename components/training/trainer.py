@@ -39,6 +39,8 @@ from components.training.config import AmpSettings, TrainConfig
 log = logging.getLogger(__name__)
 
 MAX_NONFINITE_IN_A_ROW = 5
+# Devices with a fused Adam kernel (torch/utils/_foreach_utils.py: _get_fused_kernels_supported_devices).
+_FUSED_ADAM_DEVICES = ("cuda", "cpu")
 
 
 @dataclass
@@ -114,9 +116,11 @@ class Trainer:
         self.nonfinite_in_a_row = 0
 
     def _adam_impl(self) -> dict:
-        # The unfused CUDA Adam is ~40 kernels per parameter tensor (a third of a step's GPU time in
-        # the issue-10 trace); fused is one kernel for all. On CPU the multi-tensor path is the fast one.
-        return {"fused": True, "foreach": False} if self.device.type == "cuda" else {"fused": False, "foreach": True}
+        # Fused Adam is one kernel (CUDA) or one op (CPU) for all parameters. The unfused CUDA Adam is ~40
+        # kernels per parameter tensor (a third of a step's GPU time in issue 10's trace), and the
+        # per-parameter and foreach paths read each tensor's step count back with .item(): ~100 host
+        # synchronisations per step. Where a device has no fused kernel, the multi-tensor path.
+        return {"fused": True} if self.device.type in _FUSED_ADAM_DEVICES else {"foreach": True}
 
     # sampling ---------------------------------------------------------------------------------
     def _new_epoch(self) -> None:
@@ -313,7 +317,7 @@ class Trainer:
         load_trainable_state_dict(self.model, {k: v.to(self.device) for k, v in ckpt["trainable_state"].items()})
         self.optimizer.load_state_dict(ckpt["optimizer"])
         for group in self.optimizer.param_groups:  # a checkpoint from another device keeps this one's Adam
-            group.update(self._adam_impl())
+            group.update({"fused": None, "foreach": None, **self._adam_impl()})
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.amp.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
