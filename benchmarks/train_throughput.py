@@ -80,8 +80,7 @@ def run_case(args) -> dict:
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     amp = AmpSettings(dtype is not None, dtype or torch.float32, args.dtype == "fp16" and device.type == "cuda")
     cfg = TrainConfig(device=args.device, n_objects_per_batch=args.objects, batch_size=1, lr=1e-5, seed=0)
-    # "cached_ri": cached embeddings with the official repeat_interleave decoder (the ablation).
-    trainer = Trainer(cfg, model, items, items, device, amp, broadcast_decoder=args.mode != "cached_ri")
+    trainer = Trainer(cfg, model, items, items, device, amp)
 
     def fresh_embedding(it: int) -> dict:
         # The seed's way: encode the iteration's image again (frozen encoder, no grad, same AMP).
@@ -167,11 +166,10 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--objects", type=int, nargs="+", default=[4, 8, 25])
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    # (The former "cached_ri" ablation, the official repeat_interleave decoder, is gone: training now
+    # always decodes every object of an iteration in one broadcasting call, components/sam/prompt_batch.py.)
     p.add_argument("--modes", nargs="+", default=["seed", "cached"],
-                   help="seed: encoder every iteration; cached: cached embeddings; cached_ri: cached, with the "
-                        "official repeat_interleave decoder")
-    p.add_argument("--ablate", action="store_true",
-                   help="also run cached_ri at the largest object count (where the decoder dominates)")
+                   help="seed: encoder every iteration; cached: cached embeddings")
     p.add_argument("--iters", type=int, default=0, help="timed iterations per case (default: by object count)")
     p.add_argument("--repeats", type=int, default=2, help="runs per case, alternating modes; the best counts")
     p.add_argument("--images", type=int, default=3)
@@ -217,8 +215,6 @@ def main(argv=None) -> None:
                 best: dict[str, dict] = {}
                 # Alternate the modes and keep each one's best run: other load on shared cores only slows.
                 modes = list(args.modes)
-                if args.ablate and objects == max(args.objects) and "cached_ri" not in modes:
-                    modes.append("cached_ri")
                 for rep in range(args.repeats):
                     for mode in modes:
                         profile = objects == max(args.objects) and mode == "cached" and rep == 0
@@ -246,10 +242,6 @@ def main(argv=None) -> None:
                 s, c = by["seed"], by["cached"]
                 print(f"| {objects} | {dtype} | {s['it_per_s']:.3f} | {c['it_per_s']:.3f} | "
                       f"{c['it_per_s'] / s['it_per_s']:.2f}x | {s['peak_mb']:.0f} | {c['peak_mb']:.0f} |")
-                if "cached_ri" in by:
-                    ri = by["cached_ri"]
-                    print(f"| {objects} | {dtype} | (ablation) official repeat_interleave decoder, cached: "
-                          f"{ri['it_per_s']:.3f} it/s, peak {ri['peak_mb']:.0f} MB | | | | |")
             else:
                 for r in by.values():
                     print(f"| {objects} | {dtype} | {r['mode']} | {r['it_per_s']:.3f} it/s | | {r['peak_mb']:.0f} | |")

@@ -2,12 +2,15 @@
 
 Every ground-truth instance of the test split is prompted twice: with its tight box, and with one
 positive point at its centre (the pixel farthest from the mask's border, so the click is inside even
-for concave shapes). Box prompts decode a single mask; a single point is ambiguous, so it decodes SAM's
-three candidates and keeps the one with the highest predicted IoU, as SamPredictor users do. Per-instance
-Dice and IoU (higher is better) are computed at the original image resolution.
+for concave shapes). Prompts are decoded exactly as training decodes them (components/sam/prompt_batch.py:
+the same tokens, the same rule for which output counts): a box gives output 0; a single point is
+ambiguous, so of SAM's outputs 1-3 (the heads training fits for single points) it keeps the one with
+the highest predicted IoU, as SamPredictor users do. Per-instance Dice and IoU (higher is better) are
+computed at the original image resolution, in fp32 (training's validation too).
 
-The gate: fine-tuned box Dice >= zero-shot box Dice + margin, and >= champion box Dice + margin when a
-version is registered under the model name.
+The gate: fine-tuned box Dice > zero-shot box Dice + margin, and > champion box Dice + margin when a
+version is registered under the model name. Strictly greater: a tie (a byte-identical model scores the
+same) must not register a new version.
 """
 from __future__ import annotations
 
@@ -28,9 +31,10 @@ from components.eval_metrics import PROMPTS, STATS, CandidateScores, metric_key
 from components.report import Report, overlay
 from components.sam.embeddings import EmbeddingCache
 from components.sam.metrics import dice_iou, summarize
-from components.sam.model import ENCODER_PREFIX, build_sam, decode, load_state_dict_file, load_strict
+from components.sam.model import ENCODER_PREFIX, build_sam, load_state_dict_file, load_strict
+from components.sam.prompt_batch import choose_output, decode_all, first_round_tokens, is_ambiguous, take
 from components.sam.prompts import deepest_points, instance_masks, masks_to_boxes
-from components.sam.transforms import Frame
+from components.sam.transforms import Frame, postprocess_masks
 from components.storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -69,6 +73,27 @@ def centre_points(masks: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
+def decode_prompts(model, emb: torch.Tensor, frame: Frame, boxes: np.ndarray | None, points: np.ndarray | None,
+                   chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """N objects, each prompted by a box (N, 4) or one positive point (N, 1, 2), in original pixels (NaN
+    rows for the other kind) -> ((N, H, W) bool masks, (N,) chosen output), decoded as training does."""
+    device = next(model.parameters()).device
+    n = len(boxes) if boxes is not None else len(points)
+    b = torch.as_tensor(frame.boxes_to_input(boxes), dtype=torch.float32, device=device) if boxes is not None else None
+    p = torch.as_tensor(frame.coords_to_input(points), dtype=torch.float32, device=device) \
+        if points is not None else None
+    masks, chosen = [], []
+    for s in range(0, n, chunk):
+        coords, labels = first_round_tokens(None if b is None else b[s:s + chunk],
+                                            None if p is None else p[s:s + chunk], min(chunk, n - s), 2, device)
+        low, iou = decode_all(model, emb, None, coords, labels)
+        index = choose_output(iou, is_ambiguous(labels))
+        masks.append((postprocess_masks(take(low, index).unsqueeze(1).float(), frame) > 0)[:, 0].cpu())
+        chosen.append(index.cpu())
+    return torch.cat(masks), torch.cat(chosen)
+
+
+@torch.no_grad()
 def score_model(model, embeddings: Sequence[torch.Tensor], samples: Sequence, *, keep_masks: int = 0) -> dict:
     """Per-instance Dice/IoU for box and centre-point prompts; masks of the first `keep_masks` images
     are returned for the report's overlays."""
@@ -81,15 +106,9 @@ def score_model(model, embeddings: Sequence[torch.Tensor], samples: Sequence, *,
         h, w = gt.shape[1:]
         frame = Frame.for_size(h, w)
         gt_t = torch.from_numpy(gt)
-        boxes = masks_to_boxes(gt)
-        points = centre_points(gt_t)
         emb = emb.to(device)
-        box_out = decode(model, emb, frame, boxes=boxes)
-        box_masks = box_out.masks[:, 0].cpu()
-        pt_out = decode(model, emb, frame, points=points[:, None, :],
-                        point_labels=np.ones((len(ids), 1)), multimask_output=True)
-        best = pt_out.iou_pred.argmax(dim=1).cpu()
-        pt_masks = pt_out.masks.cpu()[torch.arange(len(ids)), best]
+        box_masks, _ = decode_prompts(model, emb, frame, masks_to_boxes(gt), None)
+        pt_masks, _ = decode_prompts(model, emb, frame, None, centre_points(gt_t)[:, None, :])
         box_dice, box_iou = dice_iou(box_masks, gt_t)
         pt_dice, pt_iou = dice_iou(pt_masks, gt_t)
         for j, inst in enumerate(ids.tolist()):
@@ -102,10 +121,11 @@ def score_model(model, embeddings: Sequence[torch.Tensor], samples: Sequence, *,
 
 
 def gate(finetuned: float, zero_shot: float, champion: float | None, margin: float) -> bool:
-    """Register only a model at least `margin` better than the zero-shot checkpoint and the champion."""
+    """Register only a model more than `margin` better than the zero-shot checkpoint and the champion
+    (strictly: at margin 0 an unchanged model ties and must not become a new version)."""
     if not all(math.isfinite(v) for v in (finetuned, zero_shot) + ((champion,) if champion is not None else ())):
         return False
-    return finetuned >= zero_shot + margin and (champion is None or finetuned >= champion + margin)
+    return finetuned > zero_shot + margin and (champion is None or finetuned > champion + margin)
 
 
 def _aggregate(label: str, rows: list[dict]) -> dict:

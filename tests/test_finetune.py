@@ -290,3 +290,43 @@ def test_checkpoint_name_is_one_folder_name(tmp_path, name):
                       checkpoint_dir=str(tmp_path / "ck"))
     assert not (tmp_path / "ck").exists()
     TrainConfig(checkpoint_name="sam_instance_seg.v2-1").validate()
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_run_stopped_between_validations_resumes_byte_identical(tmp_path, weights, samples, emb_store,
+                                                                  monkeypatch):
+    """Stopped at iteration 5 (validations at 3, 6, 8), the run resumes from 3 and ends with best.pt,
+    latest.pt and the exported model byte for byte those of a run that was never stopped."""
+    import shutil
+
+    from components.training import trainer as trainer_module
+
+    run_id = f"run-{uuid.uuid4().hex[:6]}"
+    c = cfg(tmp_path, n_iterations=8, val_every=3, n_sub_iteration=3, batch_size=2)
+    straight = train(c, weights[0], samples[:6], samples[6:], store=emb_store, run_id=run_id,
+                     weights_sha256=weights[1])
+    expected = {name: getattr(straight, name).read_bytes() for name in ("best_path", "latest_path", "model_path")}
+    # Same folder and run id (both are part of the checkpoint), nothing left of the first run.
+    shutil.rmtree(tmp_path / "ck")
+    for key in emb_store.list(emb_store.key("runs", run_id)):
+        emb_store.delete(key)
+
+    step = trainer_module.Trainer.train_step
+
+    def killed_at_5(self, iteration, *a, **kw):
+        if iteration == 5:
+            raise _Killed
+        return step(self, iteration, *a, **kw)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", killed_at_5)
+    with pytest.raises(_Killed):
+        train(c, weights[0], samples[:6], samples[6:], store=emb_store, run_id=run_id, weights_sha256=weights[1])
+    monkeypatch.undo()
+    resumed = train(c, weights[0], samples[:6], samples[6:], store=emb_store, run_id=run_id,
+                    weights_sha256=weights[1])
+    assert resumed.resumed_from == 3
+    for name, data in expected.items():
+        assert getattr(resumed, name).read_bytes() == data, name

@@ -13,7 +13,9 @@ from __future__ import annotations
 import io
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -56,25 +58,53 @@ def decode_bytes(data: bytes, what: str = "embedding") -> torch.Tensor:
     return t.float()
 
 
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16: where bf16 matmuls run at full speed on a CPU (elsewhere they are emulated
+    and slower than fp32)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def _autocast(device: torch.device, amp: bool):
-    # fp16 autocast on CUDA: the encoder is frozen and its output is stored in fp16 anyway.
+    # The encoder is frozen and its output is stored in fp16 anyway, so reduced precision costs little:
+    # fp16 on CUDA; bf16 on a CPU with native bf16 (about 3x faster than fp32 for TinyViT there).
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
+    if amp and device.type == "cpu" and cpu_has_native_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
 
 
 @torch.no_grad()
 def compute_embeddings(model: nn.Module, images: Sequence[np.ndarray], *, batch_size: int = 4,
                        amp: bool | None = None) -> torch.Tensor:
-    """(N, 256, 64, 64) float32 (fp16-rounded) embeddings of HxWx3 uint8 images, on the model's device."""
+    """(N, 256, 64, 64) float32 (fp16-rounded) embeddings of HxWx3 uint8 images, on the model's device.
+
+    Resize and normalise run in a thread pool (PIL and torch release the GIL) while the encoder works;
+    on CUDA the batch goes through pinned memory with a non-blocking copy."""
     device = next(model.parameters()).device
     amp = device.type == "cuda" if amp is None else amp
+    batch_size = max(1, batch_size)
     out = []
-    for start in range(0, len(images), max(1, batch_size)):
-        batch = torch.stack([preprocess_image(im)[0] for im in images[start:start + batch_size]]).to(device)
-        with _autocast(device, amp):
-            emb = model.image_encoder(batch)
-        out.append(emb.to(torch.float16).float())
+    starts = range(0, len(images), batch_size)
+    with ThreadPoolExecutor(max_workers=min(4, max(1, len(images)))) as pool:
+        def submit(start):  # one batch ahead at most: 12 MB per prepared 1024x1024 image
+            return [pool.submit(lambda im: preprocess_image(im)[0], im) for im in images[start:start + batch_size]]
+
+        pending = submit(0) if len(images) else []
+        for start in starts:
+            batch = torch.stack([f.result() for f in pending])
+            pending = submit(start + batch_size) if start + batch_size < len(images) else []
+            if device.type == "cuda":
+                batch = batch.pin_memory().to(device, non_blocking=True)
+            else:
+                batch = batch.to(device)
+            with _autocast(device, amp):
+                emb = model.image_encoder(batch)
+            out.append(emb.to(torch.float16).float())
     if not out:
         return torch.zeros((0, *EMBEDDING_SHAPE), device=device)
     return torch.cat(out)

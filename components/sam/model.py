@@ -111,16 +111,22 @@ def export_state_dict(model: nn.Module, path: str | Path) -> Path:
     return atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
 
 
-def _predict_masks_broadcast(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings):
+def _predict_masks_broadcast(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+                             image_index=None):
     """MaskDecoder.predict_masks with the per-prompt copies of the image embedding and of its positional
     encoding replaced by broadcasting: the same numbers, two (N, 256, 64, 64) tensors fewer to write
-    and hold (about 200 MB at 25 prompts). Otherwise line for line the official code."""
+    and hold (about 200 MB at 25 prompts). Otherwise line for line the official code.
+
+    `image_index` (N,) names each prompt's image when `image_embeddings` holds several images (all
+    objects of a training batch in one call); the official code only knows one image per call."""
     output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
     output_tokens = output_tokens.unsqueeze(0).expand(sparse_prompt_embeddings.size(0), -1, -1)
     tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
     n = tokens.shape[0]
     if image_embeddings.shape[0] == 1:
         src = image_embeddings + dense_prompt_embeddings
+    elif image_index is not None:
+        src = image_embeddings[image_index] + dense_prompt_embeddings
     else:
         src = torch.repeat_interleave(image_embeddings, n, dim=0) + dense_prompt_embeddings
     if src.shape[0] != n:  # neither side had the prompt batch (a single prompt): keep the official shape

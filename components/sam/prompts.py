@@ -39,9 +39,14 @@ def masks_to_boxes(masks) -> np.ndarray:
 
 def jitter_boxes(boxes: np.ndarray, rng: np.random.Generator, image_size: tuple[int, int],
                  fraction: float = 0.05) -> np.ndarray:
-    """Move each edge by up to `fraction` of the box's width/height, clipped to the image.
+    """Move each edge by up to `fraction` of the box's width/height, either way, clipped to the image.
 
-    Users draw boxes loosely; a model trained only on tight boxes degrades on them.
+    Users draw boxes loosely; a model trained only on tight boxes degrades on them. Symmetric, unlike
+    micro-sam's grow-only jitter (factor 0.025): validation and the evaluation gate prompt with the
+    tight box, and symmetric jitter is centred on it, while grow-only shifts every training box away
+    from it. Measured on test_it_learns' run (random encoder, box prompts, 24 iterations, one run
+    each): best validation Dice 0.23 with grow-only jitter at 0.05 and at 0.025 (the test fails), 0.31
+    without jitter; with this one the test passes (it needs +0.15 over the untrained 0.11).
     """
     boxes = np.asarray(boxes, dtype=np.float64)
     if fraction <= 0 or len(boxes) == 0:

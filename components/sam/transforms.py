@@ -40,9 +40,11 @@ class Frame:
         return cls((int(h), int(w)), resize_longest_side_shape(int(h), int(w), IMAGE_SIZE))
 
     @property
-    def low_res_size(self) -> tuple[int, int]:
-        """Unpadded region of the 256x256 logits; rows/cols beyond it are padding."""
-        return resize_longest_side_shape(*self.original_size, LOW_RES)
+    def low_res_valid_size(self) -> tuple[int, int]:
+        """Rows/cols of the 256x256 logits that postprocessing reads: SAM crops the 1024 upsampling to
+        `input_size`, i.e. `input_size / 4` low-res pixels, rounded up (a partly covered pixel counts)."""
+        scale = IMAGE_SIZE // LOW_RES
+        return tuple(-(-s // scale) for s in self.input_size)
 
     def _scale(self) -> tuple[float, float]:
         (oh, ow), (nh, nw) = self.original_size, self.input_size
@@ -89,25 +91,29 @@ def preprocess_image(image: np.ndarray) -> tuple[torch.Tensor, Frame]:
     return F.pad(x, (0, IMAGE_SIZE - w, 0, IMAGE_SIZE - h)), frame
 
 
-def masks_to_low_res(masks: torch.Tensor, frame: Frame) -> torch.Tensor:
-    """(N, H, W) binary masks at original size -> (N, h256, w256) soft targets in the logits' frame.
+def masks_to_low_res(masks: torch.Tensor, frame: Frame) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, H, W) binary masks at original size -> ((N, 256, 256) soft targets, (256, 256) valid region).
 
-    Resized (antialiased bilinear) to the unpadded low-res region only; callers crop the logits to
-    `frame.low_res_size` instead of padding the target, so padding never enters a loss.
+    The exact inverse of `postprocess_masks`' geometry: resize to the 1024 frame's `input_size`, pad to
+    1024x1024, average 4x4 blocks. (Resizing straight to `round(H * 256 / max(H, W))` rows instead
+    squeezes the target by up to half a low-res pixel against where predictions are read back.)
+    Padding is 0 in the target and outside `valid`, so it never enters a loss.
     """
     if masks.shape[-2:] != torch.Size(frame.original_size):
         raise ValueError(f"mask size {tuple(masks.shape[-2:])} does not match image size {frame.original_size}")
+    h, w = frame.input_size
+    valid = torch.zeros((LOW_RES, LOW_RES), dtype=torch.bool)
+    vh, vw = frame.low_res_valid_size
+    valid[:vh, :vw] = True
     if masks.shape[0] == 0:
-        return masks.new_zeros((0, *frame.low_res_size), dtype=torch.float32)
-    x = masks.float().unsqueeze(1)
-    x = F.interpolate(x, frame.low_res_size, mode="bilinear", align_corners=False, antialias=True)
-    return x.squeeze(1).clamp_(0.0, 1.0)
-
-
-def crop_low_res(logits: torch.Tensor, frame: Frame) -> torch.Tensor:
-    """Drop the padding rows/cols of (..., 256, 256) logits."""
-    h, w = frame.low_res_size
-    return logits[..., :h, :w]
+        return torch.zeros((0, LOW_RES, LOW_RES)), valid
+    out = []
+    for m in masks.split(8):  # 8 masks at 1024x1024 float are 32 MB: bounded memory for crowded images
+        x = F.interpolate(m.float().unsqueeze(1), (h, w), mode="bilinear", align_corners=False,
+                          antialias=bool(h < m.shape[-2] or w < m.shape[-1]))
+        x = F.pad(x, (0, IMAGE_SIZE - w, 0, IMAGE_SIZE - h))
+        out.append(F.avg_pool2d(x, IMAGE_SIZE // LOW_RES).squeeze(1))
+    return torch.cat(out).clamp_(0.0, 1.0), valid
 
 
 def postprocess_masks(low_res_logits: torch.Tensor, frame: Frame) -> torch.Tensor:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
+from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -49,6 +51,24 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format_version") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {path} is not a sam-pipeline training checkpoint (format {CHECKPOINT_FORMAT})")
     return ckpt
+
+
+def canonical(obj):
+    """The same checkpoint content as the same bytes. Pickle writes a str it has seen before (the same
+    object) as a back-reference, so whether two equal strings are one object (two code literals) or two
+    (one read back from a resumed checkpoint, e.g. the optimizer's param-group keys) shows in the file.
+    Interning every string makes the bytes depend on the content only, so a resumed run's best.pt and
+    latest.pt equal an uninterrupted run's byte for byte."""
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, dict):
+        out = {canonical(k): canonical(v) for k, v in obj.items()}
+        return OrderedDict(out) if isinstance(obj, OrderedDict) else out
+    if isinstance(obj, list):
+        return [canonical(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(canonical(v) for v in obj)
+    return obj
 
 
 class StoreMirror:
@@ -102,6 +122,7 @@ class Checkpoints:
         self.best.unlink(missing_ok=True)
 
     def save(self, state: dict, improved: bool) -> None:
+        state = canonical(state)
         for path in ([self.best] if improved else []) + [self.latest]:
             atomic_torch_save(state, path)
             if self.mirror is not None:

@@ -57,6 +57,7 @@ class TrainConfig:
     checkpoint_dir: str = "checkpoints"
     prompt_mode: str = "alternate"  # "alternate" box/point per object, or only "box" / only "point"
     box_jitter: float = 0.05  # fraction of the box's size each edge may move
+    mask_prompt_prob: float = 0.5  # chance that a corrective round also gets the previous mask (micro-sam's 0.5)
     n_points: int = 1  # positive points for point-prompted objects
     click_largest_area: bool = False  # corrective clicks in the largest-area region, not the thickest (slower)
     embed_batch_size: int = 4
@@ -73,6 +74,10 @@ class TrainConfig:
             problems.append(f"lr must be a finite number > 0 (got {self.lr})")
         if int(self.seed) < 0:  # numpy's generators (the split, the prompt sampling) refuse negative seeds
             problems.append(f"seed must be >= 0 (got {self.seed})")
+        if not 0.0 <= self.mask_prompt_prob <= 1.0:
+            problems.append(f"mask_prompt_prob must be in [0, 1] (got {self.mask_prompt_prob})")
+        if not 0.0 <= self.box_jitter < 1.0:
+            problems.append(f"box_jitter must be in [0, 1) (got {self.box_jitter})")
         if self.amp_dtype not in ("fp16", "bf16"):
             problems.append(f"amp_dtype must be 'fp16' or 'bf16' (got {self.amp_dtype!r})")
         if self.prompt_mode not in ("alternate", "box", "point"):

@@ -1,19 +1,24 @@
 """One training iteration, validation, and the state a checkpoint holds.
 
-Per iteration: sample up to `n_objects_per_batch` objects from `batch_size` images, prompt each with
-its jittered box or a point inside it (alternating), then `n_sub_iteration - 1` corrective rounds
-(a positive click deep in the largest missed region, a negative one deep in the largest false region,
-and the previous low-res logits as mask prompt). Loss per object: Dice + MSE(predicted IoU, IoU),
-averaged over rounds and objects.
+Per iteration: sample up to `n_objects_per_batch` objects from `batch_size` distinct images, prompt
+each with its jittered box or a point inside it (alternating), then `n_sub_iteration - 1` corrective
+rounds (a positive click deep in the largest missed region, a negative one deep in the largest false
+region, and, in half of the rounds, the previous logits as mask prompt). Every round is ONE decoder
+call for all objects of the iteration (components/sam/prompt_batch.py). Loss per object: Dice +
+MSE(predicted IoU, IoU) on output 0, or for a single-point prompt the best of outputs 1-3 (SAM's
+recipe for ambiguous prompts), averaged over rounds and objects.
 
-The loss is computed at the decoder's 256x256 resolution, against the ground truth mapped through
-SAM's transform (resize longest side to 256, padding cropped away): SAM's postprocessing is a fixed
-bilinear upsampling, so this is the same objective without upsampling N masks to 1024 and back each
-step. Validation Dice/IoU is always at the original image resolution.
+The loss is computed at the decoder's 256x256 resolution, against the ground truth mapped into that
+frame exactly as postprocessing maps predictions back (transforms.masks_to_low_res): postprocessing is
+a fixed bilinear upsampling, so this is the same objective without upsampling N masks to 1024 and
+back each step. Validation Dice/IoU is always at the original image resolution.
+
+No host synchronisation inside a step: prompts are drawn on the host before it, the loss accumulates
+on the device, and the one finite check comes at the end (a GPU then runs a whole round ahead of
+Python). The exception is the corrective-click erosion loop, whose `any()` ends it.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 from dataclasses import dataclass
@@ -22,17 +27,20 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from components.sam.losses import sam_loss
+from components.sam.losses import multi_output_loss
 from components.sam.metrics import dice_iou
-from components.sam.model import (decode, decode_input_frame, load_trainable_state_dict, set_trainable,
-                                  trainable_state_dict, use_broadcast_decoder)
+from components.sam.model import decode, load_trainable_state_dict, set_trainable, trainable_state_dict, \
+    use_broadcast_decoder
+from components.sam.prompt_batch import choose_output, decode_groups, first_round_tokens, is_ambiguous, take
 from components.sam.prompts import corrective_clicks, instance_masks, jitter_boxes, masks_to_boxes, sample_points
-from components.sam.transforms import LOW_RES, IMAGE_SIZE, Frame, crop_low_res, masks_to_low_res
+from components.sam.transforms import LOW_RES, IMAGE_SIZE, Frame, masks_to_low_res
 from components.training.config import AmpSettings, TrainConfig
 
 log = logging.getLogger(__name__)
 
 MAX_NONFINITE_IN_A_ROW = 5
+# Devices with a fused Adam kernel (torch/utils/_foreach_utils.py: _get_fused_kernels_supported_devices).
+_FUSED_ADAM_DEVICES = ("cuda", "cpu")
 
 
 @dataclass
@@ -43,7 +51,8 @@ class Item:
     embedding: torch.Tensor  # (256, 64, 64)
     boxes: np.ndarray  # (K, 4) original pixels
     flat_idx: list  # per object, np.flatnonzero of its mask (for point sampling)
-    target_low: torch.Tensor  # (K, h256, w256) soft targets in the logits' frame, padding cropped
+    target_low: torch.Tensor  # (K, 256, 256) soft targets in the logits' frame, 0 in the padding
+    valid: torch.Tensor  # (256, 256) bool: the part of the logits that maps back onto the image
     masks: torch.Tensor  # (K, H, W) bool at original size (metrics)
 
 
@@ -61,11 +70,11 @@ def prepare_items(samples: Sequence, embeddings: list[torch.Tensor], device: tor
             continue
         frame = Frame.for_size(*mask.shape)
         masks_t = torch.from_numpy(masks)
+        target, valid = masks_to_low_res(masks_t, frame)
         items.append(Item(
             id=s.id, frame=frame, embedding=emb, boxes=masks_to_boxes(masks),
             flat_idx=[np.flatnonzero(m) for m in masks],
-            target_low=masks_to_low_res(masks_t, frame).to(device),
-            masks=masks_t,
+            target_low=target.to(device), valid=valid.to(device), masks=masks_t,
         ))
     return items
 
@@ -73,29 +82,31 @@ def prepare_items(samples: Sequence, embeddings: list[torch.Tensor], device: tor
 # -- the trainer ---------------------------------------------------------------------------------
 
 @dataclass
-class _Group:
-    """The objects of one image prompted the same way: one decoder call per round."""
-    idx: int  # index into the trainer's train_items
-    item: Item
-    objs: np.ndarray
-    boxes: torch.Tensor | None
-    points: torch.Tensor | None
-    labels: torch.Tensor | None
-    target: torch.Tensor
-    mask_input: torch.Tensor | None = None
+class Batch:
+    """All objects of one iteration, ready for the decoder (N objects over B images)."""
+    embeddings: torch.Tensor  # (B, 256, 64, 64)
+    image_index: torch.Tensor | None  # (N,) into embeddings; None when B == 1 (broadcast)
+    coords: torch.Tensor  # (N, K, 2) first-round prompt tokens, input frame
+    labels: torch.Tensor  # (N, K)
+    target: torch.Tensor  # (N, 256, 256)
+    valid: torch.Tensor  # (N, 256, 256)
+    groups: list | None = None  # prompt_batch.decode_groups: None = all objects in one call
 
 
 class Trainer:
-    """The training state and one iteration of it; `train()` drives it, benchmarks reuse it."""
+    """The training state and one iteration of it; `train()` drives it, benchmarks reuse it.
 
-    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, train_items: list[Item],
-                 val_items: list[Item], device: torch.device, amp: AmpSettings, *, broadcast_decoder: bool = True):
+    Items are reached only through `train_items[i]`, `len(train_items)` and iteration over `val_items`,
+    so a streaming source can stand in for the lists (and gets `prefetch(order)` at each new epoch)."""
+
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, train_items, val_items, device: torch.device,
+                 amp: AmpSettings, *, broadcast_decoder: bool = True):
         self.cfg, self.model, self.device, self.amp = cfg, model, device, amp
         if broadcast_decoder:
             use_broadcast_decoder(model)
         self.train_items, self.val_items = train_items, val_items
         self.params = set_trainable(model, cfg.freeze_prompt_encoder)
-        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr)
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, **self._adam_impl())
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="max", factor=0.9,
                                                                     patience=10)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp.scaler)
@@ -104,13 +115,33 @@ class Trainer:
         self.pos = 0
         self.nonfinite_in_a_row = 0
 
+    def _adam_impl(self) -> dict:
+        # Fused Adam is one kernel (CUDA) or one op (CPU) for all parameters. The unfused CUDA Adam is ~40
+        # kernels per parameter tensor (a third of a step's GPU time in issue 10's trace), and the
+        # per-parameter and foreach paths read each tensor's step count back with .item(): ~100 host
+        # synchronisations per step. Where a device has no fused kernel, the multi-tensor path.
+        return {"fused": True} if self.device.type in _FUSED_ADAM_DEVICES else {"foreach": True}
+
     # sampling ---------------------------------------------------------------------------------
+    def _new_epoch(self) -> None:
+        """Every image once per epoch, in a seeded order."""
+        self.order = self.rng.permutation(len(self.train_items)).tolist()
+        self.pos = 0
+        prefetch = getattr(self.train_items, "prefetch", None)
+        if prefetch is not None:
+            prefetch(self.order)
+
     def _next_images(self) -> list[int]:
-        out = []
+        out: list[int] = []
         for _ in range(min(self.cfg.batch_size, len(self.train_items))):
-            if self.pos >= len(self.order):  # a new epoch: every image once, in a seeded order
-                self.order = self.rng.permutation(len(self.train_items)).tolist()
-                self.pos = 0
+            if self.pos >= len(self.order):
+                self._new_epoch()
+            if self.order[self.pos] in out:
+                # A batch straddling two epochs: the new order starts with an image the batch already
+                # holds (its objects would count twice). Swap in the next one it does not hold; the
+                # image keeps its place in this epoch, just later.
+                j = next(j for j in range(self.pos + 1, len(self.order)) if self.order[j] not in out)
+                self.order[self.pos], self.order[j] = self.order[j], self.order[self.pos]
             out.append(self.order[self.pos])
             self.pos += 1
         return out
@@ -135,36 +166,75 @@ class Trainer:
             return np.zeros(n, dtype=bool)
         return (iteration + np.arange(n)) % 2 == 0
 
-    def make_groups(self, iteration: int, batch: list[tuple[int, np.ndarray]]) -> list[_Group]:
-        groups, offset = [], 0
-        for i, objs in batch:
+    def make_batch(self, iteration: int, batch: list[tuple[int, np.ndarray]],
+                   embeddings: dict[int, torch.Tensor] | None = None) -> Batch:
+        """First-round prompts for every object, drawn on the host (numpy, seeded), then moved in one
+        copy per tensor."""
+        n = sum(len(objs) for _, objs in batch)
+        boxes = np.full((n, 4), np.nan)
+        points = np.full((n, self.cfg.n_points, 2), np.nan)
+        image_index = np.zeros(n, dtype=np.int64)
+        embs, targets, valids, start = [], [], [], 0
+        for b, (i, objs) in enumerate(batch):
             item = self.train_items[i]
-            use_box = self._use_box(iteration + offset, len(objs))
-            offset += len(objs)
-            for is_box in (True, False):
-                sel = objs[use_box == is_box]
-                if len(sel) == 0:
-                    continue
-                target = item.target_low[torch.from_numpy(sel).to(item.target_low.device)]
-                if is_box:
-                    boxes = jitter_boxes(item.boxes[sel], self.rng, item.frame.original_size, self.cfg.box_jitter)
-                    groups.append(_Group(i, item, sel, self._t(item.frame.boxes_to_input(boxes)), None, None, target))
-                else:
-                    pts = sample_points([item.flat_idx[k] for k in sel], item.frame.original_size[1], self.rng,
-                                        self.cfg.n_points)
-                    labels = torch.ones(pts.shape[:2], dtype=torch.long, device=self.device)
-                    groups.append(_Group(i, item, sel, None, self._t(item.frame.coords_to_input(pts)), labels, target))
-        return groups
+            sl = slice(start, start + len(objs))
+            use_box = self._use_box(iteration + start, len(objs))
+            image_index[sl] = b
+            box_objs, pt_objs = objs[use_box], objs[~use_box]
+            if len(box_objs):
+                jittered = jitter_boxes(item.boxes[box_objs], self.rng, item.frame.original_size, self.cfg.box_jitter)
+                boxes[start + np.flatnonzero(use_box)] = item.frame.boxes_to_input(jittered)
+            if len(pt_objs):
+                pts = sample_points([item.flat_idx[k] for k in pt_objs], item.frame.original_size[1], self.rng,
+                                    self.cfg.n_points)
+                points[start + np.flatnonzero(~use_box)] = item.frame.coords_to_input(pts)
+            sel = torch.from_numpy(objs).to(item.target_low.device)
+            targets.append(item.target_low[sel])
+            valids.append(item.valid.expand(len(objs), -1, -1))
+            embs.append(embeddings[i] if embeddings and i in embeddings else item.embedding)
+            start += len(objs)
+        k = max(2, self.cfg.n_points + 1)  # a box's two corners, or the points and SAM's padding token
+        coords, labels = first_round_tokens(self._t(boxes), self._t(points), n, k, self.device)
+        groups = None
+        is_box = ~np.isnan(boxes[:, 0])
+        if self.cfg.n_points > 1 and is_box.any() and not is_box.all():
+            groups = [(self._t(np.flatnonzero(is_box), torch.long), self._t(np.arange(2), torch.long)),
+                      (self._t(np.flatnonzero(~is_box), torch.long), self._t(np.arange(k), torch.long))]
+        one = len(batch) == 1
+        return Batch(groups=groups, embeddings=embs[0].unsqueeze(0) if one else torch.stack(embs),
+                     image_index=None if one else self._t(image_index, torch.long),
+                     coords=coords, labels=labels,
+                     target=targets[0] if one else torch.cat(targets),
+                     valid=valids[0] if one else torch.cat(valids))
 
-    def _t(self, a) -> torch.Tensor:
-        return torch.as_tensor(a, dtype=torch.float32, device=self.device)
+    def _t(self, a: np.ndarray, dtype=torch.float32) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+        if self.device.type == "cuda":
+            # Pinned memory makes the copy asynchronous, so Python can queue the next kernels meanwhile.
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     # one iteration ----------------------------------------------------------------------------
-    def _decode(self, g: _Group):
+    def round_loss(self, b: Batch, coords: torch.Tensor, labels: torch.Tensor, mask_input: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One prompting round, one decoder call: ((N,) loss per object, (N, 4, 256, 256) logits, (N,) the
+        output each object was scored on, which is also what the next round builds on)."""
+        ambiguous = is_ambiguous(labels)
         with self.amp.autocast(self.device):
-            low, iou = decode_input_frame(self.model, g.item.embedding, boxes=g.boxes, points=g.points,
-                                          point_labels=g.labels, mask_input=g.mask_input)
-        return low, iou
+            low, iou = decode_groups(self.model, b.embeddings, b.image_index, coords, labels, mask_input, b.groups)
+        per_obj, dice = multi_output_loss(low, iou, b.target, b.valid, ambiguous)
+        return per_obj, low, choose_output(iou.detach(), ambiguous, dice)
+
+    def corrections(self, b: Batch, coords: torch.Tensor, labels: torch.Tensor, chosen: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next round's tokens: this round's plus a corrective click pair per object, computed on the
+        device from the chosen (N, 256, 256) logits."""
+        clicks, click_labels = corrective_clicks((chosen > 0) & b.valid, b.target > 0.5,
+                                                 by_area=self.cfg.click_largest_area)
+        # A low-res pixel covers a 4x4 block of the input frame; click its centre.
+        scale = IMAGE_SIZE / LOW_RES
+        clicks = torch.where(click_labels.unsqueeze(-1) >= 0, clicks * scale + (scale - 1) / 2, clicks)
+        return torch.cat([coords, clicks], dim=1), torch.cat([labels, click_labels], dim=1), chosen
 
     def train_step(self, iteration: int, embeddings: dict[int, torch.Tensor] | None = None) -> float:
         """One optimisation step; returns the loss, or NaN when the step was skipped as non-finite.
@@ -174,32 +244,24 @@ class Trainer:
         """
         self.model.mask_decoder.train()
         self.model.prompt_encoder.train()
-        batch = self.sample_batch()
-        groups = self.make_groups(iteration, batch)
-        if embeddings:
-            for g in groups:
-                if g.idx in embeddings:
-                    g.item = dataclasses.replace(g.item, embedding=embeddings[g.idx])
-        n_total = sum(len(g.objs) for g in groups)
+        b = self.make_batch(iteration, self.sample_batch(), embeddings)
         rounds = self.cfg.n_sub_iteration
+        # Decided on the host up front: whether each later round also gets the previous mask as a prompt.
+        # micro-sam feeds it with probability 0.5, so the model also learns to correct from clicks alone
+        # (what a user's second click gives it); feeding it always leaves that case untrained.
+        feed_mask = self.rng.random(rounds) < self.cfg.mask_prompt_prob
         self.optimizer.zero_grad(set_to_none=True)
-        total, finite = 0.0, True
+        total = torch.zeros((), device=self.device)
+        coords, labels, mask_input = b.coords, b.labels, None
         for r in range(rounds):
-            for g in groups:
-                low, iou = self._decode(g)
-                logits = crop_low_res(low[:, 0], g.item.frame)
-                per_obj = sam_loss(logits, iou[:, 0], g.target)
-                loss = per_obj.sum() / (n_total * rounds)
-                if not torch.isfinite(loss):
-                    finite = False
-                    break
-                self.scaler.scale(loss).backward()
-                total += float(loss.detach())
-                if r < rounds - 1:
-                    self._add_corrections(g, logits.detach(), low.detach())
-            if not finite:
-                break
-        if not finite:
+            per_obj, low, chosen_index = self.round_loss(b, coords, labels, mask_input)
+            loss = per_obj.sum() / (len(per_obj) * rounds)
+            self.scaler.scale(loss).backward()  # per round: frees this round's graph before the next
+            total += loss.detach()
+            if r < rounds - 1:
+                coords, labels, chosen = self.corrections(b, coords, labels, take(low.detach(), chosen_index))
+                mask_input = chosen.unsqueeze(1).float() if feed_mask[r + 1] else None
+        if not bool(torch.isfinite(total)):  # the step's one host synchronisation
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_in_a_row += 1
             if self.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
@@ -212,27 +274,20 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return total
-
-    def _add_corrections(self, g: _Group, logits: torch.Tensor, low: torch.Tensor) -> None:
-        coords, labels = corrective_clicks(logits > 0, g.target > 0.5, by_area=self.cfg.click_largest_area)
-        # A low-res pixel covers a 4x4 block of the input frame; click its centre.
-        scale = IMAGE_SIZE / LOW_RES
-        coords = torch.where(labels.unsqueeze(-1) >= 0, coords * scale + (scale - 1) / 2, coords)
-        g.points = coords if g.points is None else torch.cat([g.points, coords], dim=1)
-        g.labels = labels if g.labels is None else torch.cat([g.labels, labels], dim=1)
-        g.mask_input = low.float()
+        return float(total)
 
     # validation -------------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self, chunk: int = 32) -> dict:
-        """Per-instance Dice and IoU with unjittered box prompts, at original resolution."""
+        """Per-instance Dice and IoU with unjittered box prompts, at original resolution.
+
+        In fp32 even when training uses autocast, like evaluation: best.pt is chosen by the numbers the
+        evaluation gate will see, and validation is a few decoder calls, so autocast saves nothing."""
         self.model.eval()
         dices, ious = [], []
         for item in self.val_items:
             for start in range(0, len(item.boxes), chunk):
-                with self.amp.autocast(self.device):
-                    d = decode(self.model, item.embedding, item.frame, boxes=item.boxes[start:start + chunk])
+                d = decode(self.model, item.embedding, item.frame, boxes=item.boxes[start:start + chunk])
                 dice, iou = dice_iou(d.masks[:, 0].cpu(), item.masks[start:start + chunk])
                 dices.append(dice)
                 ious.append(iou)
@@ -261,6 +316,8 @@ class Trainer:
     def load_state(self, ckpt: dict) -> None:
         load_trainable_state_dict(self.model, {k: v.to(self.device) for k, v in ckpt["trainable_state"].items()})
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group in self.optimizer.param_groups:  # a checkpoint from another device keeps this one's Adam
+            group.update({"fused": None, "foreach": None, **self._adam_impl()})
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.amp.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
