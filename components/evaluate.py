@@ -150,8 +150,9 @@ def evaluate(model_type: str, zero_shot_weights: str | Path, finetuned_weights: 
              test_samples: Sequence, *, champion_weights: str | Path | None = None,
              champion_model_type: str | None = None, champion_name: str = "", margin: float = 0.0,
              device: str = "cpu", report_path: str | Path | None = None, history: dict | None = None,
-             store=None, zero_shot_sha256: str = "") -> dict:
-    """Score every candidate on `test_samples`; returns the metrics and `passed`, writes the report."""
+             store=None, zero_shot_sha256: str = "", refused: str | None = None) -> dict:
+    """Score every candidate on `test_samples`; returns the metrics and `passed`, writes the report.
+    `refused`: a reason registration is refused whatever the scores (the metrics and the report say it)."""
     from components.sam.device import resolve_device
 
     t0 = time.perf_counter()
@@ -195,7 +196,9 @@ def evaluate(model_type: str, zero_shot_weights: str | Path, finetuned_weights: 
                     "champion_box_dice": metrics.get("champion_box_dice"),
                     "champion_version": champion_name or None})
     metrics["passed"] = gate(metrics["finetuned_box_dice"], metrics["zero_shot_box_dice"],
-                             metrics["champion_box_dice"], margin)
+                             metrics["champion_box_dice"], margin) and not refused
+    if refused:
+        metrics["refused"] = refused
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
     if report_path:
         write_report(report_path, metrics, results, samples, history, keep)
@@ -208,6 +211,7 @@ def write_report(path, metrics: dict, results: dict, samples: Sequence, history:
               "champion": f"champion {metrics.get('champion_version') or ''}".strip()}
     rep = Report("SAM evaluation: zero-shot vs fine-tuned")
     verdict = "PASSED: the fine-tuned model will be registered" if metrics["passed"] else \
+        f"NOT PASSED: {metrics['refused']}" if metrics.get("refused") else \
         "NOT PASSED: the fine-tuned model does not beat the bar and will not be registered"
     rep.paragraph(f"{verdict} (margin {metrics['margin']:g}; {metrics['test_instances']} instances in "
                   f"{metrics['test_images']} test images; Dice and IoU per instance, higher is better).")

@@ -225,6 +225,13 @@ def evaluate_step(weights_path: str, model_path: str, manifest_path: str, model_
     registry = ObjectStoreRegistry(store)
     pointer = registry.latest(model_name) if model_name else None
     history = training_history(read_metadata(model_metadata).get("history_uri"), store)
+    overlap = _overlap_warning(manifest)
+    refused = None
+    if overlap and not allow_overlap:
+        refused = f"{overlap}; registration refused (allow_overlap / run --allow-overlap to register)"
+        log.warning("WARNING: %s", refused)
+    elif overlap:
+        log.warning("WARNING: %s; registering anyway (allow_overlap)", overlap)
     with tempfile.TemporaryDirectory() as tmp:
         champion, champion_type = None, None
         if pointer is not None:
@@ -235,18 +242,12 @@ def evaluate_step(weights_path: str, model_path: str, manifest_path: str, model_
                            champion_model_type=champion_type,
                            champion_name=pointer["version"] if pointer else "", margin=float(margin),
                            device=device, report_path=out_report_path, history=history,
-                           store=store, zero_shot_sha256=sha256_file(weights_path))
+                           store=store, zero_shot_sha256=sha256_file(weights_path), refused=refused)
     metrics["dataset_content_hash"] = manifest.get("content_hash")
-    print(box_dice_line(metrics))
-    overlap = _overlap_warning(manifest)
     metrics["splits_overlap"] = bool(overlap)
-    if overlap and not allow_overlap:
-        metrics["passed"] = False
-        metrics["refused"] = f"{overlap}; registration refused (allow_overlap / run --allow-overlap to register)"
-        log.warning("WARNING: %s", metrics["refused"])
-        print("NOT PASSED:", metrics["refused"])
-    elif overlap:
-        log.warning("WARNING: %s; registering anyway (allow_overlap)", overlap)
+    print(box_dice_line(metrics))
+    if refused:
+        print("NOT PASSED:", refused)
     return metrics
 
 

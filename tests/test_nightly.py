@@ -4,6 +4,7 @@ pipeline through kfp.local as `sam-pipeline run` runs it."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -139,6 +140,8 @@ def test_nightly_runs_register_then_skip_then_train_on_changed_data(sources, htt
     assert "registration refused" in summary["tasks"]["register-model"]["reason"]
     assert summary["passed"] is False and summary["metrics"]["splits_overlap"] is True
     assert "WARNING: the splits of one overlap" in out
+    # The evaluation report gives the same verdict as the gate, with the reason.
+    assert "NOT PASSED: the splits of one overlap" in Path(summary["reports"]["evaluate"]).read_text()
     assert ObjectStoreRegistry(store).versions("sam-nightly") == ["v1"]
 
     summary, states, _ = run(*one, "--allow-overlap")
