@@ -1,13 +1,13 @@
-"""The five KFP components: thin wrappers that call one step function of `components.steps` each.
+"""The KFP components (the five steps, the embed fan-out): thin wrappers that call one step function of `components.steps` each.
 
 KFP ships a component's *source* to the container, so each body imports what it needs from `components`
 (installed in every image) and runs a single step. `base_image` is fixed at decoration time, which is why
 the components are made by `make_components(images)` instead of being decorated at import.
 """
-from typing import NamedTuple
+from typing import List, NamedTuple
 
 from kfp import dsl
-from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 
 # -- component bodies (module level: KFP extracts their source) ------------------------------------
@@ -31,11 +31,30 @@ def ingest_dataset(source: str, dataset_format: str, dataset_name: str, split_se
                         out_manifest_path=dataset.path), dataset)
 
 
-def finetune(weights: Input[Model], dataset: Input[Dataset], debug_with_one_example: bool, checkpoint_name: str,
+def embed_shards(shards: int) -> List[int]:
+    """The shard indices 0..shards-1 that the embed fan-out (dsl.ParallelFor) iterates over."""
+    from components.steps import shard_indices
+
+    return shard_indices(shards)
+
+
+def embed(weights: Input[Model], dataset: Input[Dataset], model_type: str, shard: int, shards: int, device: str,
+          s3_endpoint: str, bucket: str, prefix: str, index: Output[Artifact]):
+    """Embed one shard of the dataset's images with the frozen encoder into the object store's cache."""
+    from components.steps import embed_step, publish
+
+    publish(embed_step(weights_path=weights.path, manifest_path=dataset.path, model_type=model_type, shard=shard,
+                       shards=shards, device=device, s3_endpoint=s3_endpoint, bucket=bucket, prefix=prefix,
+                       out_index_path=index.path), index)
+
+
+def finetune(weights: Input[Model], dataset: Input[Dataset], embeddings: Input[List[Artifact]],
+             debug_with_one_example: bool, checkpoint_name: str,
              model_type: str, batch_size: int, n_objects_per_batch: int, device: str, n_iterations: int,
              n_sub_iteration: int, lr: float, seed: int, val_every: int, run_id: str, s3_endpoint: str,
              bucket: str, prefix: str, model: Output[Model], metrics: Output[Metrics], report: Output[HTML]):
-    """Fine-tune SAM's mask decoder; resumes from the run's latest.pt in the object store on a retry."""
+    """Fine-tune SAM's mask decoder; resumes from the run's latest.pt in the object store on a retry.
+    `embeddings` (the embed shards' indexes) orders it after the fan-out; it reads the store's cache itself."""
     from components.steps import finetune_step, publish
 
     # The training settings are this body's parameters (tests/test_pipeline.py pins them to TrainConfig).
@@ -86,6 +105,9 @@ def register_model(model: Input[Model], weights: Input[Model], dataset: Input[Da
 
 _BODIES = {"fetch-weights": fetch_weights, "ingest-dataset": ingest_dataset, "finetune": finetune,
            "evaluate": evaluate, "register-model": register_model}
+# Functions that run on another step's image (the five images stay five): the embed step needs the
+# encoder (torch, the finetune image); the shard list needs nothing but Python (the light ingest image).
+_EXTRA_BODIES = {"embed": (embed, "finetune"), "embed-shards": (embed_shards, "ingest-dataset")}
 
 
 class Components(NamedTuple):
@@ -94,13 +116,16 @@ class Components(NamedTuple):
     finetune: object
     evaluate: object
     register_model: object
+    embed: object
+    embed_shards: object
 
 
 def make_components(images: dict[str, str]) -> Components:
-    """Decorate the five bodies with their own images ({step: image ref}, see pipelines.images)."""
+    """Decorate the bodies with their images ({step: image ref} for the five steps, see pipelines.images)."""
     missing = set(_BODIES) - set(images)
     if missing:
         raise ValueError(f"no image given for step(s) {', '.join(sorted(missing))}")
-    made = {step.replace("-", "_"): dsl.component(body, base_image=images[step], install_kfp_package=False)
-            for step, body in _BODIES.items()}
+    bodies = {**{step: (body, step) for step, body in _BODIES.items()}, **_EXTRA_BODIES}
+    made = {step.replace("-", "_"): dsl.component(body, base_image=images[image], install_kfp_package=False)
+            for step, (body, image) in bodies.items()}
     return Components(**made)

@@ -1,4 +1,5 @@
-"""The KFP v2 pipeline: fetch-weights + ingest-dataset -> finetune (GPU) -> evaluate (GPU) -> register-model.
+"""The KFP v2 pipeline: fetch-weights + ingest-dataset -> embed x N (GPU, dsl.ParallelFor) -> finetune (GPU)
+-> evaluate (GPU) -> register-model.
 
 Everything that is fixed at compile time (images, GPU placement, resources, retries) is an argument of
 `build_pipeline`; everything a run may change is a pipeline parameter. `sam_finetune` is the pipeline
@@ -33,6 +34,8 @@ class Placement:
     shm_size: str = "2Gi"
     finetune_cpu: str = "4"
     finetune_memory: str = "16Gi"
+    embed_cpu: str = "4"
+    embed_memory: str = "8Gi"
     evaluate_cpu: str = "2"
     evaluate_memory: str = "8Gi"
     finetune_retries: int = 3
@@ -91,6 +94,7 @@ def build_pipeline(placement: Placement | None = None):
         margin: float = 0.0,
         model_name: str = "sam-pennfudan",
         model_registry_url: str = "",
+        embed_shards: int = 1,
     ):
         store = dict(s3_endpoint=s3_endpoint, bucket=bucket, prefix=prefix)
 
@@ -104,8 +108,22 @@ def build_pipeline(placement: Placement | None = None):
         # uploads nothing when the content is unchanged, so running it every time costs seconds.
         dataset.set_display_name("ingest-dataset").set_caching_options(False)
 
+        # The embed fan-out: N GPU tasks fill the store's embedding cache, one shard of the images each.
+        shards = c.embed_shards(shards=embed_shards)
+        shards.set_display_name("embed-shards").set_caching_options(False)
+        with dsl.ParallelFor(shards.output, name="embed-fan-out") as shard:
+            emb = c.embed(weights=weights.outputs["weights"], dataset=dataset.outputs["dataset"],
+                          model_type=model_type, shard=shard, shards=embed_shards, device=device, **store)
+            # Cached: the key is the weights and dataset artifacts plus the shard's parameters (KFP's
+            # cacheutils.GenerateCacheKey). What makes a rerun cheap even on a cache miss (a new ingest
+            # artifact each run) is the store's content-addressed skip: one stat per image already there.
+            emb.set_display_name("embed").set_caching_options(True)
+            _on_gpu(emb, p, p.embed_cpu, p.embed_memory)
+            _with_s3_secret(emb)
+
         train = c.finetune(
             weights=weights.outputs["weights"], dataset=dataset.outputs["dataset"],
+            embeddings=dsl.Collected(emb.outputs["index"]),
             debug_with_one_example=debug_with_one_example, checkpoint_name=checkpoint_name,
             model_type=model_type, batch_size=batch_size, n_objects_per_batch=n_objects_per_batch,
             device=device, n_iterations=n_iterations, n_sub_iteration=n_sub_iteration, lr=lr, seed=seed,

@@ -10,8 +10,10 @@ import yaml
 from pipelines.images import STEPS, image_refs
 from pipelines.sam_finetune import DEFAULT_YAML, Placement, compile_pipeline
 
-EXECUTORS = {f"exec-{s}": s for s in STEPS}
-STORAGE_TASKS = set(STEPS)  # every step reads or writes the object store
+# The five steps on their own images, and the embed fan-out's two functions on the finetune and ingest images.
+EXECUTORS = {**{f"exec-{s}": s for s in STEPS}, "exec-embed": "finetune", "exec-embed-shards": "ingest-dataset"}
+STORAGE_TASKS = {*STEPS, "embed"}  # every step reads or writes the object store
+GPU_TASKS = {"finetune", "evaluate", "embed"}
 
 
 def _load(path: Path) -> tuple[dict, dict]:
@@ -33,7 +35,7 @@ def test_committed_yaml_matches_a_fresh_compile(compiled):
         "pipelines/sam_finetune.yaml is stale: run `sam-pipeline compile` and commit it"
 
 
-def test_five_executors_with_their_own_images(compiled):
+def test_five_images_for_seven_executors(compiled):
     spec, _ = _load(compiled)
     executors = spec["deploymentSpec"]["executors"]
     assert set(executors) == set(EXECUTORS)
@@ -47,7 +49,10 @@ def test_five_executors_with_their_own_images(compiled):
 
 def test_gpu_steps_placement_and_retry(compiled):
     spec, k8s = _load(compiled)
-    for step in ("finetune", "evaluate"):
+    executors = spec["deploymentSpec"]["executors"]
+    on_gpu = {n[len("exec-"):] for n, ex in executors.items() if "accelerator" in ex["container"].get("resources", {})}
+    assert on_gpu == GPU_TASKS
+    for step in sorted(GPU_TASKS):
         res = spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"]["resources"]
         assert res["accelerator"]["resourceType"] == "nvidia.com/gpu" and res["accelerator"]["resourceCount"] == "1"
         assert res["resourceCpuRequest"] and res["resourceMemoryRequest"]
@@ -56,9 +61,8 @@ def test_gpu_steps_placement_and_retry(compiled):
         assert cfg["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
         assert cfg["emptyDirMounts"] == [{"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory",
                                           "sizeLimit": "2Gi"}]
-    for step in ("fetch-weights", "ingest-dataset", "register-model"):
-        assert "accelerator" not in spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"].get(
-            "resources", {})
+    for name in set(executors) - {f"exec-{t}" for t in GPU_TASKS}:
+        assert not {"nodeSelector", "tolerations", "emptyDirMounts"} & set(k8s.get(name, {})), name
     tasks = spec["root"]["dag"]["tasks"]
     retry = tasks["finetune"]["retryPolicy"]
     assert retry["maxRetryCount"] == 3 and retry["backoffDuration"] == "60s" and retry["backoffFactor"] == 2.0
@@ -78,6 +82,28 @@ def test_caching_and_the_register_gate(compiled):
     assert "evaluate-passed" in cond["triggerPolicy"]["condition"] and "== true" in cond["triggerPolicy"]["condition"]
     inner = spec["components"][cond["componentRef"]["name"]]["dag"]["tasks"]
     assert list(inner) == ["register-model"] and inner["register-model"]["cachingOptions"] == {}
+
+
+def test_embed_fan_out_between_ingest_and_finetune(compiled):
+    """embed_shards -> dsl.ParallelFor over the shard list -> dsl.Collected of the indexes -> finetune."""
+    spec, _ = _load(compiled)
+    tasks = spec["root"]["dag"]["tasks"]
+    assert spec["root"]["inputDefinitions"]["parameters"]["embed_shards"]["defaultValue"] == 1
+    assert tasks["embed-shards"]["inputs"]["parameters"]["shards"]["componentInputParameter"] == "embed_shards"
+    (loop_name,) = [n for n in tasks if n.startswith("for-loop")]
+    loop = tasks[loop_name]
+    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--embed-shards-Output"
+    assert {"embed-shards", "fetch-weights", "ingest-dataset"} <= set(loop["dependentTasks"])
+    loop_dag = spec["components"][loop["componentRef"]["name"]]["dag"]
+    embed = loop_dag["tasks"]["embed"]
+    assert embed["cachingOptions"] == {"enableCache": True}
+    assert embed["inputs"]["parameters"]["shard"]["componentInputParameter"].endswith("-loop-item")
+    assert set(embed["inputs"]["artifacts"]) == {"weights", "dataset"}
+    collected = tasks["finetune"]["inputs"]["artifacts"]["embeddings"]["taskOutputArtifact"]
+    assert collected["producerTask"] == loop_name
+    (out,) = loop_dag["outputs"]["artifacts"].values()
+    assert out["artifactSelectors"] == [{"outputArtifactKey": "index", "producerSubtask": "embed"}]
+    assert spec["components"]["comp-finetune"]["inputDefinitions"]["artifacts"]["embeddings"]["isArtifactList"]
 
 
 def test_storage_tasks_get_the_secret_and_no_credential_is_compiled_in(compiled):
@@ -119,9 +145,10 @@ def test_compile_time_overrides(tmp_path):
     spec, k8s = _load(compile_pipeline(tmp_path / "p.yaml", placement))
     assert {ex["container"]["image"] for ex in spec["deploymentSpec"]["executors"].values()} == {
         f"ghcr.io/acme/sam-pipeline-{s}:1.2.3" for s in STEPS}
-    assert k8s["exec-finetune"]["nodeSelector"]["labels"] == {"pool": "gpu"}
-    assert k8s["exec-finetune"]["tolerations"][0]["key"] == "dedicated"
-    assert k8s["exec-finetune"]["emptyDirMounts"][0]["sizeLimit"] == "8Gi"
+    for step in GPU_TASKS:
+        assert k8s[f"exec-{step}"]["nodeSelector"]["labels"] == {"pool": "gpu"}
+        assert k8s[f"exec-{step}"]["tolerations"][0]["key"] == "dedicated"
+        assert k8s[f"exec-{step}"]["emptyDirMounts"][0]["sizeLimit"] == "8Gi"
     assert "retryPolicy" not in spec["root"]["dag"]["tasks"]["finetune"]
 
 
