@@ -18,7 +18,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from components.errors import UserError
+
 log = logging.getLogger(__name__)
+
+
+class EmbedShardsError(UserError):
+    """embed_shards is not a positive count."""
 
 
 def connect(endpoint: str, bucket: str, prefix: str):
@@ -83,7 +89,7 @@ def _copy_out(src: str | Path, dest: str | Path) -> Path:
     return out
 
 
-# -- the five steps ----------------------------------------------------------------------------------
+# -- the steps --------------------------------------------------------------------------------------
 
 def fetch_step(model_type: str, url: str, sha256: str, s3_endpoint: str, bucket: str, prefix: str,
                out_path: str) -> dict:
@@ -113,6 +119,46 @@ def ingest_step(source: str, dataset_format: str, dataset_name: str, split_seed:
     return meta
 
 
+def shard_indices(shards: int) -> list[int]:
+    """The embed fan-out's items: 0..shards-1."""
+    if int(shards) < 1:
+        raise EmbedShardsError(f"embed_shards must be at least 1 (got {shards})")
+    return list(range(int(shards)))
+
+
+def embed_step(weights_path: str, manifest_path: str, model_type: str, shard: int, shards: int, device: str,
+               s3_endpoint: str, bucket: str, prefix: str, out_index_path: str) -> dict:
+    """Compute the frozen encoder's embeddings of one shard of a dataset version's images into the store's
+    content-addressed cache (`embeddings/<weights_sha256>/<image_sha256>`), skipping those already there;
+    write the shard's index (its keys) and return its counts."""
+    from components.datasets.reader import load_image_ref, load_manifest, shard_images
+    from components.hashing import sha256_file
+    from components.sam.device import resolve_device
+    from components.sam.embeddings import EmbeddingCache
+    from components.sam.model import build_sam
+    from components.training.config import TrainConfig
+
+    store = connect(s3_endpoint, bucket, prefix)
+    manifest = load_manifest(store, manifest_path)
+    refs = shard_images(manifest, int(shard), int(shards))
+    weights_sha = sha256_file(weights_path)
+    dev = resolve_device(device)
+    model = build_sam(model_type, weights_path, dev) if refs else None
+    # The batch finetune embeds with: the same kernels, so the same (fp16-rounded) embeddings.
+    cache = EmbeddingCache(model, weights_sha, store, batch_size=TrainConfig().embed_batch_size if dev.type == "cuda"
+                           else 1, amp=dev.type == "cuda")
+    counts = cache.ensure([r["sha256"] for r in refs], lambda i: load_image_ref(store, manifest, refs[i]))
+    index = {"format_version": 1, "weights_sha256": weights_sha, "dataset_content_hash": manifest["content_hash"],
+             "shard": int(shard), "shards": int(shards), "keys": [cache.key(r["sha256"]) for r in refs]}
+    out = Path(out_index_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(index, indent=2))
+    return {"shard": int(shard), "shards": int(shards), "images": len(refs), "computed": counts["computed"],
+            "from_store": counts["store"], "encode_seconds": round(cache.stats["encode_seconds"], 2),
+            "weights_sha256": weights_sha, "dataset_content_hash": manifest["content_hash"], "device": str(dev),
+            "embeddings_prefix": store.uri(store.key("embeddings", weights_sha)) + "/"}
+
+
 def write_finetune_report(path: str | Path, metrics: dict, history: dict) -> Path:
     """The finetune step's page: the run's metrics and its loss / validation Dice curves."""
     from components.report import Report
@@ -125,7 +171,7 @@ def finetune_step(weights_path: str, manifest_path: str, *, run_id: str = "", s3
                   out_report_path: str = "report.html", checkpoint_dir: str = "checkpoints", **settings) -> dict:
     """Read the dataset version named by the manifest, train with `settings` (TrainConfig fields), write
     the model (plain state dict) and an HTML report, and return the run's metrics and settings."""
-    from components.datasets.reader import load_manifest, load_split
+    from components.datasets.reader import SplitRefs, load_manifest
     from components.hashing import sha256_file
     from components.training import TrainConfig, train
 
@@ -133,8 +179,9 @@ def finetune_step(weights_path: str, manifest_path: str, *, run_id: str = "", s3
     cfg.validate()  # before anything is read or written: e.g. checkpoint_name must not leave checkpoint_dir
     store = connect(s3_endpoint, bucket, prefix)
     manifest = load_manifest(store, manifest_path)
-    train_samples = load_split(store, manifest, "train")
-    val_samples = [] if cfg.debug_with_one_example else load_split(store, manifest, "val")
+    # Streamed from the store (images, masks and the embed step's embeddings), never all in memory.
+    train_samples = SplitRefs(store, manifest, "train", annotated_only=True)
+    val_samples = [] if cfg.debug_with_one_example else SplitRefs(store, manifest, "val", annotated_only=True)
     weights_sha = sha256_file(weights_path)
     result = train(cfg, weights_path, train_samples, val_samples, store=store, run_id=run_id or None,
                    dataset_hash=manifest["content_hash"], weights_sha256=weights_sha)
