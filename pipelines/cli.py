@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--demo", action="store_true",
                    help="offline: a synthetic Penn-Fudan-like dataset and a random vit_t checkpoint")
     g.add_argument("--demo-images", type=_int_at_least(6), default=12)
+    g.add_argument("--embed-shards", dest="embed_shards", type=_int_at_least(1), default=1,
+                   help="embed tasks (dsl.ParallelFor) that fill the embedding cache before finetune")
     _add_store_flags(p, local_default=True)
     g = p.add_argument_group("output")
     g.add_argument("--pipeline-root", type=Path, default=Path("local_outputs"),
@@ -256,7 +258,7 @@ def run_params(args) -> dict:
         "dataset_format": args.dataset_format, "dataset_name": args.dataset_name,
         "weights_url": args.weights_url, "weights_sha256": args.weights_sha256, "bucket": args.bucket,
         "prefix": args.prefix, "margin": args.margin, "model_name": args.model_name,
-        "model_registry_url": args.model_registry_url,
+        "model_registry_url": args.model_registry_url, "embed_shards": args.embed_shards,
     }
 
 

@@ -24,7 +24,7 @@ from components.errors import UserError
 from pipelines.local_console import Console, Events
 from pipelines.sam_finetune import PIPELINE_NAME, Placement, build_pipeline
 
-TASKS = ("fetch-weights", "ingest-dataset", "finetune", "evaluate", "register-model")
+TASKS = ("fetch-weights", "ingest-dataset", "embed-shards", "embed", "finetune", "evaluate", "register-model")
 
 
 class RunError(UserError, RuntimeError):
@@ -118,16 +118,26 @@ def _fix_kfp_local_conditions() -> None:
 
 
 def task_graph(pipeline) -> dict[str, dict]:
-    """{task: {"after": upstream tasks, "gated": whether a dsl.If decides if it runs}} from the compiled spec:
-    the one description of the DAG, so states can be told apart without reading log lines."""
+    """{task: {"after": upstream tasks, "gated": whether a dsl.If decides if it runs, "fan_out": the
+    dsl.ParallelFor that runs it once per item, if any}} from the compiled spec: the one description of the DAG,
+    so states can be told apart without reading log lines."""
     spec = pipeline.pipeline_spec
-    graph = {}
+    graph, loops = {}, {}
     for name, task in spec.root.dag.tasks.items():
         inner = spec.components[task.component_ref.name].dag.tasks
+        loop = bool(task.WhichOneof("iterator"))
         if not inner:
             graph[name] = {"after": set(task.dependent_tasks), "gated": bool(task.trigger_policy.condition)}
-        for sub, subtask in inner.items():  # a dsl.If's sub-DAG: its tasks wait for what the condition waits for
-            graph[sub] = {"after": set(task.dependent_tasks) | set(subtask.dependent_tasks), "gated": True}
+        for sub, subtask in inner.items():
+            # A dsl.If's sub-DAG (gated) or a dsl.ParallelFor's (fanned out): its tasks wait for what it waits for.
+            graph[sub] = {"after": set(task.dependent_tasks) | set(subtask.dependent_tasks), "gated": not loop}
+            if loop:
+                graph[sub]["fan_out"] = name
+                loops.setdefault(name, set()).add(sub)
+    for info in graph.values():  # waiting for a loop is waiting for the tasks it fans out
+        for loop, subs in loops.items():
+            if loop in info["after"]:
+                info["after"] = (info["after"] - {loop}) | subs
     return graph
 
 
@@ -135,7 +145,8 @@ def task_states(graph: dict, run_dir: Path | None, gate_open: bool | None) -> di
     """Each task's state and outputs, read from its executor output (written by kfp's executor only when the
     task's function returned): present means SUCCEEDED; absent with every upstream task succeeded means kfp ran
     it and it FAILED, unless it sits behind a dsl.If that was false (SKIPPED); otherwise it never ran."""
-    out = {name: _read_outputs(run_dir / name) if run_dir else {} for name in TASKS}
+    out = {name: _read_fan_out(graph, name, run_dir) if graph[name].get("fan_out") else _read_outputs(run_dir / name)
+           for name in TASKS} if run_dir else dict.fromkeys(TASKS, {})
     states: dict[str, dict] = {}
     for name in TASKS:  # TASKS is in topological order
         info = {"state": "SUCCEEDED", **out[name]} if out[name] else {}
@@ -149,6 +160,22 @@ def task_states(graph: dict, run_dir: Path | None, gate_open: bool | None) -> di
                 info = {"state": "FAILED"}
         states[name] = info
     return states
+
+
+def _read_fan_out(graph: dict, name: str, run_dir: Path) -> dict:
+    """A fanned-out task's outputs, one per iteration (kfp.local runs iteration i of a ParallelFor in
+    `<run>/<loop>-iteration-<i>/<task>/`), or {} unless every iteration the loop's items asked for wrote one."""
+    loop = graph[name]["fan_out"]
+    items = None
+    for producer in graph[name]["after"]:  # the task whose output list the loop iterates over
+        values = _read_outputs(run_dir / producer).get("parameters", {}).get("Output")
+        if isinstance(values, list):
+            items = values
+    dirs = sorted(run_dir.glob(f"{loop}-iteration-*"), key=lambda d: int(d.name.rsplit("-", 1)[1]))
+    shards = [_read_outputs(d / name) for d in dirs]
+    if items is None or len(shards) != len(items) or not all(shards):
+        return {}
+    return {"shards": shards}
 
 
 def _read_outputs(task_dir: Path) -> dict:

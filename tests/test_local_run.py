@@ -55,18 +55,27 @@ def _succeed(run_dir: Path, task: str, **params) -> None:
 
 def test_graph_is_read_from_the_compiled_spec(graph):
     assert graph["fetch-weights"] == {"after": set(), "gated": False}
-    assert graph["finetune"]["after"] == {"fetch-weights", "ingest-dataset"}
+    assert graph["finetune"]["after"] == {"fetch-weights", "ingest-dataset", "embed"}
+    assert graph["embed"]["fan_out"].startswith("for-loop") and not graph["embed"]["gated"]
+    assert graph["embed"]["after"] == {"fetch-weights", "ingest-dataset", "embed-shards"}
     assert graph["register-model"]["gated"] and "evaluate" in graph["register-model"]["after"]
 
 
 def test_states_success_skip_failure_and_not_run(graph, tmp_path):
     for task in ("fetch-weights", "ingest-dataset", "finetune"):
         _succeed(tmp_path, task)
+    _succeed(tmp_path, "embed-shards", Output=[0, 1])
+    loop = graph["embed"]["fan_out"]
+    _succeed(tmp_path / f"{loop}-iteration-0", "embed")
+    # One of two shards left no output: the fan-out failed.
+    assert local.task_states(graph, tmp_path, gate_open=None)["embed"]["state"] == "FAILED"
+    _succeed(tmp_path / f"{loop}-iteration-1", "embed")
     _succeed(tmp_path, "evaluate", passed=False)
     states = local.task_states(graph, tmp_path, gate_open=False)
     assert {t: s["state"] for t, s in states.items()} == {
-        "fetch-weights": "SUCCEEDED", "ingest-dataset": "SUCCEEDED", "finetune": "SUCCEEDED",
-        "evaluate": "SUCCEEDED", "register-model": "SKIPPED"}
+        "fetch-weights": "SUCCEEDED", "ingest-dataset": "SUCCEEDED", "embed-shards": "SUCCEEDED",
+        "embed": "SUCCEEDED", "finetune": "SUCCEEDED", "evaluate": "SUCCEEDED", "register-model": "SKIPPED"}
+    assert len(states["embed"]["shards"]) == 2
     assert states["evaluate"]["parameters"] == {"passed": False}
 
     # The gate was open and register-model left no output: it ran and failed.
