@@ -222,7 +222,7 @@ def evaluate_step(weights_path: str, model_path: str, manifest_path: str, model_
                   model_name: str, device: str, s3_endpoint: str, bucket: str, prefix: str, out_report_path: str,
                   model_metadata: dict | None = None) -> dict:
     """Load the test split, find the champion, evaluate, write the report."""
-    from components.datasets.reader import load_manifest, load_split
+    from components.datasets.reader import SplitRefs, load_manifest
     from components.eval_metrics import box_dice_line
     from components.evaluate import EvaluationError, evaluate, training_history
     from components.hashing import sha256_file
@@ -232,7 +232,7 @@ def evaluate_step(weights_path: str, model_path: str, manifest_path: str, model_
         raise EvaluationError(f"margin must be a finite number (got {margin})")
     store = connect(s3_endpoint, bucket, prefix)
     manifest = load_manifest(store, manifest_path)
-    test = load_split(store, manifest, "test")
+    test = SplitRefs(store, manifest, "test", annotated_only=True)  # streamed: any size of test split
     registry = ObjectStoreRegistry(store)
     pointer = registry.latest(model_name) if model_name else None
     history = training_history(read_metadata(model_metadata).get("history_uri"), store)

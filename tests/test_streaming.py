@@ -142,3 +142,33 @@ def test_streamed_training_matches_in_memory_training_and_resumes_exactly(tmp_pa
     resumed = streamed(4, "resumed")
     assert resumed.resumed_from == 2
     assert resumed.history["loss"] == pytest.approx(straight.history["loss"], rel=1e-6)
+
+
+def test_streamed_evaluation_matches_in_memory_and_keeps_its_overlays(tmp_path, s3, monkeypatch):
+    """A test split larger than the report's overlay count, scored from the store a window at a time."""
+    import torch
+
+    from components.datasets.ingest import ingest
+    from components.datasets.reader import SplitRefs, load_split
+    from components.datasets.synthetic import make_folder
+    from components.evaluate import OVERLAY_IMAGES, evaluate
+    from components.sam.model import atomic_torch_save, build_sam
+    from components.storage import ObjectStore
+
+    monkeypatch.setenv("SAM_DATA_CACHE", str(tmp_path / "data-cache"))
+    store = ObjectStore(replace(s3, prefix=f"t-stream-eval-{uuid.uuid4().hex[:8]}/"))
+    folder = make_folder(tmp_path / "data", [f"img{i}" for i in range(10)], seed=2, size=(48, 64))
+    manifest = ingest(str(folder), "folder", "eval", store, seed=0,
+                      fractions={"train": 0.2, "val": 0.1, "test": 0.7}).manifest
+    torch.manual_seed(0)
+    zs = tmp_path / "zero_shot.pt"
+    atomic_torch_save(build_sam("vit_t").state_dict(), zs)
+    split = SplitRefs(store, manifest, "test", annotated_only=True)
+    assert len(split) > OVERLAY_IMAGES
+    kw = dict(margin=0.0, device="cpu", store=store, zero_shot_sha256="zs-" + uuid.uuid4().hex[:6])
+    streamed = evaluate("vit_t", zs, zs, split, report_path=tmp_path / "s.html", **kw)
+    in_memory = evaluate("vit_t", zs, zs, load_split(store, manifest, "test"), report_path=tmp_path / "m.html", **kw)
+    streamed.pop("seconds"), in_memory.pop("seconds")
+    assert streamed == in_memory and streamed["test_images"] == len(split)
+    overlays = (tmp_path / "s.html").read_text().count("data:image/png;base64,")
+    assert overlays == (tmp_path / "m.html").read_text().count("data:image/png;base64,") == OVERLAY_IMAGES * 4

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from components.sam.embeddings import EmbeddingCache, compute_embeddings
+from components.sam.embeddings import EmbeddingCache, compute_embeddings, encode_bytes
 from components.training.trainer import Item, prepare_items
 
 log = logging.getLogger(__name__)
@@ -107,18 +107,23 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+def _stored_or_computed(cache: EmbeddingCache, sample) -> torch.Tensor:
+    """The sample's embedding from the store; recomputed (and stored again) if it went missing or was
+    damaged after `ensure()` checked for it, as `EmbeddingCache.get` does."""
+    emb = cache.from_store(sample.image_sha256)
+    if emb is None:
+        log.warning("embedding of %s missing from the store; computing it", sample.id)
+        emb = compute_embeddings(cache.model, [sample.image], batch_size=1, amp=cache.amp)[0].cpu()
+        cache.store.put_bytes(cache.key(sample.image_sha256), encode_bytes(emb))
+    return emb
+
+
 def split_loader(split, cache: EmbeddingCache, device: torch.device) -> Callable[[int], Item]:
     """`load(i)` for a `reader.SplitRefs`: image and mask from the store's local copy, embedding from the
     store (recomputed by the frozen encoder, as `EmbeddingCache.get` would, if it went missing or damaged)."""
     def load(i: int) -> Item:
         sample = split.load(i)
-        emb = cache.from_store(sample.image_sha256)
-        if emb is None:
-            log.warning("embedding of %s missing from the store; computing it", sample.id)
-            emb = compute_embeddings(cache.model, [sample.image], batch_size=1, amp=cache.amp)[0].cpu()
-            if cache.store is not None:
-                from components.sam.embeddings import encode_bytes
-                cache.store.put_bytes(cache.key(sample.image_sha256), encode_bytes(emb))
+        emb = _stored_or_computed(cache, sample)
         items = prepare_items([sample], [_to_device(emb, device)], device)
         if not items:
             raise ValueError(f"sample {sample.id} has no instance although the manifest counts some")
@@ -131,3 +136,34 @@ def stream_split(split, cache: EmbeddingCache, device: torch.device, **kwargs) -
     embed step did not), one image at a time, so the stream itself only ever reads."""
     cache.ensure([split.image_sha256(i) for i in range(len(split))], lambda i: split.load(i).image)
     return StreamingItems(len(split), split_loader(split, cache, device), **kwargs)
+
+
+class _Samples(StreamingItems):
+    """A split's samples for evaluation: iterated with prefetch, and `[:k]` for the report's overlays."""
+
+    def __init__(self, split, **kwargs):
+        super().__init__(len(split), split.load, **kwargs)
+        self.split = split
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.split.load(j) for j in range(*i.indices(self.n))]
+        return super().__getitem__(i)
+
+
+def stream_samples(split, **kwargs) -> StreamingItems:
+    """Evaluation's view of a `reader.SplitRefs`: samples loaded a window ahead, never all at once."""
+    return _Samples(split, **kwargs)
+
+
+def stream_embeddings(samples: _Samples, cache: EmbeddingCache, device: torch.device, **kwargs) -> StreamingItems:
+    """The embeddings of `stream_samples`' samples under `cache`'s encoder, in the same order: made sure of
+    in the store first (computed once for an encoder the store has not seen), then streamed from it."""
+    split = samples.split
+    cache.ensure([split.image_sha256(i) for i in range(len(split))], lambda i: split.load(i).image)
+
+    def load(i: int) -> torch.Tensor:
+        emb = cache.from_store(split.image_sha256(i))
+        return _to_device(emb if emb is not None else _stored_or_computed(cache, split.load(i)), device)
+
+    return StreamingItems(len(split), load, **kwargs)
