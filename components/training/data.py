@@ -84,7 +84,8 @@ class StreamingItems:
     def _submit(self, i: int) -> Future:
         def run():
             item = self._load(i)
-            self.loaded += 1
+            with self._lock:
+                self.loaded += 1
             return item
         return self._pool.submit(run)
 

@@ -111,6 +111,8 @@ class Trainer:
             if self.pos >= len(self.order):  # a new epoch: every image once, in a seeded order
                 self.order = self.rng.permutation(len(self.train_items)).tolist()
                 self.pos = 0
+                if hasattr(self.train_items, "prefetch"):  # a stream (training/data.py) loads ahead in this order
+                    self.train_items.prefetch(self.order)
             out.append(self.order[self.pos])
             self.pos += 1
         return out
