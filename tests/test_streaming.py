@@ -172,3 +172,18 @@ def test_streamed_evaluation_matches_in_memory_and_keeps_its_overlays(tmp_path, 
     assert streamed == in_memory and streamed["test_images"] == len(split)
     overlays = (tmp_path / "s.html").read_text().count("data:image/png;base64,")
     assert overlays == (tmp_path / "m.html").read_text().count("data:image/png;base64,") == OVERLAY_IMAGES * 4
+
+
+def test_shard_counts_are_checked():
+    from components.datasets.reader import shard_images
+    from components.errors import UserError
+    from components.steps import shard_indices
+
+    assert shard_indices(3) == [0, 1, 2]
+    with pytest.raises(UserError, match="embed_shards must be at least 1"):
+        shard_indices(0)
+    manifest = {"items": [{"image": {"sha256": s, "key": s}} for s in "cab"]}
+    assert [r["sha256"] for r in shard_images(manifest, 0, 2)] == ["a", "c"]
+    assert [r["sha256"] for r in shard_images(manifest, 1, 2)] == ["b"]
+    with pytest.raises(ValueError, match="shard 2 of 2"):
+        shard_images(manifest, 2, 2)
