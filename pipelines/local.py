@@ -163,8 +163,10 @@ def task_states(graph: dict, run_dir: Path | None, gate_open: bool | None) -> di
 
 
 def _read_fan_out(graph: dict, name: str, run_dir: Path) -> dict:
-    """A fanned-out task's outputs, one per iteration (kfp.local runs iteration i of a ParallelFor in
-    `<run>/<loop>-iteration-<i>/<task>/`), or {} unless every iteration the loop's items asked for wrote one."""
+    """A fanned-out task's outputs, one per iteration, or {} unless every iteration the loop's items asked
+    for wrote one. kfp.local 2.17.3 runs dsl.ParallelFor and dsl.Collected itself, with no patch (upstream
+    sdk/python/kfp/local/orchestrator/enhanced_dag_orchestrator.py, `_run_parallel_for_task`: iterations in
+    parallel threads, iteration i's task in `<run>/<loop>-iteration-<i>/<task>/`)."""
     loop = graph[name]["fan_out"]
     items = None
     for producer in graph[name]["after"]:  # the task whose output list the loop iterates over
