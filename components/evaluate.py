@@ -156,8 +156,13 @@ def evaluate(model_type: str, zero_shot_weights: str | Path, finetuned_weights: 
     from components.sam.device import resolve_device
 
     t0 = time.perf_counter()
-    samples = [s for s in test_samples if int(np.asarray(s.mask).max(initial=0)) > 0]
-    if not samples:
+    streaming = hasattr(test_samples, "load")  # a split in the store (reader.SplitRefs): never all in memory
+    if streaming:
+        from components.training.data import stream_embeddings, stream_samples
+        samples = stream_samples(test_samples)
+    else:
+        samples = [s for s in test_samples if int(np.asarray(s.mask).max(initial=0)) > 0]
+    if not len(samples):
         raise EvaluationError("the test split has no annotated instance: nothing to evaluate")
     dev = resolve_device(device)
     candidates = [Candidate("zero_shot", "zero-shot", Path(zero_shot_weights), model_type),
@@ -184,7 +189,7 @@ def evaluate(model_type: str, zero_shot_weights: str | Path, finetuned_weights: 
             # (shared with finetune's cache), the fingerprint for any other.
             key = zero_shot_sha256 if (cand.label == "zero_shot" and zero_shot_sha256) else fp
             cache = EmbeddingCache(model, key, store)
-            embeddings[fp] = cache.get(samples)
+            embeddings[fp] = stream_embeddings(samples, cache, dev) if streaming else cache.get(samples)
         results[cand.label] = score_model(model, embeddings[fp], samples, keep_masks=keep)
         del model
 

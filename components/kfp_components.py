@@ -1,13 +1,14 @@
-"""The KFP components: thin wrappers that call one step function of `components.steps` each.
+"""The KFP components (the steps, the check and the embed fan-out): thin wrappers that call one step
+function of `components.steps` each.
 
 KFP ships a component's *source* to the container, so each body imports what it needs from `components`
 (installed in every image) and runs a single step. `base_image` is fixed at decoration time, which is why
 the components are made by `make_components(images)` instead of being decorated at import.
 """
-from typing import NamedTuple
+from typing import List, NamedTuple
 
 from kfp import dsl
-from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 
 # -- component bodies (module level: KFP extracts their source) ------------------------------------
@@ -54,13 +55,32 @@ def check_changes(dataset: Input[Dataset], weights_sha256: str, model_name: str,
     return outputs(bool(result["changed"]), result["reason"])
 
 
-def finetune(weights: Input[Model], dataset: Input[Dataset], debug_with_one_example: bool, checkpoint_name: str,
+def embed_shards(shards: int) -> List[int]:
+    """The shard indices 0..shards-1 that the embed fan-out (dsl.ParallelFor) iterates over."""
+    from components.steps import shard_indices
+
+    return shard_indices(shards)
+
+
+def embed(weights: Input[Model], dataset: Input[Dataset], model_type: str, shard: int, shards: int, device: str,
+          s3_endpoint: str, bucket: str, prefix: str, index: Output[Artifact]):
+    """Embed one shard of the dataset's images with the frozen encoder into the object store's cache."""
+    from components.steps import embed_step, publish
+
+    publish(embed_step(weights_path=weights.path, manifest_path=dataset.path, model_type=model_type, shard=shard,
+                       shards=shards, device=device, s3_endpoint=s3_endpoint, bucket=bucket, prefix=prefix,
+                       out_index_path=index.path), index)
+
+
+def finetune(weights: Input[Model], dataset: Input[Dataset], embeddings: Input[List[Artifact]],
+             debug_with_one_example: bool, checkpoint_name: str,
              model_type: str, batch_size: int, n_objects_per_batch: int, device: str, n_iterations: int,
              n_sub_iteration: int, lr: float, seed: int, val_every: int, run_id: str, resume_run_id: str,
              s3_endpoint: str, bucket: str, prefix: str, model: Output[Model], metrics: Output[Metrics],
              report: Output[HTML]):
     """Fine-tune SAM's mask decoder; resumes from the run's latest.pt in the object store on a retry (or from
-    run `resume_run_id`'s when set)."""
+    run `resume_run_id`'s when set). `embeddings` (the embed shards' indexes) orders it after the fan-out; it
+    reads the store's cache itself."""
     from components.steps import finetune_step, publish
 
     # The training settings are this body's parameters (tests/test_pipeline.py pins them to TrainConfig).
@@ -114,16 +134,20 @@ def register_model(model: Input[Model], weights: Input[Model], dataset: Input[Da
 
 # Every task of the pipeline, in the pipeline's order (each task after the tasks it waits for), with the
 # step whose image it runs on. The one list of task and step names: images, the local runner's task states
-# and the tests read TASKS and STEPS from here.
+# and the tests read TASKS and STEPS from here. Five images for eight tasks: check-changes needs only the
+# registry code (the light register-model image), the shard list only Python (the light ingest image), and
+# embed the encoder (torch: the finetune image).
 _BODIES = {"fetch-weights": (fetch_weights, "fetch-weights"),
            "ingest-dataset": (ingest_dataset, "ingest-dataset"),
-           # check-changes needs only the registry code, which the light register-model image has.
            "check-changes": (check_changes, "register-model"),
+           "embed-shards": (embed_shards, "ingest-dataset"),
+           "embed": (embed, "finetune"),
            "finetune": (finetune, "finetune"),
            "evaluate": (evaluate, "evaluate"),
            "register-model": (register_model, "register-model")}
 TASKS = tuple(_BODIES)
-STEPS = tuple(task for task, (_, image) in _BODIES.items() if image == task)  # each has an image of its own
+TASK_IMAGES = {task: image for task, (_, image) in _BODIES.items()}  # the step whose image each task runs on
+STEPS = tuple(task for task, image in TASK_IMAGES.items() if image == task)  # each has an image of its own
 
 
 class Components(NamedTuple):
@@ -133,6 +157,8 @@ class Components(NamedTuple):
     evaluate: object
     register_model: object
     check_changes: object
+    embed_shards: object
+    embed: object
 
 
 def make_components(images: dict[str, str]) -> Components:

@@ -18,7 +18,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from components.errors import UserError
+
 log = logging.getLogger(__name__)
+
+
+class EmbedShardsError(UserError):
+    """embed_shards is not a positive count."""
 
 
 def connect(endpoint: str, bucket: str, prefix: str):
@@ -83,7 +89,7 @@ def _copy_out(src: str | Path, dest: str | Path) -> Path:
     return out
 
 
-# -- the five steps ----------------------------------------------------------------------------------
+# -- the steps --------------------------------------------------------------------------------------
 
 def fetch_step(model_type: str, url: str, sha256: str, s3_endpoint: str, bucket: str, prefix: str,
                out_path: str) -> dict:
@@ -139,6 +145,46 @@ def _overlap_warning(manifest: dict) -> str | None:
             "than one of train/val/test, so the model is evaluated on images it was trained on")
 
 
+def shard_indices(shards: int) -> list[int]:
+    """The embed fan-out's items: 0..shards-1."""
+    if int(shards) < 1:
+        raise EmbedShardsError(f"embed_shards must be at least 1 (got {shards})")
+    return list(range(int(shards)))
+
+
+def embed_step(weights_path: str, manifest_path: str, model_type: str, shard: int, shards: int, device: str,
+               s3_endpoint: str, bucket: str, prefix: str, out_index_path: str) -> dict:
+    """Compute the frozen encoder's embeddings of one shard of a dataset version's images into the store's
+    content-addressed cache (`embeddings/<weights_sha256>/<image_sha256>`), skipping those already there;
+    write the shard's index (its keys) and return its counts."""
+    from components.datasets.reader import load_image_ref, load_manifest, shard_images
+    from components.hashing import sha256_file
+    from components.sam.device import resolve_device
+    from components.sam.embeddings import EmbeddingCache
+    from components.sam.model import build_sam
+    from components.training.config import TrainConfig
+
+    store = connect(s3_endpoint, bucket, prefix)
+    manifest = load_manifest(store, manifest_path)
+    refs = shard_images(manifest, int(shard), int(shards))
+    weights_sha = sha256_file(weights_path)
+    dev = resolve_device(device)
+    model = build_sam(model_type, weights_path, dev) if refs else None
+    # The batch finetune embeds with: the same kernels, so the same (fp16-rounded) embeddings.
+    cache = EmbeddingCache(model, weights_sha, store, batch_size=TrainConfig().embed_batch_size if dev.type == "cuda"
+                           else 1, amp=dev.type == "cuda")
+    counts = cache.ensure([r["sha256"] for r in refs], lambda i: load_image_ref(store, manifest, refs[i]))
+    index = {"format_version": 1, "weights_sha256": weights_sha, "dataset_content_hash": manifest["content_hash"],
+             "shard": int(shard), "shards": int(shards), "keys": [cache.key(r["sha256"]) for r in refs]}
+    out = Path(out_index_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(index, indent=2))
+    return {"shard": int(shard), "shards": int(shards), "images": len(refs), "computed": counts["computed"],
+            "from_store": counts["store"], "encode_seconds": round(cache.stats["encode_seconds"], 2),
+            "weights_sha256": weights_sha, "dataset_content_hash": manifest["content_hash"], "device": str(dev),
+            "embeddings_prefix": store.uri(store.key("embeddings", weights_sha)) + "/"}
+
+
 def write_finetune_report(path: str | Path, metrics: dict, history: dict) -> Path:
     """The finetune step's page: the run's metrics and its loss / validation Dice curves."""
     from components.report import Report
@@ -156,7 +202,7 @@ def finetune_step(weights_path: str, manifest_path: str, *, run_id: str = "", re
     resume_run_id: train as that run (its checkpoints under runs/<id>/ in the store, and the local
     checkpoint's identity, which names the run) instead of this one: how `sam-pipeline run --resume`, or a
     user on a cluster, continues a run that was killed. A checkpoint of another run is never resumed."""
-    from components.datasets.reader import load_manifest, load_split
+    from components.datasets.reader import SplitRefs, load_manifest
     from components.hashing import sha256_file
     from components.training import TrainConfig, train
 
@@ -168,8 +214,9 @@ def finetune_step(weights_path: str, manifest_path: str, *, run_id: str = "", re
     overlap = _overlap_warning(manifest)
     if overlap:
         log.warning("WARNING: %s", overlap)
-    train_samples = load_split(store, manifest, "train")
-    val_samples = [] if cfg.debug_with_one_example else load_split(store, manifest, "val")
+    # Streamed from the store (images, masks and the embed step's embeddings), never all in memory.
+    train_samples = SplitRefs(store, manifest, "train", annotated_only=True)
+    val_samples = [] if cfg.debug_with_one_example else SplitRefs(store, manifest, "val", annotated_only=True)
     weights_sha = sha256_file(weights_path)
     result = train(cfg, weights_path, train_samples, val_samples, store=store, run_id=run_id or None,
                    dataset_hash=manifest["content_hash"], weights_sha256=weights_sha)
@@ -211,7 +258,7 @@ def evaluate_step(weights_path: str, model_path: str, manifest_path: str, model_
                   model_metadata: dict | None = None, allow_overlap: bool = False) -> dict:
     """Load the test split, find the champion, evaluate, write the report. `passed` (the registration gate)
     is also false when the splits overlap, unless `allow_overlap`: this is the one place of that rule."""
-    from components.datasets.reader import load_manifest, load_split
+    from components.datasets.reader import SplitRefs, load_manifest
     from components.eval_metrics import box_dice_line
     from components.evaluate import EvaluationError, evaluate, training_history
     from components.hashing import sha256_file
@@ -221,7 +268,7 @@ def evaluate_step(weights_path: str, model_path: str, manifest_path: str, model_
         raise EvaluationError(f"margin must be a finite number (got {margin})")
     store = connect(s3_endpoint, bucket, prefix)
     manifest = load_manifest(store, manifest_path)
-    test = load_split(store, manifest, "test")
+    test = SplitRefs(store, manifest, "test", annotated_only=True)  # streamed: any size of test split
     registry = ObjectStoreRegistry(store)
     pointer = registry.latest(model_name) if model_name else None
     history = training_history(read_metadata(model_metadata).get("history_uri"), store)

@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--demo", action="store_true",
                    help="offline: a synthetic Penn-Fudan-like dataset and a random vit_t checkpoint")
     g.add_argument("--demo-images", type=_int_at_least(6), default=12)
+    g.add_argument("--embed-shards", dest="embed_shards", type=_int_at_least(1), default=1,
+                   help="embed tasks (dsl.ParallelFor) that fill the embedding cache before finetune")
     _add_store_flags(p, local_default=True)
     g = p.add_argument_group("output")
     g.add_argument("--pipeline-root", type=Path, default=Path("local_outputs"),

@@ -118,14 +118,16 @@ def _fix_kfp_local_conditions() -> None:
 
 def task_graph(pipeline) -> dict[str, dict]:
     """{task: {"after": upstream tasks, "gated": the tasks whose outputs decide, through dsl.If, whether it
-    runs}} from the compiled spec: the one description of the DAG, so states can be told apart without reading
-    log lines. Conditions nest (register-model sits in evaluate's dsl.If inside check-changes')."""
+    runs, "fan_out": the dsl.ParallelFor that runs it once per item, if any}} from the compiled spec: the one
+    description of the DAG, so states can be told apart without reading log lines. Conditions nest
+    (register-model sits in evaluate's dsl.If inside check-changes'), and the embed fan-out sits inside one."""
     import re
 
     spec = pipeline.pipeline_spec
     graph: dict[str, dict] = {}
+    loops: dict[str, set] = {}
 
-    def walk(dag, after: set, gated: tuple) -> None:
+    def walk(dag, after: set, gated: tuple, loop: str | None) -> None:
         for name, task in dag.tasks.items():
             deps = after | set(task.dependent_tasks)
             gates = gated
@@ -135,12 +137,19 @@ def task_graph(pipeline) -> dict[str, dict]:
                                   if c in task.inputs.parameters)
                 gates = gated + tuple(p for p in producers if p)
             inner = spec.components[task.component_ref.name].dag
-            if inner.tasks:  # a dsl.If's sub-DAG: its tasks wait for what the condition waits for
-                walk(inner, deps, gates)
+            if inner.tasks:  # a dsl.If's or a dsl.ParallelFor's sub-DAG: its tasks wait for what it waits for
+                walk(inner, deps, gates, name if task.WhichOneof("iterator") else loop)
             else:
                 graph[name] = {"after": deps, "gated": gates}
+                if loop:
+                    graph[name]["fan_out"] = loop
+                    loops.setdefault(loop, set()).add(name)
 
-    walk(spec.root.dag, set(), ())
+    walk(spec.root.dag, set(), (), None)
+    for info in graph.values():  # waiting for a loop is waiting for the tasks it fans out
+        for loop, subs in loops.items():
+            if loop in info["after"]:
+                info["after"] = (info["after"] - {loop}) | subs
     return graph
 
 
@@ -152,7 +161,8 @@ def task_states(graph: dict, run_dir: Path | None, gate_open: bool | None = None
     FAILED; otherwise it never ran. `gates`: {deciding task: (its verdict, the reason when no)};
     `gate_open` is evaluate's."""
     gates = {"evaluate": (gate_open, "evaluate.passed is false"), **(gates or {})}
-    out = {name: _read_outputs(run_dir / name) if run_dir else {} for name in TASKS}
+    out = {name: _read_fan_out(graph, name, run_dir) if graph[name].get("fan_out") else _read_outputs(run_dir / name)
+           for name in TASKS} if run_dir else dict.fromkeys(TASKS, {})
     states: dict[str, dict] = {}
     for name in TASKS:  # TASKS is in topological order
         info = {"state": "SUCCEEDED", **out[name]} if out[name] else {}
@@ -178,6 +188,24 @@ def _gates(run_dir: Path | None) -> dict[str, tuple[bool | None, str]]:
     refused = json.loads(ev.get("metrics_json") or "{}").get("refused")
     return {"check-changes": (check.get("changed"), check.get("reason") or "nothing changed"),
             "evaluate": (ev.get("passed"), refused or "the fine-tuned model did not beat the bar")}
+
+
+def _read_fan_out(graph: dict, name: str, run_dir: Path) -> dict:
+    """A fanned-out task's outputs, one per iteration, or {} unless every iteration the loop's items asked
+    for wrote one. kfp.local 2.17.3 runs dsl.ParallelFor and dsl.Collected itself, with no patch (upstream
+    sdk/python/kfp/local/orchestrator/enhanced_dag_orchestrator.py, `_run_parallel_for_task`: iterations in
+    parallel threads, iteration i's task in `<run>/<loop>-iteration-<i>/<task>/`)."""
+    loop = graph[name]["fan_out"]
+    items = None
+    for producer in graph[name]["after"]:  # the task whose output list the loop iterates over
+        values = _read_outputs(run_dir / producer).get("parameters", {}).get("Output")
+        if isinstance(values, list):
+            items = values
+    dirs = sorted(run_dir.glob(f"{loop}-iteration-*"), key=lambda d: int(d.name.rsplit("-", 1)[1]))
+    shards = [_read_outputs(d / name) for d in dirs]
+    if items is None or len(shards) != len(items) or not all(shards):
+        return {}
+    return {"shards": shards}
 
 
 def _read_outputs(task_dir: Path) -> dict:

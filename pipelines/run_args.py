@@ -29,7 +29,7 @@ def run_params(args) -> dict:
         "weights_url": args.weights_url, "weights_sha256": args.weights_sha256, "bucket": args.bucket,
         "prefix": args.prefix, "margin": args.margin, "model_name": args.model_name,
         "model_registry_url": args.model_registry_url, "verify_data": args.verify_data,
-        "force_retrain": args.force_retrain, "allow_overlap": args.allow_overlap,
+        "force_retrain": args.force_retrain, "allow_overlap": args.allow_overlap, "embed_shards": args.embed_shards,
     }
 
 

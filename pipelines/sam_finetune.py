@@ -1,5 +1,6 @@
-"""The KFP v2 pipeline: fetch-weights + ingest-dataset -> check-changes -> finetune (GPU) -> evaluate (GPU) ->
-register-model; the last three only when check-changes finds something new to train.
+"""The KFP v2 pipeline: fetch-weights + ingest-dataset -> check-changes -> embed x N (GPU, dsl.ParallelFor)
+-> finetune (GPU) -> evaluate (GPU) -> register-model; everything after check-changes only when it finds
+something new to train.
 
 Everything that is fixed at compile time (images, GPU placement, resources, retries) is an argument of
 `build_pipeline`; everything a run may change is a pipeline parameter. `sam_finetune` is the pipeline
@@ -34,6 +35,8 @@ class Placement:
     shm_size: str = "2Gi"
     finetune_cpu: str = "4"
     finetune_memory: str = "16Gi"
+    embed_cpu: str = "4"
+    embed_memory: str = "8Gi"
     evaluate_cpu: str = "2"
     evaluate_memory: str = "8Gi"
     finetune_retries: int = 3
@@ -96,6 +99,7 @@ def build_pipeline(placement: Placement | None = None):
         force_retrain: bool = False,
         allow_overlap: bool = False,
         resume_run_id: str = "",
+        embed_shards: int = 1,
     ):
         store = dict(s3_endpoint=s3_endpoint, bucket=bucket, prefix=prefix)
 
@@ -121,8 +125,22 @@ def build_pipeline(placement: Placement | None = None):
         check.set_display_name("check-changes").set_caching_options(False)
 
         with dsl.If(check.outputs["changed"] == True, name="something-changed"):  # noqa: E712 (KFP condition)
+            # The embed fan-out: N GPU tasks fill the store's embedding cache, one shard of the images each.
+            shards = c.embed_shards(shards=embed_shards)
+            shards.set_display_name("embed-shards").set_caching_options(False)
+            with dsl.ParallelFor(shards.output, name="embed-fan-out") as shard:
+                emb = c.embed(weights=weights.outputs["weights"], dataset=dataset.outputs["dataset"],
+                              model_type=model_type, shard=shard, shards=embed_shards, device=device, **store)
+                # Cached: the key is the weights and dataset artifacts plus the shard's parameters (KFP's
+                # cacheutils.GenerateCacheKey). What makes a rerun cheap even on a cache miss (a new ingest
+                # artifact each run) is the store's content-addressed skip: one stat per image already there.
+                emb.set_display_name("embed").set_caching_options(True)
+                _on_gpu(emb, p, p.embed_cpu, p.embed_memory)
+                _with_s3_secret(emb)
+
             train = c.finetune(
                 weights=weights.outputs["weights"], dataset=dataset.outputs["dataset"],
+                embeddings=dsl.Collected(emb.outputs["index"]),
                 debug_with_one_example=debug_with_one_example, checkpoint_name=checkpoint_name,
                 model_type=model_type, batch_size=batch_size, n_objects_per_batch=n_objects_per_batch,
                 device=device, n_iterations=n_iterations, n_sub_iteration=n_sub_iteration, lr=lr, seed=seed,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from components.kfp_components import TASK_IMAGES
 from pipelines import images
 
 # The launcher's scratch emptyDirs (container.go at 2.17.0); /minio is a host folder so outputs can be read.
@@ -58,8 +59,9 @@ def executor_input(comp: dict, params: dict, inputs: dict, out_root: str) -> dic
     if missing:
         raise RuntimeError(f"no value for compiled input parameter(s) {sorted(missing)}")
     artifacts = {}
-    for name in declared.get("artifacts", {}):
-        artifacts[name] = {"artifacts": [inputs[name]]}
+    for name, spec in declared.get("artifacts", {}).items():
+        # An artifact list (dsl.Collected: finetune's `embeddings`) is handed over as the list itself.
+        artifacts[name] = {"artifacts": list(inputs[name]) if spec.get("isArtifactList") else [inputs[name]]}
     outputs = comp.get("outputDefinitions", {})
     return {
         "inputs": {"parameterValues": {k: CASTS.get(v["parameterType"], str)(params[k])
@@ -93,7 +95,7 @@ def run_step(docker: Docker, compiled: Compiled, step: str, ref: str, params: di
     "parameters": {name: value}}."""
     container, platform = compiled.executor(step)
     compiled_ref = container["image"]
-    expected = images.image_refs()[step]
+    expected = images.image_refs()[TASK_IMAGES[step]]  # embed and check-changes run on another step's image
     if compiled_ref != expected:
         raise RuntimeError(f"{step}: compiled image {compiled_ref} is not {expected}")
     bucket = params.get("bucket", compiled.defaults["bucket"])
@@ -117,7 +119,7 @@ def run_step(docker: Docker, compiled: Compiled, step: str, ref: str, params: di
         mounts += ["-v", f"{folder}:{path}"]
     minio_dir, outputs_dir = work / "run" / step / "minio", work / "run" / step / "kfp-outputs"
     # The launcher downloads each input artifact from the store to the path the SDK derives from its URI.
-    for art in inputs.values():
+    for art in [a for value in inputs.values() for a in (value if isinstance(value, list) else [value])]:
         local = minio_dir / art["uri"].removeprefix("minio://")
         local.parent.mkdir(parents=True, exist_ok=True)
         store.fget_object(*art["uri"].removeprefix("minio://").split("/", 1), str(local))

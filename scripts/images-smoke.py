@@ -38,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from components.kfp_components import TASK_IMAGES  # noqa: E402
 from components.s3server import embedded_s3  # noqa: E402
 from pipelines import images  # noqa: E402
 
@@ -230,7 +231,7 @@ def chain(docker: Docker, compiled: Compiled, refs: dict[str, str], work: Path, 
         params = {**compiled.defaults, "s3_endpoint": cfg.endpoint, "bucket": cfg.bucket, "prefix": cfg.prefix,
                   "run_id": "smoke-run", "model_type": "vit_t"}
         run = lambda step, extra, inputs: run_step(  # noqa: E731
-            docker, compiled, step, refs[step], {**params, **extra}, inputs, work=work, store=client,
+            docker, compiled, step, refs[TASK_IMAGES[step]], {**params, **extra}, inputs, work=work, store=client,
             s3_keys=(cfg.access_key, cfg.secret_key))
 
         fw = run("fetch-weights", {"url": f"{url}/{weights.name}", "sha256": sha}, {})
@@ -244,9 +245,19 @@ def chain(docker: Docker, compiled: Compiled, refs: dict[str, str], work: Path, 
         check(manifest["totals"]["images"] == 8, "ingest-dataset: the manifest counts the 8 synthetic images")
         check(host.exists(manifest["root"] + "manifest.json"), "ingest-dataset: manifest.json committed in the store")
 
+        # check-changes on register-model's light image: no champion yet, so there is something to train.
+        chk = run("check-changes", {"weights_sha256": sha}, {"dataset": d})
+        check(chk["parameters"]["changed"] in (True, "true"), "check-changes: no champion yet, so changed")
+
         if torch_steps:
+            # One embed shard on the finetune image fills the store's embedding cache; finetune reads it.
+            emb = run("embed", {"device": "cpu", "shard": 0, "shards": 1}, {"weights": w, "dataset": d})
+            index = emb["artifacts"]["index"]
+            check(index["metadata"].get("images") == 8, "embed: the one shard covers the 8 images")
             train = {"device": "cpu", "n_iterations": 2, "val_every": 1, "batch_size": 1, "n_objects_per_batch": 2}
-            ft = run("finetune", train, {"weights": w, "dataset": d})
+            ft = run("finetune", train, {"weights": w, "dataset": d, "embeddings": [index]})
+            check(ft["artifacts"]["model"]["metadata"].get("embeddings_computed") == 0,
+                  "finetune: every embedding came from the embed shard")
             model = ft["artifacts"]["model"]
             ev = run("evaluate", {"device": "cpu"}, {"weights": w, "model": model, "dataset": d})
             metrics_json = ev["parameters"]["metrics_json"]

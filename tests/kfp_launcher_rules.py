@@ -90,7 +90,8 @@ def check_run(run_dir: Path, pipeline_yaml: Path) -> int:
     """Assert that every task's executor output under `run_dir` passes; returns how many were checked."""
     types = output_parameter_types(pipeline_yaml)
     problems, checked = [], 0
-    for path in sorted(Path(run_dir).glob("*/executor_output.json")):
+    # `**`: kfp.local runs a dsl.ParallelFor's iterations in <run>/<loop>-iteration-<i>/<task>/.
+    for path in sorted(Path(run_dir).glob("**/executor_output.json")):
         task = path.parent.name
         problems += check_executor_output(task, path.read_text(), types.get(task))
         checked += 1

@@ -62,7 +62,9 @@ def test_executor_input_is_what_the_driver_hands_the_launcher():
     assert data["outputs"]["parameters"]["version"] == {"outputFile": "/tmp/kfp/outputs/version"}
     assert set(data["inputs"]["artifacts"]) == {"model", "weights", "dataset"}
     ft = smoke.executor_input(compiled.component("finetune"), {**params, "device": "cpu"},
-                              {"weights": art, "dataset": art}, "b/t")
+                              {"weights": art, "dataset": art, "embeddings": [art, art]}, "b/t")
+    # dsl.Collected's artifact list (the embed shards' indexes) is handed over whole.
+    assert ft["inputs"]["artifacts"]["embeddings"] == {"artifacts": [art, art]}
     assert ft["inputs"]["parameterValues"]["n_iterations"] == int(compiled.defaults["n_iterations"])
     assert isinstance(ft["inputs"]["parameterValues"]["n_iterations"], int)
     assert ft["outputs"]["artifacts"]["model"]["artifacts"][0]["uri"] == "minio://b/t/model"

@@ -55,8 +55,10 @@ def _succeed(run_dir: Path, task: str, **params) -> None:
 
 def test_graph_is_read_from_the_compiled_spec(graph):
     assert graph["fetch-weights"] == {"after": set(), "gated": ()}
-    assert graph["finetune"]["after"] == {"fetch-weights", "ingest-dataset", "check-changes"}
+    assert graph["finetune"]["after"] == {"fetch-weights", "ingest-dataset", "check-changes", "embed"}
     assert graph["finetune"]["gated"] == graph["evaluate"]["gated"] == ("check-changes",)
+    assert graph["embed"]["fan_out"].startswith("for-loop") and graph["embed"]["gated"] == ("check-changes",)
+    assert graph["embed"]["after"] == {"fetch-weights", "ingest-dataset", "check-changes", "embed-shards"}
     assert graph["register-model"]["gated"] == ("check-changes", "evaluate")
     assert "evaluate" in graph["register-model"]["after"]
 
@@ -66,8 +68,8 @@ def test_states_when_nothing_changed(graph, tmp_path):
         _succeed(tmp_path, task)
     _succeed(tmp_path, "check-changes", changed=False, reason="nothing changed since m v1")
     states = local.task_states(graph, tmp_path, gates={"check-changes": (False, "nothing changed since m v1")})
-    assert {t: states[t]["state"] for t in ("finetune", "evaluate", "register-model")} == dict.fromkeys(
-        ("finetune", "evaluate", "register-model"), "SKIPPED")
+    skipped = ("embed-shards", "embed", "finetune", "evaluate", "register-model")
+    assert {t: states[t]["state"] for t in skipped} == dict.fromkeys(skipped, "SKIPPED")
     assert states["register-model"]["reason"] == "nothing changed since m v1"
 
 
@@ -75,11 +77,19 @@ def test_states_success_skip_failure_and_not_run(graph, tmp_path):
     for task in ("fetch-weights", "ingest-dataset", "finetune"):
         _succeed(tmp_path, task)
     _succeed(tmp_path, "check-changes", changed=True, reason="no registered version of m yet")
+    _succeed(tmp_path, "embed-shards", Output=[0, 1])
+    loop = graph["embed"]["fan_out"]
+    _succeed(tmp_path / f"{loop}-iteration-0", "embed")
+    # One of two shards left no output: the fan-out failed.
+    assert local.task_states(graph, tmp_path, gate_open=None)["embed"]["state"] == "FAILED"
+    _succeed(tmp_path / f"{loop}-iteration-1", "embed")
     _succeed(tmp_path, "evaluate", passed=False)
     states = local.task_states(graph, tmp_path, gate_open=False)
     assert {t: s["state"] for t, s in states.items()} == {
         "fetch-weights": "SUCCEEDED", "ingest-dataset": "SUCCEEDED", "check-changes": "SUCCEEDED",
-        "finetune": "SUCCEEDED", "evaluate": "SUCCEEDED", "register-model": "SKIPPED"}
+        "embed-shards": "SUCCEEDED", "embed": "SUCCEEDED", "finetune": "SUCCEEDED", "evaluate": "SUCCEEDED",
+        "register-model": "SKIPPED"}
+    assert len(states["embed"]["shards"]) == 2
     assert states["evaluate"]["parameters"] == {"passed": False}
 
     # The gate was open and register-model left no output: it ran and failed.

@@ -10,9 +10,12 @@ import yaml
 from pipelines.images import STEPS, image_refs
 from pipelines.sam_finetune import DEFAULT_YAML, Placement, compile_pipeline
 
-# Each step's executor and the image it runs in; check-changes borrows register-model's light image.
-EXECUTORS = {**{f"exec-{s}": s for s in STEPS}, "exec-check-changes": "register-model"}
-STORAGE_TASKS = {*STEPS, "check-changes"}  # every step reads or writes the object store
+# The five steps on their own images; check-changes borrows register-model's light image, and the embed
+# fan-out's two functions run on the finetune and ingest images.
+EXECUTORS = {**{f"exec-{s}": s for s in STEPS}, "exec-check-changes": "register-model", "exec-embed": "finetune",
+             "exec-embed-shards": "ingest-dataset"}
+STORAGE_TASKS = {*STEPS, "check-changes", "embed"}  # every task that reads or writes the object store
+GPU_TASKS = {"finetune", "evaluate", "embed"}
 
 
 def _load(path: Path) -> tuple[dict, dict]:
@@ -48,7 +51,10 @@ def test_executors_and_their_images(compiled):
 
 def test_gpu_steps_placement_and_retry(compiled):
     spec, k8s = _load(compiled)
-    for step in ("finetune", "evaluate"):
+    executors = spec["deploymentSpec"]["executors"]
+    on_gpu = {n[len("exec-"):] for n, ex in executors.items() if "accelerator" in ex["container"].get("resources", {})}
+    assert on_gpu == GPU_TASKS
+    for step in sorted(GPU_TASKS):
         res = spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"]["resources"]
         assert res["accelerator"]["resourceType"] == "nvidia.com/gpu" and res["accelerator"]["resourceCount"] == "1"
         assert res["resourceCpuRequest"] and res["resourceMemoryRequest"]
@@ -57,9 +63,8 @@ def test_gpu_steps_placement_and_retry(compiled):
         assert cfg["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
         assert cfg["emptyDirMounts"] == [{"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory",
                                           "sizeLimit": "2Gi"}]
-    for step in ("fetch-weights", "ingest-dataset", "check-changes", "register-model"):
-        assert "accelerator" not in spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"].get(
-            "resources", {})
+    for name in set(executors) - {f"exec-{t}" for t in GPU_TASKS}:
+        assert not {"nodeSelector", "tolerations", "emptyDirMounts"} & set(k8s.get(name, {})), name
     tasks = _inner_tasks(spec, "check-changes-changed")
     retry = tasks["finetune"]["retryPolicy"]
     assert retry["maxRetryCount"] == 3 and retry["backoffDuration"] == "60s" and retry["backoffFactor"] == 2.0
@@ -106,6 +111,32 @@ def test_caching_and_the_gates(compiled):
     assert check["parameters"]["weights_sha256"]["taskOutputParameter"] == {
         "producerTask": "fetch-weights", "outputParameterKey": "sha256"}
     assert set(check["artifacts"]) == {"dataset"}
+
+
+def test_embed_fan_out_between_ingest_and_finetune(compiled):
+    """embed_shards -> dsl.ParallelFor over the shard list -> dsl.Collected of the indexes -> finetune."""
+    spec, _ = _load(compiled)
+    tasks = _inner_tasks(spec, "check-changes-changed")  # nothing to embed when nothing is to be trained
+    assert spec["root"]["inputDefinitions"]["parameters"]["embed_shards"]["defaultValue"] == 1
+    # Inside the condition's sub-DAG a pipeline parameter arrives as a pipeline channel.
+    assert tasks["embed-shards"]["inputs"]["parameters"]["shards"]["componentInputParameter"] in (
+        "embed_shards", "pipelinechannel--embed_shards")
+    (loop_name,) = [n for n in tasks if n.startswith("for-loop")]
+    loop = tasks[loop_name]
+    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--embed-shards-Output"
+    # Inside the condition the loop waits for embed-shards; fetch-weights and ingest-dataset reach it through
+    # the condition's inputs (the condition itself waits for them).
+    assert "embed-shards" in loop["dependentTasks"]
+    loop_dag = spec["components"][loop["componentRef"]["name"]]["dag"]
+    embed = loop_dag["tasks"]["embed"]
+    assert embed["cachingOptions"] == {"enableCache": True}
+    assert embed["inputs"]["parameters"]["shard"]["componentInputParameter"].endswith("-loop-item")
+    assert set(embed["inputs"]["artifacts"]) == {"weights", "dataset"}
+    collected = tasks["finetune"]["inputs"]["artifacts"]["embeddings"]["taskOutputArtifact"]
+    assert collected["producerTask"] == loop_name
+    (out,) = loop_dag["outputs"]["artifacts"].values()
+    assert out["artifactSelectors"] == [{"outputArtifactKey": "index", "producerSubtask": "embed"}]
+    assert spec["components"]["comp-finetune"]["inputDefinitions"]["artifacts"]["embeddings"]["isArtifactList"]
 
 
 def test_storage_tasks_get_the_secret_and_no_credential_is_compiled_in(compiled):
@@ -159,9 +190,10 @@ def test_compile_time_overrides(tmp_path):
     spec, k8s = _load(compile_pipeline(tmp_path / "p.yaml", placement))
     assert {ex["container"]["image"] for ex in spec["deploymentSpec"]["executors"].values()} == {
         f"ghcr.io/acme/sam-pipeline-{s}:1.2.3" for s in STEPS}
-    assert k8s["exec-finetune"]["nodeSelector"]["labels"] == {"pool": "gpu"}
-    assert k8s["exec-finetune"]["tolerations"][0]["key"] == "dedicated"
-    assert k8s["exec-finetune"]["emptyDirMounts"][0]["sizeLimit"] == "8Gi"
+    for step in GPU_TASKS:
+        assert k8s[f"exec-{step}"]["nodeSelector"]["labels"] == {"pool": "gpu"}
+        assert k8s[f"exec-{step}"]["tolerations"][0]["key"] == "dedicated"
+        assert k8s[f"exec-{step}"]["emptyDirMounts"][0]["sizeLimit"] == "8Gi"
     assert "retryPolicy" not in _inner_tasks(spec, "check-changes-changed")["finetune"]
 
 

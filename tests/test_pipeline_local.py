@@ -11,7 +11,8 @@ from kfp_launcher_rules import check_run
 from pipelines.cli import main
 from pipelines.sam_finetune import DEFAULT_YAML
 
-TASKS = ("fetch-weights", "ingest-dataset", "check-changes", "finetune", "evaluate", "register-model")
+TASKS = ("fetch-weights", "ingest-dataset", "check-changes", "embed-shards", "embed", "finetune", "evaluate",
+         "register-model")
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +47,19 @@ def test_run_end_to_end_then_gate_skips_register(sources, http_server, store, s3
               "--weights-url", f"{base}/vit_t_random.pth", "--weights-sha256", weights_sha,
               "--s3-endpoint", s3_env.endpoint, "--prefix", s3_env.prefix, "--model-name", "sam-e2e"]
 
-    # margin -1: any fine-tuned model beats the bar, so every task runs.
-    code, summary, log = _run(tmp_path, capsys, *common, "--margin", "-1")
+    # margin -1: any fine-tuned model beats the bar, so every task runs; three embed shards fan out first.
+    code, summary, log = _run(tmp_path, capsys, *common, "--margin", "-1", "--embed-shards", "3")
     assert code == 0, log[-3000:]
     assert {t: summary["tasks"][t]["state"] for t in TASKS} == dict.fromkeys(TASKS, "SUCCEEDED")
     # What a real KFP 2.17 backend would record: every artifact's metadata and every output parameter.
-    assert check_run(Path(summary["run_dir"]), DEFAULT_YAML) == len(TASKS)
+    assert check_run(Path(summary["run_dir"]), DEFAULT_YAML) == len(TASKS) + 2  # embed ran three times
+    shards = [s["artifacts"]["index"]["metadata"] for s in summary["tasks"]["embed"]["shards"]]
+    assert [m["shard"] for m in shards] == [0, 1, 2] and {m["shards"] for m in shards} == {3}
+    images = summary["tasks"]["ingest-dataset"]["artifacts"]["dataset"]["metadata"]["images"]
+    assert sum(m["computed"] for m in shards) == sum(m["images"] for m in shards) == images
+    # finetune read what the shards computed: the encoder did not run in it.
+    finetuned = summary["tasks"]["finetune"]["artifacts"]["model"]["metadata"]
+    assert finetuned["embeddings_computed"] == 0 and finetuned["embeddings_from_store"] >= 1
     for task, output in (("fetch-weights", "weights"), ("ingest-dataset", "dataset"), ("finetune", "model"),
                          ("finetune", "report"), ("evaluate", "report")):
         art = summary["tasks"][task]["artifacts"][output]
@@ -85,9 +93,11 @@ def test_run_end_to_end_then_gate_skips_register(sources, http_server, store, s3
     code, summary, log = _run(tmp_path, capsys, *common, "--margin", "2.0", "--force")
     assert code == 0, log[-3000:]
     states = {t: summary["tasks"][t]["state"] for t in TASKS}
-    assert states == {**dict.fromkeys(TASKS[:5], "SUCCEEDED"), "register-model": "SKIPPED"}
+    assert states == {**dict.fromkeys(TASKS[:-1], "SUCCEEDED"), "register-model": "SKIPPED"}
     assert summary["tasks"]["check-changes"]["parameters"]["reason"] == "retraining forced (force_retrain)"
-    assert check_run(Path(summary["run_dir"]), DEFAULT_YAML) == 5  # a resumed finetune, a champion in evaluate
+    assert check_run(Path(summary["run_dir"]), DEFAULT_YAML) == 7  # a resumed finetune, a champion in evaluate
+    (shard,) = summary["tasks"]["embed"]["shards"]  # the default: one shard, everything already in the store
+    assert shard["artifacts"]["index"]["metadata"]["computed"] == 0
     assert summary["passed"] is False and summary["metrics"]["champion_version"] == "v1"
     assert reg.versions("sam-e2e") == ["v1"]
     assert "register-model skipped" in log

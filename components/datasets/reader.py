@@ -97,6 +97,58 @@ def load_split(store: ObjectStore, manifest: dict, split: str, cache_dir: Path |
     return samples
 
 
+class SplitRefs:
+    """One split of a dataset version, read lazily: the manifest's entries in memory (a few hundred bytes
+    each), an image and its mask fetched and decoded only when `load(i)` asks for them. What finetune and
+    evaluate stream from, so their memory does not grow with the dataset."""
+
+    def __init__(self, store: ObjectStore, manifest: dict, split: str, cache_dir: Path | None = None,
+                 *, annotated_only: bool = False):
+        self.store = _store_for(store, manifest.get("bucket", store.config.bucket))
+        self.split = split
+        items = split_items(manifest, split)
+        # The manifest counts instances per image, so empty images are dropped without reading them.
+        self.items = [it for it in items if it.get("instances", 1) > 0] if annotated_only else items
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def image_sha256(self, i: int) -> str:
+        return self.items[i]["image"]["sha256"]
+
+    def load(self, i: int) -> Sample:
+        it = self.items[i]
+        return decode_sample(it["id"], _cached_object(self.store, it["image"], self.cache_dir),
+                             _cached_object(self.store, it["mask"], self.cache_dir), it["image"]["sha256"])
+
+    def fingerprint(self) -> str:
+        """What resume must match, from the manifest alone (ids and content hashes of images and masks)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for it in self.items:
+            h.update(f"{it['id']}|{it['image']['sha256']}|{it['mask']['sha256']}|".encode())
+        return h.hexdigest()
+
+
+def shard_images(manifest: dict, shard: int, shards: int) -> list[dict]:
+    """The `shard`-th of `shards` disjoint parts of the manifest's distinct images (every split): images
+    sorted by content hash and dealt round-robin, so the shards are even and independent of item order."""
+    if shards < 1 or not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} of {shards}: need 0 <= shard < shards")
+    by_sha = {it["image"]["sha256"]: it["image"] for it in manifest["items"]}
+    return [by_sha[sha] for sha in sorted(by_sha)[shard::shards]]
+
+
+def load_image_ref(store: ObjectStore, manifest: dict, ref: dict, cache_dir: Path | None = None) -> np.ndarray:
+    """One manifest image (HxWx3 uint8), fetched through the local sha256-addressed cache."""
+    store = _store_for(store, manifest.get("bucket", store.config.bucket))
+    path = _cached_object(store, ref, Path(cache_dir) if cache_dir else default_cache_dir())
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
 def _cached_object(store: ObjectStore, ref: dict, cache_dir: Path) -> Path:
     sha = ref["sha256"]
     path = cache_dir / sha[:2] / sha

@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -127,6 +127,53 @@ class EmbeddingCache:
 
     def key(self, image_sha: str) -> str:
         return self.store.key("embeddings", self.weights_sha256, image_sha)
+
+    def from_store(self, sha: str) -> torch.Tensor | None:
+        """The stored embedding of one image (CPU float32), or None when absent or damaged; not kept in
+        memory (the streaming readers hold only what their prefetch window allows)."""
+        return self._from_store(sha)
+
+    def ensure(self, shas: Sequence[str], image_of: Callable[[int], np.ndarray]) -> dict:
+        """Make sure the store holds the embedding of every image (`image_of(i)` loads the i-th), computing
+        the missing ones batch by batch and keeping none in memory: the embed step's work, and finetune's
+        and evaluate's first pass over a split. Returns {"store": found, "computed": computed}."""
+        if self.store is None:
+            raise ValueError("ensure() writes to the object store; this cache has none")
+        found = computed = 0
+        pending: list[tuple[str, np.ndarray]] = []
+        seen: set[str] = set()
+
+        def flush():
+            nonlocal computed
+            if not pending:
+                return
+            t0 = time.perf_counter()
+            embs = compute_embeddings(self.model, [im for _, im in pending], batch_size=self.batch_size,
+                                      amp=self.amp)
+            self.stats["encode_seconds"] += time.perf_counter() - t0
+            for (sha, _), emb in zip(pending, embs):
+                self.store.put_bytes(self.key(sha), encode_bytes(emb))
+            computed += len(pending)
+            self.stats["computed"] += len(pending)
+            pending.clear()
+
+        for i, sha in enumerate(shas):
+            if sha in seen:
+                continue
+            seen.add(sha)
+            if self._stored_ok(sha):
+                found += 1
+                self.stats["store"] += 1
+                continue
+            pending.append((sha, image_of(i)))
+            if len(pending) >= max(1, self.batch_size):
+                flush()  # a pod killed mid-way keeps what it already uploaded
+        flush()
+        return {"store": found, "computed": computed}
+
+    def _stored_ok(self, sha: str) -> bool:
+        # A stat is enough for the embed step's skip; a damaged object is caught (and recomputed) on read.
+        return self.store.stat(self.key(sha)) is not None
 
     def _from_store(self, sha: str) -> torch.Tensor | None:
         if self.store is None:
