@@ -196,17 +196,18 @@ def check(condition: bool, what: str) -> None:
 
 
 def make_weights(folder: Path, torch_steps: bool) -> Path:
-    """fetch-weights only verifies and stages bytes; finetune needs a loadable vit_t state dict."""
-    path = folder / "vit_t.pth"
-    if torch_steps:
-        import torch
+    """finetune needs a loadable vit_t state dict; without the torch images a small real checkpoint will do
+    (fetch-weights refuses a file that is not a PyTorch checkpoint, but never builds the model)."""
+    import torch
 
+    path = folder / "vit_t.pth"
+    torch.manual_seed(0)
+    if torch_steps:
         from components.sam.model import atomic_torch_save, build_sam
 
-        torch.manual_seed(0)
         atomic_torch_save(build_sam("vit_t").state_dict(), path)
     else:
-        path.write_bytes(os.urandom(512 * 1024))
+        torch.save({"weight": torch.randn(256, 512)}, path)
     return path
 
 

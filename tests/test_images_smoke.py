@@ -102,6 +102,9 @@ def test_images_smoke_runs_the_compiled_steps_in_their_images(tmp_path):
         assert (f"{step}: compiled command ok" in out) == (step in ran), step
         assert (work / "run" / step / "log.txt").is_file() == (step in ran), step
     assert "register-model: version v" in out
+    # The tasks that run on another step's image: check-changes always, one embed shard with the torch images.
+    assert "check-changes: compiled command ok" in out
+    assert ("embed: compiled command ok" in out) == torch
     # What was built is the repository's Dockerfile with only FROM replaced.
     for kind in {images.image_kind(s) for s in ran}:
         built = (work / "dockerfiles" / kind / "Dockerfile").read_text()
