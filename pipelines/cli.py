@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weights-url", default="", help="checkpoint URL or local file (default: the catalogue)")
     g.add_argument("--weights-sha256", default="", help="expected sha256 of --weights-url")
     g.add_argument("--margin", type=float, default=0.0,
-                   help="register only if fine-tuned box Dice >= zero-shot (and champion) + margin")
+                   help="register only if fine-tuned box Dice > zero-shot (and champion) + margin")
     g.add_argument("--model-name", default="sam-pennfudan")
     g.add_argument("--model-registry-url", default="", help="also register in Kubeflow Model Registry")
     g.add_argument("--verify-data", action="store_true",
@@ -159,8 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--demo", action="store_true",
                    help="offline: a synthetic Penn-Fudan-like dataset and a random vit_t checkpoint")
     g.add_argument("--demo-images", type=_int_at_least(6), default=12)
-    g.add_argument("--embed-shards", dest="embed_shards", type=_int_at_least(1), default=1,
-                   help="embed tasks (dsl.ParallelFor) that fill the embedding cache before finetune")
+    g.add_argument("--embed-shards", type=_int_at_least(1), default=1, help="embed tasks before finetune")
     _add_store_flags(p, local_default=True)
     g = p.add_argument_group("output")
     g.add_argument("--pipeline-root", type=Path, default=Path("local_outputs"),

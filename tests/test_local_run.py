@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import local
+from pipelines import local, local_tasks
 from pipelines.local_console import Console, Events
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def test_kfp_local_still_misreads_task_outputs_in_conditions():
 def graph():
     from pipelines.sam_finetune import Placement, build_pipeline
 
-    return local.task_graph(build_pipeline(Placement()))
+    return local_tasks.task_graph(build_pipeline(Placement()))
 
 
 def _succeed(run_dir: Path, task: str, **params) -> None:
@@ -67,7 +67,7 @@ def test_states_when_nothing_changed(graph, tmp_path):
     for task in ("fetch-weights", "ingest-dataset"):
         _succeed(tmp_path, task)
     _succeed(tmp_path, "check-changes", changed=False, reason="nothing changed since m v1")
-    states = local.task_states(graph, tmp_path, gates={"check-changes": (False, "nothing changed since m v1")})
+    states = local_tasks.task_states(graph, tmp_path, gates={"check-changes": (False, "nothing changed since m v1")})
     skipped = ("embed-shards", "embed", "finetune", "evaluate", "register-model")
     assert {t: states[t]["state"] for t in skipped} == dict.fromkeys(skipped, "SKIPPED")
     assert states["register-model"]["reason"] == "nothing changed since m v1"
@@ -81,10 +81,10 @@ def test_states_success_skip_failure_and_not_run(graph, tmp_path):
     loop = graph["embed"]["fan_out"]
     _succeed(tmp_path / f"{loop}-iteration-0", "embed")
     # One of two shards left no output: the fan-out failed.
-    assert local.task_states(graph, tmp_path, gate_open=None)["embed"]["state"] == "FAILED"
+    assert local_tasks.task_states(graph, tmp_path, gate_open=None)["embed"]["state"] == "FAILED"
     _succeed(tmp_path / f"{loop}-iteration-1", "embed")
     _succeed(tmp_path, "evaluate", passed=False)
-    states = local.task_states(graph, tmp_path, gate_open=False)
+    states = local_tasks.task_states(graph, tmp_path, gate_open=False)
     assert {t: s["state"] for t, s in states.items()} == {
         "fetch-weights": "SUCCEEDED", "ingest-dataset": "SUCCEEDED", "check-changes": "SUCCEEDED",
         "embed-shards": "SUCCEEDED", "embed": "SUCCEEDED", "finetune": "SUCCEEDED", "evaluate": "SUCCEEDED",
@@ -93,12 +93,12 @@ def test_states_success_skip_failure_and_not_run(graph, tmp_path):
     assert states["evaluate"]["parameters"] == {"passed": False}
 
     # The gate was open and register-model left no output: it ran and failed.
-    assert local.task_states(graph, tmp_path, gate_open=True)["register-model"]["state"] == "FAILED"
+    assert local_tasks.task_states(graph, tmp_path, gate_open=True)["register-model"]["state"] == "FAILED"
 
     # finetune started (kfp's executor made its folder) but never wrote its output.
     (tmp_path / "finetune" / "executor_output.json").unlink()
     (tmp_path / "evaluate" / "executor_output.json").unlink()
-    states = local.task_states(graph, tmp_path, gate_open=None)
+    states = local_tasks.task_states(graph, tmp_path, gate_open=None)
     assert states["finetune"]["state"] == "FAILED"
     assert states["evaluate"]["state"] == states["register-model"]["state"] == "NOT_RUN"
     assert "finetune" in states["evaluate"]["reason"]

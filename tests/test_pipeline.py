@@ -210,11 +210,12 @@ def test_steps_are_listed_once_in_pipeline_order():
     """images and the local runner read kfp_components' list; the local runner's task states rely on its order
     (each step after the steps it waits for), checked here against the compiled DAG."""
     from components.kfp_components import STEPS, TASKS as listed
-    from pipelines import images, local
+    from pipelines import images, local, local_tasks
     from pipelines.sam_finetune import Placement, build_pipeline
 
-    assert images.STEPS is STEPS and local.TASKS is listed and set(STEPS) < set(listed)
-    graph = local.task_graph(build_pipeline(Placement()))
+    assert images.STEPS is STEPS and local.TASKS is listed and local_tasks.TASKS is listed
+    assert set(STEPS) < set(listed)
+    graph = local_tasks.task_graph(build_pipeline(Placement()))
     assert set(graph) == set(listed)
     for i, step in enumerate(listed):
         assert graph[step]["after"] <= set(listed[:i]), f"{step} waits for {graph[step]['after']}"
