@@ -117,8 +117,9 @@ def test_steps_and_names_agree_with_pipeline_image_refs():
 def test_make_images_builds_all_five_with_one_tag():
     if not shutil.which("make"):
         pytest.skip("make is not installed")
-    out = subprocess.run(["make", "-n", "-f", str(MK), "images", "IMAGE_REGISTRY=reg.example/ml", "IMAGE_TAG=7.7.7"],
-                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    # --no-print-directory: under `make test` (MAKELEVEL 1) make would add "Entering directory" lines.
+    out = subprocess.run(["make", "-n", "--no-print-directory", "-f", str(MK), "images", "IMAGE_REGISTRY=reg.example/ml",
+                          "IMAGE_TAG=7.7.7"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     commands = out.replace("\\\n", " ").splitlines()
     assert len(commands) == len(STEP_EXTRAS)
     for s, extra in STEP_EXTRAS.items():

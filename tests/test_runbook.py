@@ -26,7 +26,9 @@ def mk_targets() -> set[str]:
 def make_dry(*args: str) -> str:
     if not shutil.which("make"):
         pytest.skip("make is not installed")
-    proc = subprocess.run(["make", "-n", "-f", str(MK), *args], capture_output=True, text=True, cwd=ROOT)
+    # --no-print-directory: under `make test` (MAKELEVEL 1) make would add "Entering directory" lines.
+    proc = subprocess.run(["make", "-n", "--no-print-directory", "-f", str(MK), *args], capture_output=True,
+                          text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
