@@ -22,6 +22,32 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("SAM_MODELS", str(tmp_path / "sam_models"))
 
 
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    """A fresh dataset download folder and object cache for the test (ingest writes both)."""
+    path = tmp_path / "data"
+    monkeypatch.setenv("DATA_DIR", str(path))
+    monkeypatch.setenv("SAM_DATA_CACHE", str(tmp_path / "objects"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def pipeline_sources(tmp_path_factory):
+    """What a whole local run fetches over HTTP: a synthetic Penn-Fudan zip and a random vit_t checkpoint
+    (folder, checkpoint sha256)."""
+    import torch
+
+    from components.datasets.synthetic import make_pennfudan_zip
+    from components.hashing import sha256_file
+    from components.sam.model import atomic_torch_save, build_sam
+
+    d = tmp_path_factory.mktemp("sources")
+    make_pennfudan_zip(d / "PennFudanPed.zip", n_fudan=4, n_penn=4, seed=0, size_range=(64, 96))
+    torch.manual_seed(0)
+    atomic_torch_save(build_sam("vit_t").state_dict(), d / "vit_t_random.pth")
+    return d, sha256_file(d / "vit_t_random.pth")
+
+
 @pytest.fixture(scope="session")
 def s3():
     """A real S3 server process (moto) on 127.0.0.1, shared by the session."""

@@ -21,13 +21,7 @@ from components.datasets.validate import DatasetError
 from components.s3server import free_port
 from components.storage import ObjectStore, StorageError
 
-
-@pytest.fixture(autouse=True)
-def data_dir(tmp_path, monkeypatch):
-    path = tmp_path / "data"
-    monkeypatch.setenv("DATA_DIR", str(path))
-    monkeypatch.setenv("SAM_DATA_CACHE", str(tmp_path / "objects"))
-    return path
+pytestmark = pytest.mark.usefixtures("data_dir")  # fresh DATA_DIR and object cache per test
 
 
 @pytest.fixture(scope="module")

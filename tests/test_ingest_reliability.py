@@ -17,13 +17,7 @@ from components.datasets.ingest import ingest
 from components.datasets.reader import load_split
 from components.errors import UserError
 
-
-@pytest.fixture(autouse=True)
-def data_dir(tmp_path, monkeypatch):
-    path = tmp_path / "data"
-    monkeypatch.setenv("DATA_DIR", str(path))
-    monkeypatch.setenv("SAM_DATA_CACHE", str(tmp_path / "objects"))
-    return path
+pytestmark = pytest.mark.usefixtures("data_dir")  # fresh DATA_DIR and object cache per test
 
 
 @pytest.fixture

@@ -15,21 +15,6 @@ TASKS = ("fetch-weights", "ingest-dataset", "check-changes", "embed-shards", "em
          "register-model")
 
 
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    import torch
-
-    from components.datasets.synthetic import make_pennfudan_zip
-    from components.hashing import sha256_file
-    from components.sam.model import atomic_torch_save, build_sam
-
-    d = tmp_path_factory.mktemp("sources")
-    make_pennfudan_zip(d / "PennFudanPed.zip", n_fudan=4, n_penn=4, seed=0, size_range=(64, 96))
-    torch.manual_seed(0)
-    atomic_torch_save(build_sam("vit_t").state_dict(), d / "vit_t_random.pth")
-    return d, sha256_file(d / "vit_t_random.pth")
-
-
 def _run(tmp_path, capsys, *extra) -> tuple[int, dict, str]:
     summary = tmp_path / f"summary{len(list(tmp_path.glob('summary*')))}.json"
     code = main(["run", *extra, "--pipeline-root", str(tmp_path / "outputs"), "--summary-json", str(summary)])
@@ -38,9 +23,9 @@ def _run(tmp_path, capsys, *extra) -> tuple[int, dict, str]:
 
 
 @pytest.mark.slow
-def test_run_end_to_end_then_gate_skips_register(sources, http_server, store, s3_env, tmp_path, monkeypatch,
-                                                  capsys):
-    src, weights_sha = sources
+def test_run_end_to_end_then_gate_skips_register(pipeline_sources, http_server, store, s3_env, tmp_path,
+                                                  monkeypatch, capsys):
+    src, weights_sha = pipeline_sources
     base = http_server(src)
     monkeypatch.chdir(tmp_path)  # finetune leaves checkpoints/<name>/ in the working directory, like the seed
     common = ["-d", "-i", "3", "-g", "cpu", "-n", "4", "--val-every", "3", "--dataset-source", f"{base}/PennFudanPed.zip",

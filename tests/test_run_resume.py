@@ -41,21 +41,6 @@ def test_records_say_which_run_is_unfinished(tmp_path):
         alive.wait()
 
 
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    import torch
-
-    from components.datasets.synthetic import make_pennfudan_zip
-    from components.hashing import sha256_file
-    from components.sam.model import atomic_torch_save, build_sam
-
-    d = tmp_path_factory.mktemp("sources")
-    make_pennfudan_zip(d / "PennFudanPed.zip", n_fudan=4, n_penn=4, seed=0, size_range=(64, 96))
-    torch.manual_seed(0)
-    atomic_torch_save(build_sam("vit_t").state_dict(), d / "vit_t_random.pth")
-    return d, sha256_file(d / "vit_t_random.pth")
-
-
 def _iteration(path: Path) -> int | None:
     from components.training.checkpoints import load_checkpoint
 
@@ -66,10 +51,10 @@ def _iteration(path: Path) -> int | None:
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_at_its_checkpoint(sources, http_server, s3_env, tmp_path, capsys):
+def test_a_killed_run_resumes_at_its_checkpoint(pipeline_sources, http_server, s3_env, tmp_path, capsys):
     from pipelines.cli import main
 
-    src, weights_sha = sources
+    src, weights_sha = pipeline_sources
     base = http_server(src)
     args = ["run", "-d", "-g", "cpu", "-n", "4", "--val-every", "2", "--dataset-source", f"{base}/PennFudanPed.zip",
             "--weights-url", f"{base}/vit_t_random.pth", "--weights-sha256", weights_sha,
