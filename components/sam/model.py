@@ -15,6 +15,7 @@ from torch import nn
 
 from components.errors import first_line
 from components.files import atomic_path
+from components.sam.decoder import predict_masks
 from components.sam.transforms import Frame, postprocess_masks
 from components.weights import MODEL_TYPES
 
@@ -111,44 +112,11 @@ def export_state_dict(model: nn.Module, path: str | Path) -> Path:
     return atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
 
 
-def _predict_masks_broadcast(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
-                             image_index=None):
-    """MaskDecoder.predict_masks with the per-prompt copies of the image embedding and of its positional
-    encoding replaced by broadcasting: the same numbers, two (N, 256, 64, 64) tensors fewer to write
-    and hold (about 200 MB at 25 prompts). Otherwise line for line the official code.
-
-    `image_index` (N,) names each prompt's image when `image_embeddings` holds several images (all
-    objects of a training batch in one call); the official code only knows one image per call."""
-    output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-    output_tokens = output_tokens.unsqueeze(0).expand(sparse_prompt_embeddings.size(0), -1, -1)
-    tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
-    n = tokens.shape[0]
-    if image_embeddings.shape[0] == 1:
-        src = image_embeddings + dense_prompt_embeddings
-    elif image_index is not None:
-        src = image_embeddings[image_index] + dense_prompt_embeddings
-    else:
-        src = torch.repeat_interleave(image_embeddings, n, dim=0) + dense_prompt_embeddings
-    if src.shape[0] != n:  # neither side had the prompt batch (a single prompt): keep the official shape
-        src = src.expand(n, -1, -1, -1)
-    pos_src = image_pe.expand(n, -1, -1, -1)
-    b, c, h, w = src.shape
-    hs, src = self.transformer(src, pos_src, tokens)
-    iou_token_out = hs[:, 0, :]
-    mask_tokens_out = hs[:, 1:(1 + self.num_mask_tokens), :]
-    src = src.transpose(1, 2).view(b, c, h, w)
-    upscaled_embedding = self.output_upscaling(src)
-    hyper_in = torch.stack([self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :])
-                            for i in range(self.num_mask_tokens)], dim=1)
-    b, c, h, w = upscaled_embedding.shape
-    masks = (hyper_in @ upscaled_embedding.view(b, c, h * w)).view(b, -1, h, w)
-    return masks, self.iou_prediction_head(iou_token_out)
-
-
-def use_broadcast_decoder(model: nn.Module) -> nn.Module:
-    """Swap this model's MaskDecoder.predict_masks for the broadcasting twin (instance-level only: the
-    class, other models and the exported state dict are untouched)."""
-    model.mask_decoder.predict_masks = types.MethodType(_predict_masks_broadcast, model.mask_decoder)
+def use_fast_decoder(model: nn.Module) -> nn.Module:
+    """Swap this model's MaskDecoder.predict_masks for components/sam/decoder.py's (same numbers, less
+    work per prompt). Instance-level only: the class, other models and the exported state dict are
+    untouched."""
+    model.mask_decoder.predict_masks = types.MethodType(predict_masks, model.mask_decoder)
     return model
 
 

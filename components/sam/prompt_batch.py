@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from components.sam.model import _predict_masks_broadcast
+from components.sam.decoder import predict_masks
 
 BOX_LABELS = (2, 3)  # SAM's point_embeddings[2] / [3]: the box's top-left and bottom-right corners
 PAD = -1  # "not a point"
@@ -78,8 +78,7 @@ def decode_all(model: nn.Module, embeddings: torch.Tensor, image_index: torch.Te
         dense = enc.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, *enc.image_embedding_size)
     if embeddings.dim() == 3:
         embeddings = embeddings.unsqueeze(0)
-    return _predict_masks_broadcast(model.mask_decoder, embeddings, enc.get_dense_pe(), sparse, dense,
-                                    image_index=image_index)
+    return predict_masks(model.mask_decoder, embeddings, enc.get_dense_pe(), sparse, dense, image_index=image_index)
 
 
 def decode_groups(model: nn.Module, embeddings: torch.Tensor, image_index: torch.Tensor | None,

@@ -30,7 +30,7 @@ import torch
 from components.sam.losses import multi_output_loss
 from components.sam.metrics import dice_iou
 from components.sam.model import decode, load_trainable_state_dict, set_trainable, trainable_state_dict, \
-    use_broadcast_decoder
+    use_fast_decoder
 from components.sam.prompt_batch import choose_output, decode_groups, first_round_tokens, is_ambiguous, take
 from components.sam.prompts import corrective_clicks, instance_masks, jitter_boxes, masks_to_boxes, sample_points
 from components.sam.transforms import LOW_RES, IMAGE_SIZE, Frame, masks_to_low_res
@@ -100,10 +100,9 @@ class Trainer:
     so a streaming source can stand in for the lists (and gets `prefetch(order)` at each new epoch)."""
 
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, train_items, val_items, device: torch.device,
-                 amp: AmpSettings, *, broadcast_decoder: bool = True):
+                 amp: AmpSettings):
         self.cfg, self.model, self.device, self.amp = cfg, model, device, amp
-        if broadcast_decoder:
-            use_broadcast_decoder(model)
+        use_fast_decoder(model)  # validation decodes through model.mask_decoder
         self.train_items, self.val_items = train_items, val_items
         self.params = set_trainable(model, cfg.freeze_prompt_encoder)
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, **self._adam_impl())

@@ -1,0 +1,150 @@
+"""SAM's MaskDecoder.predict_masks with its arithmetic reorganised for many prompts at once.
+
+Same parameters, same function (tests/test_decoder.py checks outputs and every parameter's gradient
+against the official modules), less work per prompt. Where the time went, per prompt and per round, in
+a profile of the training step on CPU: the two-way transformer's projections of the 64x64 image tokens
+(ten 4096x256x128 products), the mask upscaling (two transposed convolutions, a LayerNorm2d written
+as six elementwise passes, two GELUs over 128x128x64 and 256x256x32 activations), and copies.
+
+1. Shared first-layer image projections. The official code gives every prompt its own copy of the
+   image tokens before the first layer. Until the first image-to-token attention writes to them they
+   are the same for all prompts of an image (unless a mask prompt adds a per-prompt dense embedding),
+   so the first layer's key and value projections (token-to-image attention) and its query projection
+   (image-to-token attention) are computed once per image: 3 of the 10 large projections per prompt.
+2. On a GPU, attention through `F.scaled_dot_product_attention`: one fused kernel (and its backward)
+   for the official `q @ k^T / sqrt(d)`, softmax, `@ v`, where the step is bound by kernel launches.
+   On CPU the explicit products stay: with 7-9 prompt tokens against 4096 image tokens and a head
+   dimension of 16, torch's CPU kernel took about 1.3x longer than matmul + softmax (one-thread
+   forward + backward of the transformer, 3 prompts, bf16).
+3. The upscaling as two matrix products in "unshuffled" pixel order. A transposed convolution with
+   kernel 2 and stride 2 is a per-pixel linear map to 2x2 output pixels; LayerNorm2d, GELU and the
+   second such convolution are per pixel too, so nothing needs the pixels in image order until the
+   hypernetwork's product has reduced 32 channels to 4 masks. Only those 4 channels are put back in
+   image order. LayerNorm2d is `F.layer_norm` over channels-last pixels (one fused op; the same
+   formula, computed in fp32 under autocast where the official one ran in the autocast dtype).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+FUSED_ATTENTION_ON_CPU = False  # tests flip it to check both ways give the same numbers
+
+
+def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(B, L, C) -> (B, heads, L, C / heads), as the official Attention._separate_heads."""
+    b, length, c = x.shape
+    return x.view(b, length, n_heads, c // n_heads).transpose(1, 2)
+
+
+def _attend(m: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The official Attention.forward of module `m` on projected (B, L, C') q, k, v, then out_proj.
+    k and v may have batch 1 (one image's projections, shared by all prompts): they broadcast."""
+    n = max(q.shape[0], k.shape[0])
+    q, k, v = (_heads(t, m.num_heads).expand(n, -1, -1, -1) for t in (q, k, v))
+    if q.is_cuda or FUSED_ATTENTION_ON_CPU:
+        out = F.scaled_dot_product_attention(q, k, v)  # the official scale 1 / sqrt(head dim)
+    else:
+        out = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]), dim=-1) @ v
+    return m.out_proj(out.transpose(1, 2).reshape(n, out.shape[2], -1))
+
+
+def _select(x: torch.Tensor, image_index: torch.Tensor | None) -> torch.Tensor:
+    """Per-image rows -> per-prompt rows (no copy when there is one image)."""
+    return x if image_index is None else x[image_index]
+
+
+def two_way_transformer(t: nn.Module, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor,
+                        image_index: torch.Tensor | None, shared_image: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """TwoWayTransformer.forward: image (B, 4096, C) channels-last tokens, image_pe (1, 4096, C), tokens
+    (N, T, C). `shared_image`: `image` is per image (B images, `image_index` (N,) maps prompts to them, or
+    None when B == 1) rather than per prompt (B == N). Returns (queries (N, T, C), keys (N, 4096, C))."""
+    query_pe, key_pe = tokens, image_pe
+    queries, keys = tokens, image
+    for i, layer in enumerate(t.layers):
+        if layer.skip_first_layer_pe:
+            a = layer.self_attn  # the official first layer: no positional encoding, no residual
+            queries = _attend(a, a.q_proj(tokens), a.k_proj(tokens), a.v_proj(tokens))
+        else:
+            a = layer.self_attn
+            q = queries + query_pe
+            queries = queries + _attend(a, a.q_proj(q), a.k_proj(q), a.v_proj(queries))
+        queries = layer.norm1(queries)
+
+        # Tokens attend to the image. In the first layer the image side is the same for every prompt of
+        # an image: project it once per image (k and v broadcast or are gathered per prompt).
+        a = layer.cross_attn_token_to_image
+        kp, vp = a.k_proj(keys + key_pe), a.v_proj(keys)
+        if i == 0 and shared_image:
+            kp, vp = _select(kp, image_index), _select(vp, image_index)
+        queries = layer.norm2(queries + _attend(a, a.q_proj(queries + query_pe), kp, vp))
+        queries = layer.norm3(queries + layer.mlp(queries))
+
+        # The image attends to the tokens; from here on each prompt has its own image tokens.
+        a = layer.cross_attn_image_to_token
+        q = queries + query_pe
+        qp = a.q_proj(keys + key_pe)
+        if i == 0 and shared_image:
+            qp = _select(qp, image_index)
+            keys = _select(keys, image_index)
+        keys = layer.norm4(keys + _attend(a, qp, a.k_proj(q), a.v_proj(queries)))
+
+    a = t.final_attn_token_to_image
+    out = _attend(a, a.q_proj(queries + query_pe), a.k_proj(keys + key_pe), a.v_proj(keys))
+    return t.norm_final_attn(queries + out), keys
+
+
+def _transposed_conv_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
+    """ConvTranspose2d(kernel 2, stride 2) on channels-last pixels (..., C_in) -> (..., 2, 2, C_out): output
+    pixel (2i + a, 2j + b) of the official layout is [..., i, j, a, b, :] here."""
+    c_in, c_out = conv.weight.shape[:2]
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(c_in, 4 * c_out)  # columns in (a, b, out) order
+    return F.linear(x, weight.t(), conv.bias.repeat(4)).unflatten(-1, (2, 2, c_out))
+
+
+def upscale_and_predict(d: nn.Module, keys: torch.Tensor, mask_tokens_out: torch.Tensor) -> torch.Tensor:
+    """output_upscaling and the hypernetwork product: keys (N, 64 * 64, C) in row-major pixel order,
+    mask tokens (N, M, C) -> masks (N, M, 256, 256)."""
+    conv1, norm, act1, conv2, act2 = d.output_upscaling
+    n, hw, c = keys.shape
+    h = w = int(hw ** 0.5)
+    x = _transposed_conv_2x2(keys.view(n, h, w, c), conv1)  # (N, h, w, 2, 2, C/4)
+    x = act1(F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
+    x = act2(_transposed_conv_2x2(x, conv2))  # (N, h, w, 2, 2, 2, 2, C/8)
+    hyper = torch.stack([mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(d.output_hypernetworks_mlps)], dim=1)
+    masks = x.reshape(n, -1, x.shape[-1]) @ hyper.transpose(1, 2)  # (N, pixels, M): 32 channels -> M masks
+    # [N, i, j, a1, b1, a2, b2, M] -> image row 4i + 2a1 + a2, column 4j + 2b1 + b2.
+    masks = masks.view(n, h, w, 2, 2, 2, 2, -1).permute(0, 7, 1, 3, 5, 2, 4, 6)
+    return masks.reshape(n, -1, 4 * h, 4 * w)
+
+
+def predict_masks(d: nn.Module, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
+                  sparse_prompt_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor,
+                  image_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MaskDecoder.predict_masks of decoder `d`: all four outputs ((N, 4, 256, 256) logits, (N, 4) IoU).
+
+    image_embeddings (B, C, 64, 64): one image for all N prompts, or B images with `image_index` (N,)
+    naming each prompt's image. dense_prompt_embeddings (N, C, 64, 64), or any shape that broadcasts to
+    it with batch 1: the prompt encoder's no-mask embedding is such an expanded view (stride 0), and then
+    the image tokens are shared by all prompts of an image in the first layer."""
+    n = sparse_prompt_embeddings.shape[0]
+    b = image_embeddings.shape[0]
+    if b > 1 and image_index is None:
+        raise ValueError(f"{b} image embeddings need image_index to say which prompt belongs to which")
+    output_tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight], dim=0)
+    tokens = torch.cat((output_tokens.unsqueeze(0).expand(n, -1, -1), sparse_prompt_embeddings), dim=1)
+    dense = dense_prompt_embeddings
+    shared = dense.shape[0] == 1 or dense.stride(0) == 0
+    if shared:
+        src = image_embeddings + dense[:1]  # (B, C, 64, 64)
+    else:
+        src = _select(image_embeddings, image_index) + dense  # (N, C, 64, 64)
+    image = src.flatten(2).transpose(1, 2)  # (B or N, 4096, C), channels last as the transformer wants
+    pe = image_pe.flatten(2).transpose(1, 2)
+    hs, keys = two_way_transformer(d.transformer, image, pe, tokens, image_index, shared)
+    masks = upscale_and_predict(d, keys, hs[:, 1:1 + d.num_mask_tokens])
+    return masks, d.iou_prediction_head(hs[:, 0])
