@@ -68,17 +68,20 @@ def run_ours(args) -> dict:
 
     device = torch.device(args.device)
     train_samples, val_samples = seed_split(args.images, args.size)
-    validation = _Timer(device)
+    validation, validate = _Timer(device), Trainer.validate
     # train() does not report its validation time; timing the method from outside leaves loop.py alone.
-    Trainer.validate = validation.wrap(Trainer.validate)
-    with tempfile.TemporaryDirectory() as checkpoint_dir:
-        cfg = TrainConfig(device=args.device, n_iterations=args.iters, val_every=args.val_every, amp=True,
-                          amp_dtype=args.amp_dtype, seed=0, show_progress=False, checkpoint_dir=checkpoint_dir,
-                          resume=False)
-        t0 = time.perf_counter()
-        result = train(cfg, args.weights, train_samples, val_samples)
-        _sync(device)
-        whole_s = time.perf_counter() - t0
+    Trainer.validate = validation.wrap(validate)
+    try:
+        with tempfile.TemporaryDirectory() as checkpoint_dir:
+            cfg = TrainConfig(device=args.device, n_iterations=args.iters, val_every=args.val_every, amp=True,
+                              amp_dtype=args.amp_dtype, seed=0, show_progress=False, checkpoint_dir=checkpoint_dir,
+                              resume=False)
+            t0 = time.perf_counter()
+            result = train(cfg, args.weights, train_samples, val_samples)
+            _sync(device)
+            whole_s = time.perf_counter() - t0
+    finally:
+        Trainer.validate = validate
     return {"side": "ours", "whole_s": whole_s, "embed_s": result.embedding_stats["encode_seconds"],
             "embedded": result.embedding_stats["computed"], "loop_s": result.train_seconds,
             "validation_s": validation.seconds, "validations": validation.calls, "iterations": result.iterations,
