@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Training on a GPU, prepared for a lent machine (nothing here needs the network):
-#   bash benchmarks/gpu_check.sh                      # from the repo root, ~6-8 minutes on an H100/H200
+#   bash benchmarks/gpu_check.sh                      # from the repo root, ~8-10 minutes on an H100/H200
 #   DEVICE=cpu ITERS=2 IMAGES=2 THREADS=2 bash benchmarks/gpu_check.sh   # dry run of the Python side on a CPU
 # Needs torch, timm, numpy, pillow and pytest, plus the project's own wheels; the micro-sam peer gets its
 # own venv (benchmarks/.peer-venv, seeing this interpreter's torch): carry one along, or set PEER_WHEELS to
