@@ -9,12 +9,15 @@ ours: `--amp-dtype`, bf16 by default).
 
 Reported per trainer: the warm time per training iteration (median over iterations 2..N, setup and the
 first iteration excluded) and the whole run (ours: embedding pass + data preparation + N iterations;
-micro-sam: N iterations), no validation in either. The two run in separate processes, one after the
-other: micro-sam in its own venv (`benchmarks/.peer-venv`, made on first use: it must not leak into the
-project's dependencies), ours in the interpreter that runs this script.
+micro-sam: N iterations), no validation in either. `--seed-defaults` times instead the whole run each
+trainer really does at the seed's defaults, validation and checkpoints included
+(benchmarks/peer_whole_run.py). The two run in separate processes, one after the other: micro-sam in
+its own venv (`benchmarks/.peer-venv`, made on first use: it must not leak into the project's
+dependencies), ours in the interpreter that runs this script.
 
     PYTHONPATH=$PWD .venv/bin/python -m benchmarks.peer_microsam                 # CPU, 40 iterations
     PYTHONPATH=$PWD .venv/bin/python -m benchmarks.peer_microsam --device cuda --iters 200
+    PYTHONPATH=$PWD .venv/bin/python -m benchmarks.peer_microsam --seed-defaults # 170 images, 200 iterations
     PYTHONPATH=$PWD .venv/bin/python -m benchmarks.peer_microsam --setup-only    # just the peer venv
     PEER_WHEELS=/path/to/wheels ...   # make the peer venv offline from a folder of wheels (pip download)
 """
@@ -33,6 +36,8 @@ import time
 import warnings
 from pathlib import Path
 
+from components.training.config import TrainConfig
+
 ROOT = Path(__file__).resolve().parent.parent
 PEER_VENV = Path(__file__).resolve().parent / ".peer-venv"
 # micro-sam's declared requirements pull in napari, Qt and a second torch; these are what
@@ -40,7 +45,8 @@ PEER_VENV = Path(__file__).resolve().parent / ".peer-venv"
 PEER_PACKAGES = ["micro-sam", "torch-em", "python-elf", "bioimage-cpp"]
 PEER_DEPENDENCIES = ["imageio", "scikit-image", "scikit-learn", "scipy", "kornia", "pooch", "xxhash", "zarr",
                      "google-crc32c", "natsort", "h5py", "xarray", "tensorboard", "matplotlib"]
-OBJECTS, SUB_ITERATIONS, BATCH = 25, 2, 1
+SEED = TrainConfig()  # the seed's settings, stated once in components/training/config.py
+OBJECTS, SUB_ITERATIONS, BATCH = SEED.n_objects_per_batch, SEED.n_sub_iteration, SEED.batch_size
 
 
 def ensure_peer_venv(venv: Path = PEER_VENV) -> Path:
@@ -126,8 +132,16 @@ class _Stamped(list):
         return super().__getitem__(i)
 
 
-def run_peer(args) -> dict:
+def torch_em_pair(sample):
+    """A sample as torch_em's loaders yield it: (C, H, W) float image in 0..255, (1, H, W) float instance labels."""
     import numpy as np
+    import torch
+
+    return (torch.from_numpy(sample.image).permute(2, 0, 1).float(),
+            torch.from_numpy(sample.mask.astype(np.int64))[None].float())
+
+
+def run_peer(args) -> dict:
     import torch
     from torch.utils.data import DataLoader, RandomSampler
     from tqdm import tqdm
@@ -139,9 +153,7 @@ def run_peer(args) -> dict:
 
     device = torch.device(args.device)
     samples = pedestrian_samples(args.images, (args.size, args.size))
-    # torch_em loaders yield (B, C, H, W) float images in 0..255 and (B, 1, H, W) float instance labels.
-    data = _Stamped([(torch.from_numpy(s.image).permute(2, 0, 1).float(),
-                      torch.from_numpy(s.mask.astype(np.int64))[None].float()) for s in samples])
+    data = _Stamped([torch_em_pair(s) for s in samples])
     sampler = RandomSampler(data, num_samples=args.iters, generator=torch.Generator().manual_seed(0))
     loader = DataLoader(data, batch_size=BATCH, sampler=sampler, num_workers=0)
     # As micro_sam.training.train_sam builds it (micro_sam/training/training.py), without the UNETR
@@ -174,7 +186,8 @@ def run_peer(args) -> dict:
 def _side(args, python: str, side: str, weights: str) -> dict:
     cmd = [python, "-m", "benchmarks.peer_microsam", "--side", side, "--weights", weights, "--device", args.device,
            "--iters", str(args.iters), "--images", str(args.images), "--size", str(args.size),
-           "--threads", str(args.threads), "--amp-dtype", args.amp_dtype]
+           "--threads", str(args.threads), "--amp-dtype", args.amp_dtype, "--val-every", str(args.val_every)]
+    cmd += ["--seed-defaults"] if args.seed_defaults else []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -183,8 +196,9 @@ def _side(args, python: str, side: str, weights: str) -> dict:
         raise SystemExit(f"{side} failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
     r = json.loads(line[len("RESULT "):])
     r["process_s"] = time.perf_counter() - t0
-    print(f"{r['side']:9s}: {r['per_iteration_s']:.3f} s/iteration warm (first {r['first_s']:.2f} s), "
-          f"whole run {r['whole_s']:.1f} s, amp {r['amp']}", flush=True)
+    warm = (f"{r['per_iteration_s']:.3f} s/iteration warm (first {r['first_s']:.2f} s), "
+            if "per_iteration_s" in r else "")
+    print(f"{r['side']:9s}: {warm}whole run {r['whole_s']:.1f} s, amp {r['amp']}", flush=True)
     return r
 
 
@@ -207,6 +221,29 @@ def table(peer: dict, ours: dict, device_name: str) -> str:
     return f"{device_name}\n\n" + "\n".join(rows)
 
 
+def describe(args, peer: dict, ours: dict, load) -> str:
+    """The paragraph under the RESULTS.md heading: what both did."""
+    from benchmarks.pedestrians import instances, pedestrian_samples
+
+    n_obj = instances(pedestrian_samples(args.images, (args.size, args.size)))
+    return (f"{args.images} Penn-Fudan-like {args.size}x{args.size} images ({n_obj} people, 1..8 per image), a random "
+            f"`vit_t`, `-n {OBJECTS}` (every person), `-s {SUB_ITERATIONS}`, batch {BATCH}, {args.iters} iterations, "
+            f"image encoder frozen; micro-sam first, then ours, each in its own process; load average "
+            f"{load[0][0]:.1f} before, {load[1][0]:.1f} after (1 min). Whole run: ours = embedding pass + "
+            f"preparation + iterations, micro-sam = iterations; no validation in either.")
+
+
+def _comparison(args):
+    """The chosen comparison: (ours, peer, table, describe, RESULTS.md heading)."""
+    where = "GPU" if args.device.startswith("cuda") else "CPU"
+    if args.seed_defaults:
+        from benchmarks import peer_whole_run as whole
+
+        return (whole.run_ours, whole.run_peer, whole.table, whole.describe,
+                f"## Against the peer, whole run at the seed's defaults ({where})")
+    return run_ours, run_peer, table, describe, f"## Against the peer ({where})"
+
+
 def device_name(device: str) -> str:
     import torch
 
@@ -218,8 +255,11 @@ def device_name(device: str) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--iters", type=int, default=40)
-    p.add_argument("--images", type=int, default=24)
+    p.add_argument("--seed-defaults", action="store_true",
+                   help="time each trainer's whole run (validation, checkpoints) at the seed's defaults")
+    p.add_argument("--iters", type=int, help=f"default: 40, with --seed-defaults {SEED.n_iterations}")
+    p.add_argument("--images", type=int, help="default: 24, with --seed-defaults 170 (Penn-Fudan's size)")
+    p.add_argument("--val-every", type=int, default=SEED.val_every, help="with --seed-defaults: validation interval")
     p.add_argument("--size", type=int, default=304, help="image height and width")
     p.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
     p.add_argument("--amp-dtype", default="bf16", choices=["bf16", "fp16"], help="ours (the peer uses its default)")
@@ -231,19 +271,22 @@ def main(argv=None) -> None:
     p.add_argument("--setup-only", action="store_true", help="only make the peer venv")
     p.add_argument("--side", choices=["ours", "peer"], help=argparse.SUPPRESS)  # internal: one side per process
     args = p.parse_args(argv)
+    args.iters = args.iters or (SEED.n_iterations if args.seed_defaults else 40)
+    args.images = args.images or (170 if args.seed_defaults else 24)
     warnings.filterwarnings("ignore")
+    run_ours_side, run_peer_side, make_table, make_paragraph, heading = _comparison(args)
     if args.side:
         import torch
 
         torch.set_num_threads(args.threads)
-        result = (run_ours if args.side == "ours" else run_peer)(args)
+        result = (run_ours_side if args.side == "ours" else run_peer_side)(args)
         print("RESULT " + json.dumps(result), flush=True)
         return
     peer_python = args.peer_python or str(ensure_peer_venv())
     if args.setup_only:
         print(peer_python)
         return
-    from benchmarks.pedestrians import instances, pedestrian_samples, random_vit_t
+    from benchmarks.pedestrians import random_vit_t
 
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -252,25 +295,18 @@ def main(argv=None) -> None:
         ours = _side(args, sys.executable, "ours", weights)
     load = (load, os.getloadavg())
     name = device_name(args.device)
-    print("\n" + table(peer, ours, name))
+    print("\n" + make_table(peer, ours, name))
     if args.markdown:
-        args.markdown.write_text(table(peer, ours, name) + "\n")
-    n_obj = instances(pedestrian_samples(args.images, (args.size, args.size)))
+        args.markdown.write_text(make_table(peer, ours, name) + "\n")
     if args.json:
         args.json.write_text(json.dumps({"peer": peer, "ours": ours, "device": name, "load": load}, indent=2))
     if args.write:
         from benchmarks.results import write_section
 
         cmd = "PYTHONPATH=$PWD .venv/bin/python -m benchmarks.peer_microsam " + " ".join(argv or sys.argv[1:])
-        write_section(f"## Against the peer ({'GPU' if args.device.startswith('cuda') else 'CPU'})", "\n".join([
-            f"## Against the peer ({'GPU' if args.device.startswith('cuda') else 'CPU'})", "",
-            f"`{cmd.strip()}`", "",
-            f"{args.images} Penn-Fudan-like {args.size}x{args.size} images ({n_obj} people, 1..8 per image), a random "
-            f"`vit_t`, `-n {OBJECTS}` (every person), `-s {SUB_ITERATIONS}`, batch {BATCH}, {args.iters} iterations, "
-            f"image encoder frozen; micro-sam first, then ours, each in its own process; load average "
-            f"{load[0][0]:.1f} before, {load[1][0]:.1f} after (1 min). Whole run: ours = embedding pass + "
-            f"preparation + iterations, micro-sam = iterations; no validation in either.", "",
-            table(peer, ours, name), ""]))
+        write_section(heading, "\n".join([heading, "", f"`{cmd.strip()}`", "",
+                                           make_paragraph(args, peer, ours, load), "",
+                                           make_table(peer, ours, name), ""]))
 
 
 if __name__ == "__main__":
