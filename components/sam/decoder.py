@@ -53,6 +53,20 @@ def _attend(m: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     return m.out_proj(out.transpose(1, 2).reshape(n, out.shape[2], -1))
 
 
+def _project_image(keys: torch.Tensor, key_pe: torch.Tensor, with_pe: tuple[nn.Linear, ...],
+                   without_pe: tuple[nn.Linear, ...]) -> list[torch.Tensor]:
+    """[p(keys + key_pe) for p in with_pe] + [p(keys) for p in without_pe] as one product over the image
+    tokens keys (B, 4096, C). p(keys + pe) = p(keys) + W pe, and W pe is the same for every prompt, so it
+    joins the bias as a (1, 4096, C') offset: the official code instead forms keys + pe, an (N, 4096, C)
+    sum, twice per layer, and casts each projection's input to the autocast dtype separately."""
+    linears = (*with_pe, *without_pe)
+    weight = torch.cat([p.weight for p in linears])
+    pe_weight = torch.cat([p.weight for p in with_pe] + [torch.zeros_like(p.weight) for p in without_pe])
+    offset = F.linear(key_pe, pe_weight, torch.cat([p.bias for p in linears]))
+    out = torch.baddbmm(offset, keys, weight.t().expand(keys.shape[0], -1, -1))
+    return list(out.split([p.out_features for p in linears], dim=-1))
+
+
 def _select(x: torch.Tensor, image_index: torch.Tensor | None) -> torch.Tensor:
     """Per-image rows -> per-prompt rows (no copy when there is one image)."""
     return x if image_index is None else x[image_index]
@@ -75,26 +89,20 @@ def two_way_transformer(t: nn.Module, image: torch.Tensor, image_pe: torch.Tenso
             queries = queries + _attend(a, a.q_proj(q), a.k_proj(q), a.v_proj(queries))
         queries = layer.norm1(queries)
 
-        # Tokens attend to the image. In the first layer the image side is the same for every prompt of
-        # an image: project it once per image (k and v broadcast or are gathered per prompt).
-        a = layer.cross_attn_token_to_image
-        kp, vp = a.k_proj(keys + key_pe), a.v_proj(keys)
-        if i == 0 and shared_image:
-            kp, vp = _select(kp, image_index), _select(vp, image_index)
-        queries = layer.norm2(queries + _attend(a, a.q_proj(queries + query_pe), kp, vp))
+        # Both cross attentions project this layer's image tokens: keys and values for the tokens'
+        # attention to the image, queries for the image's attention to the tokens. One product.
+        t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+        kp, qp, vp = _project_image(keys, key_pe, with_pe=(t2i.k_proj, i2t.q_proj), without_pe=(t2i.v_proj,))
+        if i == 0 and shared_image:  # the same for every prompt of an image until the image attends to them
+            kp, qp, vp, keys = (_select(x, image_index) for x in (kp, qp, vp, keys))
+        queries = layer.norm2(queries + _attend(t2i, t2i.q_proj(queries + query_pe), kp, vp))
         queries = layer.norm3(queries + layer.mlp(queries))
-
-        # The image attends to the tokens; from here on each prompt has its own image tokens.
-        a = layer.cross_attn_image_to_token
         q = queries + query_pe
-        qp = a.q_proj(keys + key_pe)
-        if i == 0 and shared_image:
-            qp = _select(qp, image_index)
-            keys = _select(keys, image_index)
-        keys = layer.norm4(keys + _attend(a, qp, a.k_proj(q), a.v_proj(queries)))
+        keys = layer.norm4(keys + _attend(i2t, qp, i2t.k_proj(q), i2t.v_proj(queries)))
 
     a = t.final_attn_token_to_image
-    out = _attend(a, a.q_proj(queries + query_pe), a.k_proj(keys + key_pe), a.v_proj(keys))
+    kp, vp = _project_image(keys, key_pe, with_pe=(a.k_proj,), without_pe=(a.v_proj,))
+    out = _attend(a, a.q_proj(queries + query_pe), kp, vp)
     return t.norm_final_attn(queries + out), keys
 
 
