@@ -14,7 +14,7 @@ import io
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -78,6 +78,22 @@ def _autocast(device: torch.device, amp: bool):
     return nullcontext()
 
 
+@contextmanager
+def _conv_layout(encoder: nn.Module, device: torch.device):
+    """Channels-last weights for the encoder's convolutions while it embeds on a CPU: oneDNN's kernels
+    run TinyViT about 1.4x faster that way (bf16 autocast, one thread, 1024x1024 input; the input batch
+    goes channels-last too). The model is shared with training and export, whose bytes must not depend on
+    whether embeddings were computed, so the usual layout comes back afterwards."""
+    if device.type != "cpu":
+        yield
+        return
+    encoder.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        encoder.to(memory_format=torch.contiguous_format)
+
+
 @torch.no_grad()
 def compute_embeddings(model: nn.Module, images: Sequence[np.ndarray], *, batch_size: int = 4,
                        amp: bool | None = None) -> torch.Tensor:
@@ -90,7 +106,8 @@ def compute_embeddings(model: nn.Module, images: Sequence[np.ndarray], *, batch_
     batch_size = max(1, batch_size)
     out = []
     starts = range(0, len(images), batch_size)
-    with ThreadPoolExecutor(max_workers=min(4, max(1, len(images)))) as pool:
+    with ThreadPoolExecutor(max_workers=min(4, max(1, len(images)))) as pool, \
+            _conv_layout(model.image_encoder, device):
         def submit(start):  # one batch ahead at most: 12 MB per prepared 1024x1024 image
             return [pool.submit(lambda im: preprocess_image(im)[0], im) for im in images[start:start + batch_size]]
 
@@ -101,10 +118,10 @@ def compute_embeddings(model: nn.Module, images: Sequence[np.ndarray], *, batch_
             if device.type == "cuda":
                 batch = batch.pin_memory().to(device, non_blocking=True)
             else:
-                batch = batch.to(device)
+                batch = batch.to(device, memory_format=torch.channels_last)
             with _autocast(device, amp):
                 emb = model.image_encoder(batch)
-            out.append(emb.to(torch.float16).float())
+            out.append(emb.to(torch.float16).float().contiguous())
     if not out:
         return torch.zeros((0, *EMBEDDING_SHAPE), device=device)
     return torch.cat(out)
