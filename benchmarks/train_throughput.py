@@ -167,7 +167,8 @@ def main(argv=None) -> None:
     p.add_argument("--objects", type=int, nargs="+", default=[4, 8, 25])
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     # (The former "cached_ri" ablation, the official repeat_interleave decoder, is gone: training now
-    # always decodes every object of an iteration in one broadcasting call, components/sam/prompt_batch.py.)
+    # always decodes every object of an iteration in one call, components/sam/prompt_batch.py, through
+    # components/sam/decoder.py; benchmarks/decoder_speed.py compares that with the official decoder.)
     p.add_argument("--modes", nargs="+", default=["seed", "cached"],
                    help="seed: encoder every iteration; cached: cached embeddings")
     p.add_argument("--iters", type=int, default=0, help="timed iterations per case (default: by object count)")

@@ -37,3 +37,27 @@ def test_damaged_embedding_object_is_recomputed_with_a_warning(store, tmp_path, 
     assert any("sha256" in r.getMessage() and store.uri(key) in r.getMessage() for r in caplog.records)
     # The recomputed embedding replaced the damaged object.
     torch.testing.assert_close(decode_bytes(store.get_bytes(key)), good, atol=1e-3, rtol=0)
+
+
+def test_embedding_on_cpu_leaves_the_model_as_it_was():
+    """compute_embeddings switches the encoder to channels-last weights on CPU (faster convolutions) and
+    back: the exported state must not depend on whether embeddings were computed, and the embedding
+    equals the one of the usual layout."""
+    from components.sam.embeddings import _conv_layout, compute_embeddings
+
+    torch.manual_seed(0)
+    model = build_sam("vit_t")
+    before = {k: (v.clone(), v.stride()) for k, v in model.state_dict().items()}
+    (sample,) = make_samples(1, seed=3, size=(64, 80))
+    got = compute_embeddings(model, [sample.image], batch_size=1, amp=False)
+    assert got.is_contiguous()
+    for k, v in model.state_dict().items():
+        assert v.stride() == before[k][1] and torch.equal(v, before[k][0]), k
+    with torch.no_grad():
+        from components.sam.transforms import preprocess_image
+
+        plain = model.image_encoder(preprocess_image(sample.image)[0][None]).to(torch.float16).float()
+    torch.testing.assert_close(got, plain, atol=1e-3, rtol=1e-3)
+    with pytest.raises(RuntimeError), _conv_layout(model.image_encoder, torch.device("cpu")):
+        raise RuntimeError("an encoder failure")
+    assert all(v.stride() == before[k][1] for k, v in model.state_dict().items())
