@@ -82,7 +82,9 @@ def record(args, rows: list[dict], load: tuple) -> None:
     precision = "bf16 autocast (training and embedding)" if args.amp == "bf16" else "fp32 (no autocast)"
     lines = [heading, "",
              f"`PYTHONPATH=$PWD .venv/bin/python -m benchmarks.learning_curve --label {args.label} --iters {args.iters} "
-             f"--chunk {args.chunk} --train {args.train} --val {args.val} --write`", "",
+             f"--chunk {args.chunk} --train {args.train} --val {args.val} --seed {args.seed} "
+             f"{'' if args.train_seed is None else f'--train-seed {args.train_seed} '}--amp {args.amp} "
+             f"--threads {args.threads} --write`", "",
              f"Random `vit_t` (seed {args.seed}), {args.train} training and {args.val} validation Penn-Fudan-like "
              f"{args.height}x{args.width} images ({first['instances']} validation people), the seed's settings "
              f"(`-n 25`, `-s 2`, batch 1, alternating box/point prompts) at lr {args.lr:g}, {precision}, CPU "
