@@ -13,6 +13,7 @@ in fp32 at the original resolution. No hook in the trainer: the benchmark only r
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -22,7 +23,8 @@ from dataclasses import replace
 from pathlib import Path
 
 
-def curve(args) -> list[dict]:
+def curve(args) -> tuple[list[dict], list[float]]:
+    """The scored rows, one per chunk, and the per-iteration training loss of the whole run."""
     import torch
 
     from benchmarks.pedestrians import pedestrian_samples, random_vit_t
@@ -35,16 +37,18 @@ def curve(args) -> list[dict]:
     from components.storage import ObjectStore
 
     torch.set_num_threads(args.threads)
+    bf16 = args.amp == "bf16"
     samples = pedestrian_samples(args.train + args.val, (args.height, args.width), seed=args.seed)
     train_s, val_s = samples[:args.train], samples[args.train:]
-    rows = []
+    rows, losses = [], []
     with tempfile.TemporaryDirectory() as tmp, embedded_s3() as s3:
         store = ObjectStore(replace(s3, prefix="learning-curve/"))
         weights = random_vit_t(Path(tmp) / "vit_t_random.pt", seed=args.seed)
         sha = sha256_file(weights)
         scorer = build_sam("vit_t", weights, "cpu")
         # The same cache train() uses, so its first chunk finds the validation embeddings in the store.
-        val_embs = EmbeddingCache(scorer, sha, store, batch_size=1).get(val_s)
+        # In the run's precision, as train() would embed them: each curve is one precision end to end.
+        val_embs = EmbeddingCache(scorer, sha, store, batch_size=1, amp=bf16).get(val_s)
 
         def score(iteration: int, **extra) -> None:
             inst = score_model(scorer, val_embs, val_s)["instances"]
@@ -56,16 +60,18 @@ def curve(args) -> list[dict]:
         score(0)
         t0 = time.perf_counter()
         for end in range(args.chunk, args.iters + 1, args.chunk):
-            cfg = TrainConfig(device="cpu", n_iterations=end, val_every=args.chunk, lr=args.lr, amp=True,
-                              amp_dtype="bf16", seed=args.seed, checkpoint_dir=f"{tmp}/checkpoints", resume=True,
+            cfg = TrainConfig(device="cpu", n_iterations=end, val_every=args.chunk, lr=args.lr, amp=bf16,
+                              amp_dtype="bf16", seed=args.seed if args.train_seed is None else args.train_seed,
+                              checkpoint_dir=f"{tmp}/checkpoints", resume=True,
                               show_progress=False)
             result = train(cfg, weights, train_s, val_s, store=store, weights_sha256=sha)
             latest = torch.load(result.latest_path, map_location="cpu", weights_only=True)
             load_trainable_state_dict(scorer, latest["trainable_state"])
-            losses = [x for x in result.history["loss"][-args.chunk:] if x == x]
-            score(end, loss=statistics.fmean(losses) if losses else float("nan"),
+            losses = list(result.history["loss"])  # the whole trajectory: history survives the resume
+            chunk = [x for x in losses[-args.chunk:] if x == x]
+            score(end, loss=statistics.fmean(chunk) if chunk else float("nan"),
                   trainer_val_dice=result.history["val_dice"][-1], seconds=time.perf_counter() - t0)
-    return rows
+    return rows, losses
 
 
 def record(args, rows: list[dict], load: tuple) -> None:
@@ -73,16 +79,20 @@ def record(args, rows: list[dict], load: tuple) -> None:
 
     heading = f"## Learning curve ({args.label})"
     first, last = rows[0], rows[-1]
+    precision = "bf16 autocast (training and embedding)" if args.amp == "bf16" else "fp32 (no autocast)"
     lines = [heading, "",
              f"`PYTHONPATH=$PWD .venv/bin/python -m benchmarks.learning_curve --label {args.label} --iters {args.iters} "
-             f"--chunk {args.chunk} --train {args.train} --val {args.val} --write`", "",
+             f"--chunk {args.chunk} --train {args.train} --val {args.val} --seed {args.seed} "
+             f"{'' if args.train_seed is None else f'--train-seed {args.train_seed} '}--amp {args.amp} "
+             f"--threads {args.threads} --write`", "",
              f"Random `vit_t` (seed {args.seed}), {args.train} training and {args.val} validation Penn-Fudan-like "
              f"{args.height}x{args.width} images ({first['instances']} validation people), the seed's settings "
-             f"(`-n 25`, `-s 2`, batch 1, alternating box/point prompts) at lr {args.lr:g}, bf16 autocast, CPU "
+             f"(`-n 25`, `-s 2`, batch 1, alternating box/point prompts) at lr {args.lr:g}, {precision}, CPU "
              f"with {args.threads} threads (load average {load[0]:.1f} -> {load[1]:.1f}: shared with other "
              f"engineers' work, hence the short run). Box and point Dice: `components.evaluate.score_model` "
-             f"on the validation images with the latest weights (fp32; point = one centre point, multimask, "
-             f"highest predicted IoU); \"trainer val Dice\" is the trainer's own validation (box, under autocast).",
+             f"on the validation images with the latest weights (fp32 decoder; point = one centre point, multimask, "
+             f"highest predicted IoU); \"trainer val Dice\" is the trainer's own validation (box, in the run's "
+             f"precision).",
              "", "| iteration | loss (chunk mean) | trainer val Dice | box Dice | point Dice |",
              "|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -107,14 +117,22 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--train-seed", type=int, help="training's seed (prompts, order) if not --seed: the same data and "
+                   "weights on another trajectory, to see how much the curve moves by chance")
+    p.add_argument("--amp", default="bf16", choices=["bf16", "fp32"],
+                   help="training and embedding precision: bf16 autocast, or fp32 throughout")
     p.add_argument("--label", default="before", help="which code state this curve shows (section heading)")
     p.add_argument("--write", action="store_true", help="record the curve in benchmarks/RESULTS.md")
+    p.add_argument("--json", type=Path, help="also write the rows and the per-iteration losses here (to compare runs)")
     args = p.parse_args(argv)
     if args.iters < args.chunk:
         p.error("--iters must be at least --chunk")
     warnings.filterwarnings("ignore")
     load0 = os.getloadavg()[0]
-    rows = curve(args)
+    rows, losses = curve(args)
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+                                         "loss": losses}, indent=1))
     if args.write:
         record(args, rows, (load0, os.getloadavg()[0]))
 

@@ -51,7 +51,9 @@ class TrainConfig:
     lr: float = 1e-5
     seed: int = 0
     val_every: int = 10
-    amp: bool | None = None  # None: on for CUDA, off for CPU
+    # None: on for CUDA, off for CPU. Not bf16 on CPUs with native bf16: it did not learn as well as fp32
+    # (benchmarks/RESULTS.md, "bf16 against fp32 on CPU: learning parity"); amp=True opts in.
+    amp: bool | None = None
     amp_dtype: str = "fp16"  # "fp16" (CUDA, with GradScaler) or "bf16" (CUDA where supported, CPU)
     freeze_prompt_encoder: bool = False
     checkpoint_dir: str = "checkpoints"
