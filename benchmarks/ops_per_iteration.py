@@ -70,8 +70,8 @@ def record(r: dict, verdict: str) -> None:
         f"(bf16 autocast, {r['train_objects']} objects on the 3 training images of `make_samples(4, seed=3, "
         f"size=(240, 320), max_instances=3)`, `n_sub_iteration` 2), the difference between profiled "
         f"`train()` runs of {LONG} and {SHORT} iterations divided by {LONG - SHORT}. torch {r['torch']}, "
-        f"{platform.machine()}; the profiled runs took {r['seconds']:.0f} s on a loaded machine, but the "
-        f"count does not depend on the load.", "",
+        f"{platform.machine()}; the profiled runs took {r['seconds']:.0f} s (the count does not depend "
+        f"on how loaded the machine was).", "",
         "| run | top-level aten ops |", "|---|---:|",
         f"| {SHORT} iterations | {r['short']} |", f"| {LONG} iterations | {r['long']} |",
         f"| **per iteration** | **{r['per_iteration']:.0f}** |", "",
