@@ -6,7 +6,8 @@
 # own venv (benchmarks/.peer-venv, seeing this interpreter's torch): carry one along, or set PEER_WHEELS to
 # a folder of the peer's wheels (made online with `pip download -d DIR micro-sam torch-em python-elf
 # bioimage-cpp --no-deps` plus the list in benchmarks/peer_microsam.py). Without either, the peer is skipped.
-# 1. the CUDA AMP paths train without non-finite losses (pytest, fp16+GradScaler and bf16);
+# 1. the CUDA AMP paths train without non-finite losses (pytest, fp16+GradScaler and bf16), and the decoder
+#    with fused attention gives the official decoder's numbers on CUDA (tests/test_decoder.py);
 # 2. the training-throughput benchmark: seed way vs cached embeddings, fp32 / fp16+GradScaler / bf16;
 # 3. ours against micro-sam's SamTrainer on identical work (issue 10's settings, 200 iterations);
 # 4. the whole run of each at the seed's defaults (170 images split as ingest splits, validation every 10,
@@ -40,8 +41,9 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {p.name}, {p.total
 PYEOF
 
 if [ "$DEVICE" = cuda ]; then
-    echo "== AMP paths (pytest) =="
-    timeout 120 "$PY" -m pytest tests/test_finetune.py -q -p no:cacheprovider -k "cuda_amp_paths" -rs
+    echo "== AMP paths and the decoder on CUDA (pytest) =="
+    timeout 120 "$PY" -m pytest tests/test_finetune.py tests/test_decoder.py -q -p no:cacheprovider \
+        -k "cuda_amp_paths or on_cuda" -rs
 
     echo "== training throughput (CUDA) =="
     timeout 240 "$PY" -m benchmarks.train_throughput --device cuda --dtypes fp32 fp16 bf16 --objects 4 8 25 \

@@ -93,3 +93,21 @@ def test_several_images_need_an_index():
     coords, labels = BOXES.view(3, 2, 2), torch.tensor([[2, 3]] * 3)
     with pytest.raises(ValueError, match="image_index"):
         decode_all(model, torch.randn(2, 256, 64, 64), None, coords, labels)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.sh runs it)")
+def test_fused_attention_on_cuda_matches_the_official_decoder():
+    """On CUDA attention always goes through F.scaled_dot_product_attention; fp32, so its kernels must
+    give the official numbers within fp32 tolerance."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    emb = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(0)).cuda()
+    outs = []
+    for fast in (False, True):
+        model = _model(fast).cuda()
+        low, iou = decode_input_frame(model, emb, boxes=BOXES.cuda())
+        (low.mean() + iou.mean()).backward()
+        outs.append((low.detach(), iou.detach(), _grads(model)))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-5)
+    _assert_same(outs[1][2], outs[0][2])
