@@ -11,9 +11,9 @@ from components.sam.prompt_batch import decode_all
 BOXES = torch.tensor([[10.0, 20.0, 300.0, 400.0], [500.0, 100.0, 900.0, 700.0], [0.0, 0.0, 1023.0, 1023.0]])
 
 
-def _model(fast: bool):
+def _model(fast: bool, model_type: str = "vit_t"):
     torch.manual_seed(1)
-    model = build_sam("vit_t")
+    model = build_sam(model_type)
     set_trainable(model)
     return use_fast_decoder(model) if fast else model
 
@@ -32,7 +32,8 @@ def _assert_same(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_same_outputs_and_gradients_as_the_official_decoder():
+@pytest.mark.parametrize("model_type", ["vit_t", "vit_b"])  # mobile_sam's and segment_anything's decoder code
+def test_same_outputs_and_gradients_as_the_official_decoder(model_type):
     torch.manual_seed(0)
     emb = torch.randn(1, 256, 64, 64)
     points = torch.tensor([[[100.0, 100.0]], [[600.0, 300.0]], [[5.0, 5.0]]])
@@ -40,7 +41,7 @@ def test_same_outputs_and_gradients_as_the_official_decoder():
     mask_in = torch.randn(3, 1, 256, 256)
     outs = []
     for fast in (False, True):
-        model = _model(fast)
+        model = _model(fast, model_type)
         results = []
         for kw in (dict(boxes=BOXES), dict(points=points, point_labels=labels, mask_input=mask_in),
                    dict(boxes=BOXES[:1])):
