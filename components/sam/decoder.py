@@ -16,7 +16,7 @@ as six elementwise passes, two GELUs over 128x128x64 and 256x256x32 activations)
 3. On a GPU, attention through `F.scaled_dot_product_attention`: one fused kernel (and its backward)
    for the official `q @ k^T / sqrt(d)`, softmax, `@ v`, where the step is bound by kernel launches.
    On CPU the explicit products stay: with 7-9 prompt tokens against 4096 image tokens and a head
-   dimension of 16, torch's CPU kernel took about 1.3x longer than matmul + softmax (one-thread
+   dimension of 16, torch's CPU kernel took about 1.5x longer than matmul + softmax (one-thread
    forward + backward of the transformer, 3 prompts, bf16).
 4. The upscaling as two matrix products in "unshuffled" pixel order. A transposed convolution with
    kernel 2 and stride 2 is a per-pixel linear map to 2x2 output pixels; LayerNorm2d, GELU and the
