@@ -13,6 +13,7 @@ in fp32 at the original resolution. No hook in the trainer: the benchmark only r
 from __future__ import annotations
 
 import argparse
+import shlex
 import json
 import os
 import statistics
@@ -81,15 +82,14 @@ def record(args, rows: list[dict], load: tuple) -> None:
     first, last = rows[0], rows[-1]
     precision = "bf16 autocast (training and embedding)" if args.amp == "bf16" else "fp32 (no autocast)"
     lines = [heading, "",
-             f"`PYTHONPATH=$PWD .venv/bin/python -m benchmarks.learning_curve --label {args.label} --iters {args.iters} "
+             f"`PYTHONPATH=$PWD .venv/bin/python -m benchmarks.learning_curve --label {shlex.quote(args.label)} --iters {args.iters} "
              f"--chunk {args.chunk} --train {args.train} --val {args.val} --seed {args.seed} "
              f"{'' if args.train_seed is None else f'--train-seed {args.train_seed} '}--amp {args.amp} "
              f"--threads {args.threads} --write`", "",
              f"Random `vit_t` (seed {args.seed}), {args.train} training and {args.val} validation Penn-Fudan-like "
              f"{args.height}x{args.width} images ({first['instances']} validation people), the seed's settings "
              f"(`-n 25`, `-s 2`, batch 1, alternating box/point prompts) at lr {args.lr:g}, {precision}, CPU "
-             f"with {args.threads} threads (load average {load[0]:.1f} -> {load[1]:.1f}: shared with other "
-             f"engineers' work, hence the short run). Box and point Dice: `components.evaluate.score_model` "
+             f"with {args.threads} threads (load average {load[0]:.1f} -> {load[1]:.1f}, 1 min). Box and point Dice: `components.evaluate.score_model` "
              f"on the validation images with the latest weights (fp32 decoder; point = one centre point, multimask, "
              f"highest predicted IoU); \"trainer val Dice\" is the trainer's own validation (box, in the run's "
              f"precision).",
