@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 
 from components.errors import UserError
+from components.files import unique_temp
 from components.kfp_components import TASKS  # in topological order
 from pipelines.local_console import Console, Events
 from pipelines.local_tasks import gate_verdicts, task_graph, task_states
@@ -257,13 +258,22 @@ def _keep_registered(store, registered: dict, registry: Path) -> dict:
     version_key = key.rsplit("/", 1)[0]
     model_key = version_key.rsplit("/", 1)[0]
     folder = registry / version_key[len(store.config.prefix):]
-    if folder.exists():
-        return {"conflict": f"{folder} already exists (another local run registered the same version at the "
+    conflict = {"conflict": f"{folder} already exists (another local run registered the same version at the "
                             f"same time); this run's model is {registered['model_uri']} in the gone store"}
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.part")
-    for obj in store.list(version_key + "/"):
-        store.get_file(obj, tmp / obj[len(version_key) + 1:])
-    os.replace(tmp, folder)  # the version appears complete or not at all
+    if folder.exists():
+        return conflict
+    tmp = unique_temp(folder)  # hidden: _seed_registry skips it; unique: two runs may copy at once
+    try:
+        for obj in store.list(version_key + "/"):
+            store.get_file(obj, tmp / obj[len(version_key) + 1:])
+        try:
+            os.rename(tmp, folder)  # the version appears complete or not at all
+        except OSError:
+            if folder.exists():  # the other run's copy landed while this one was copying
+                return conflict
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-copied stays behind, whatever failed
     for obj in store.list(model_key + "/"):
         if "/" not in obj[len(model_key) + 1:]:  # get_file replaces atomically
             store.get_file(obj, folder.parent / obj[len(model_key) + 1:])

@@ -190,7 +190,7 @@ def test_local_runs_share_the_registry_with_proper_versions(s3, tmp_path):
     assert [Path(k["model"]).parent.name for k in kept] == ["v1", "v2"]
     assert [Path(k["model"]).read_bytes() for k in kept] == [b"weights of run 0", b"weights of run 1"]
     assert json.loads(Path(kept[1]["card"]).read_text())["metrics"]["box_dice"] == 0.6
-    assert not list(registry.rglob(".*.part"))  # no half-copied version left behind
+    assert not list(registry.rglob(".*.part*"))  # no half-copied version left behind
     # The registry's create-only claims travel with their versions, so a later run cannot claim them again.
     assert sorted(p.parent.name for p in registry.rglob(".claim")) == ["v1", "v2"]
     # A third run's store sees v2 as the champion and numbers on.
@@ -198,6 +198,36 @@ def test_local_runs_share_the_registry_with_proper_versions(s3, tmp_path):
     local._seed_registry(store, registry)
     reg = ObjectStoreRegistry(store)
     assert reg.latest("sam-local")["version"] == "v2" and reg.next_version("sam-local") == "v3"
+
+
+def test_a_version_copied_by_another_run_meanwhile_is_a_conflict_not_a_crash(s3, tmp_path):
+    """Two local runs in one folder registered the same version; the other's copy lands while this one is
+    copying: this run reports the conflict, keeps the other's files, and leaves no temporary folder."""
+    import dataclasses
+    import uuid
+
+    from components.registry import ObjectStoreRegistry
+    from components.storage import ObjectStore
+
+    registry = tmp_path / "registry"
+    store = ObjectStore(dataclasses.replace(s3, prefix=f"run-{uuid.uuid4().hex[:8]}/"))
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"this run's weights")
+    version = ObjectStoreRegistry(store).register("sam-local", model, {"metrics": {"box_dice": 0.5}})
+    other = registry / "models" / "sam-local" / version.version
+    real_get_file = store.get_file
+
+    def get_file_while_the_other_run_lands(key, dest):
+        if not other.exists():
+            other.mkdir(parents=True)
+            (other / "model.pt").write_bytes(b"the other run's weights")
+        return real_get_file(key, dest)
+
+    store.get_file = get_file_while_the_other_run_lands
+    kept = local._keep_registered(store, {"version": version.version, "model_uri": version.model_uri}, registry)
+    assert "conflict" in kept and str(other) in kept["conflict"]
+    assert (other / "model.pt").read_bytes() == b"the other run's weights"
+    assert not [p for p in registry.rglob(".*") if ".part" in p.name]
 
 
 # -- the S3 server dies with its parent ---------------------------------------------------------------
