@@ -32,6 +32,15 @@ def data_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def random_vit_t(tmp_path_factory):
+    """(path, sha256) of a random vit_t checkpoint (no download): the real architecture, read-only."""
+    from helpers import make_random_vit_t_checkpoint
+
+    path = tmp_path_factory.mktemp("weights") / "vit_t_random.pt"
+    return path, make_random_vit_t_checkpoint(path, seed=0)
+
+
+@pytest.fixture(scope="session")
 def pipeline_sources(tmp_path_factory):
     """What a whole local run fetches over HTTP: a synthetic Penn-Fudan zip and a random vit_t checkpoint
     (folder, checkpoint sha256)."""

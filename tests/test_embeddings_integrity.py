@@ -11,14 +11,12 @@ import torch
 from components.datasets.synthetic import make_samples
 from components.sam.embeddings import EMBEDDING_SHAPE, EmbeddingCache, decode_bytes, encode_bytes, image_key
 from components.sam.model import build_sam
-from helpers import make_random_vit_t_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def test_damaged_embedding_object_is_recomputed_with_a_warning(store, tmp_path, caplog):
-    weights = tmp_path / "vit_t_random.pt"
-    weights_sha = make_random_vit_t_checkpoint(weights, seed=0)
+def test_damaged_embedding_object_is_recomputed_with_a_warning(store, random_vit_t, caplog):
+    weights, weights_sha = random_vit_t
     model = build_sam("vit_t", weights)
     (sample,) = make_samples(1, seed=3, size=(64, 80))
     good = EmbeddingCache(model, weights_sha, store).get([sample])[0]

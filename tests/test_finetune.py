@@ -13,16 +13,8 @@ from components.datasets.synthetic import make_samples
 from components.training import TrainConfig, Trainer, prepare_items, resolve_amp, train
 from components.sam.embeddings import EmbeddingCache, decode_bytes, image_key
 from components.sam.model import build_sam, decode, load_trainable_state_dict
-from helpers import make_random_vit_t_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(scope="session")
-def weights(tmp_path_factory):
-    """A random vit_t checkpoint (no download): the decoder starts from scratch."""
-    path = tmp_path_factory.mktemp("weights") / "vit_t_random.pt"
-    return path, make_random_vit_t_checkpoint(path, seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -31,14 +23,14 @@ def samples():
 
 
 @pytest.fixture(scope="session")
-def emb_store(s3, weights, samples):
+def emb_store(s3, random_vit_t, samples):
     """An object store whose embedding cache is warm for `samples`: the encoder (~1.5 s/image on
     two cores) runs once per session and every train() below reads the cache, as a pipeline re-run does."""
     from components.storage import ObjectStore
 
     store = ObjectStore(replace(s3, prefix=f"t-finetune-{uuid.uuid4().hex[:8]}/"))
-    model = build_sam("vit_t", weights[0])
-    cache = EmbeddingCache(model, weights[1], store, batch_size=2)
+    model = build_sam("vit_t", random_vit_t[0])
+    cache = EmbeddingCache(model, random_vit_t[1], store, batch_size=2)
     cache.get(samples)
     assert cache.stats["computed"] == len(samples)
     return store
@@ -51,30 +43,30 @@ def cfg(tmp_path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def test_embedding_cache_round_trips_through_the_store(emb_store, weights, samples):
-    model = build_sam("vit_t", weights[0])
-    cache = EmbeddingCache(model, weights[1], emb_store)
+def test_embedding_cache_round_trips_through_the_store(emb_store, random_vit_t, samples):
+    model = build_sam("vit_t", random_vit_t[0])
+    cache = EmbeddingCache(model, random_vit_t[1], emb_store)
     got = cache.get(samples[:2] + samples[:1])
     assert cache.stats == {"memory": 1, "store": 2, "computed": 0, "encode_seconds": 0.0}
-    key = emb_store.key("embeddings", weights[1], image_key(samples[0]))
+    key = emb_store.key("embeddings", random_vit_t[1], image_key(samples[0]))
     raw = emb_store.get_bytes(key)
     assert len(raw) < 256 * 64 * 64 * 2 + 4096  # stored as fp16
     torch.testing.assert_close(decode_bytes(raw), got[0])
     # Fresh computation equals what the store returns (both rounded through fp16).
-    fresh = EmbeddingCache(model, weights[1], None).get(samples[:1])[0]
+    fresh = EmbeddingCache(model, random_vit_t[1], None).get(samples[:1])[0]
     torch.testing.assert_close(fresh, got[0], atol=1e-3, rtol=0)
     # A damaged object is recomputed, never used.
     emb_store.put_bytes(key, b"not a tensor")
-    again = EmbeddingCache(model, weights[1], emb_store)
+    again = EmbeddingCache(model, random_vit_t[1], emb_store)
     again.get(samples[:1])
     assert again.stats["computed"] == 1
     torch.testing.assert_close(decode_bytes(emb_store.get_bytes(key)), got[0], atol=1e-3, rtol=0)
 
 
-def test_decode_matches_the_official_predictor(weights, samples):
+def test_decode_matches_the_official_predictor(random_vit_t, samples):
     from mobile_sam import SamPredictor
 
-    model = build_sam("vit_t", weights[0])
+    model = build_sam("vit_t", random_vit_t[0])
     s = samples[0]
     predictor = SamPredictor(model)
     predictor.set_image(s.image)
@@ -86,13 +78,13 @@ def test_decode_matches_the_official_predictor(weights, samples):
     torch.testing.assert_close(d.iou_pred[0].detach(), torch.as_tensor(iou), atol=1e-4, rtol=1e-4)
 
 
-def test_it_learns(tmp_path, weights, samples, emb_store, capsys):
+def test_it_learns(tmp_path, random_vit_t, samples, emb_store, capsys):
     """A short run lifts per-instance validation Dice by >= 0.15 over the untrained decoder."""
     # Box prompts: with a random encoder the decoder can still learn "fill the box" from the box
     # embedding and the positional encoding. Measured on 2 shared cores: 0.110 -> 0.202, 0.299, 0.315
     # in 12 s of training (24 iterations).
     c = cfg(tmp_path, n_iterations=24, val_every=8, n_objects_per_batch=4, batch_size=1, lr=1e-3, prompt_mode="box")
-    result = train(c, weights[0], samples[:6], samples[6:], store=emb_store, weights_sha256=weights[1])
+    result = train(c, random_vit_t[0], samples[:6], samples[6:], store=emb_store, weights_sha256=random_vit_t[1])
     dice = result.history["val_dice"]
     with capsys.disabled():
         print(f"\nval Dice by validation: {[round(x, 3) for x in dice]}, {result.train_seconds:.0f}s of training")
@@ -105,10 +97,10 @@ def test_it_learns(tmp_path, weights, samples, emb_store, capsys):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, weights, samples, emb_store):
+def straight(tmp_path_factory, random_vit_t, samples, emb_store):
     tmp = tmp_path_factory.mktemp("straight")
-    return train(cfg(tmp, n_iterations=4), weights[0], samples[:6], samples[6:], store=emb_store,
-                 weights_sha256=weights[1])
+    return train(cfg(tmp, n_iterations=4), random_vit_t[0], samples[:6], samples[6:], store=emb_store,
+                 weights_sha256=random_vit_t[1])
 
 
 def _trainable(path):
@@ -121,60 +113,60 @@ def _assert_same_state(a, b):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
-def test_resume_from_local_latest_gives_the_same_weights(tmp_path, straight, weights, samples, emb_store):
-    half = train(cfg(tmp_path, n_iterations=2), weights[0], samples[:6], samples[6:], store=emb_store,
-                 weights_sha256=weights[1])
+def test_resume_from_local_latest_gives_the_same_weights(tmp_path, straight, random_vit_t, samples, emb_store):
+    half = train(cfg(tmp_path, n_iterations=2), random_vit_t[0], samples[:6], samples[6:], store=emb_store,
+                 weights_sha256=random_vit_t[1])
     assert half.resumed_from is None
-    full = train(cfg(tmp_path, n_iterations=4), weights[0], samples[:6], samples[6:], store=emb_store,
-                 weights_sha256=weights[1])
+    full = train(cfg(tmp_path, n_iterations=4), random_vit_t[0], samples[:6], samples[6:], store=emb_store,
+                 weights_sha256=random_vit_t[1])
     assert full.resumed_from == 2
     _assert_same_state(_trainable(straight.latest_path), _trainable(full.latest_path))
     np.testing.assert_allclose(full.history["loss"], straight.history["loss"], rtol=1e-5)
     assert full.history["val_dice"] == pytest.approx(straight.history["val_dice"], abs=1e-6)
 
 
-def test_resume_from_the_object_store_on_another_pod(tmp_path, straight, weights, samples, emb_store):
+def test_resume_from_the_object_store_on_another_pod(tmp_path, straight, random_vit_t, samples, emb_store):
     """A KFP retry lands on a fresh pod: no local files, latest.pt comes from runs/<run_id>/."""
     run_id = f"run-{uuid.uuid4().hex[:6]}"
-    train(cfg(tmp_path / "pod1", n_iterations=2), weights[0], samples[:6], samples[6:], store=emb_store,
-          run_id=run_id, weights_sha256=weights[1])
+    train(cfg(tmp_path / "pod1", n_iterations=2), random_vit_t[0], samples[:6], samples[6:], store=emb_store,
+          run_id=run_id, weights_sha256=random_vit_t[1])
     assert emb_store.exists(emb_store.key("runs", run_id, "checkpoints", "latest.pt"))
     assert emb_store.exists(emb_store.key("runs", run_id, "checkpoints", "best.pt"))
-    full = train(cfg(tmp_path / "pod2", n_iterations=4), weights[0], samples[:6], samples[6:], store=emb_store,
-                 run_id=run_id, weights_sha256=weights[1])
+    full = train(cfg(tmp_path / "pod2", n_iterations=4), random_vit_t[0], samples[:6], samples[6:], store=emb_store,
+                 run_id=run_id, weights_sha256=random_vit_t[1])
     assert full.resumed_from == 2
     _assert_same_state(_trainable(straight.latest_path), _trainable(full.latest_path))
 
 
-def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path, weights, samples, emb_store):
-    train(cfg(tmp_path, n_iterations=2), weights[0], samples[:6], samples[6:], store=emb_store,
-          weights_sha256=weights[1])
-    other = train(cfg(tmp_path, n_iterations=2, lr=2e-4), weights[0], samples[:6], samples[6:], store=emb_store,
-                  weights_sha256=weights[1])
+def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path, random_vit_t, samples, emb_store):
+    train(cfg(tmp_path, n_iterations=2), random_vit_t[0], samples[:6], samples[6:], store=emb_store,
+          weights_sha256=random_vit_t[1])
+    other = train(cfg(tmp_path, n_iterations=2, lr=2e-4), random_vit_t[0], samples[:6], samples[6:], store=emb_store,
+                  weights_sha256=random_vit_t[1])
     assert other.resumed_from is None
     ckpt = torch.load(other.latest_path, map_location="cpu", weights_only=True)
-    assert ckpt["config"]["lr"] == 2e-4 and ckpt["weights_sha256"] == weights[1]
+    assert ckpt["config"]["lr"] == 2e-4 and ckpt["weights_sha256"] == random_vit_t[1]
     assert {"optimizer", "scheduler", "scaler", "rng", "iteration", "best_val_dice", "dataset_hash"} <= ckpt.keys()
 
 
-def test_a_new_run_id_starts_fresh_in_the_same_folder(tmp_path, weights, samples, emb_store):
+def test_a_new_run_id_starts_fresh_in_the_same_folder(tmp_path, random_vit_t, samples, emb_store):
     """A second local `sam-pipeline run` (or tonight's scheduled run) must train, not resume the last one."""
-    first = train(cfg(tmp_path, n_iterations=2), weights[0], samples[:6], samples[6:], store=emb_store,
-                  run_id="run-a", weights_sha256=weights[1])
-    second = train(cfg(tmp_path, n_iterations=2), weights[0], samples[:6], samples[6:], store=emb_store,
-                   run_id="run-b", weights_sha256=weights[1])
+    first = train(cfg(tmp_path, n_iterations=2), random_vit_t[0], samples[:6], samples[6:], store=emb_store,
+                  run_id="run-a", weights_sha256=random_vit_t[1])
+    second = train(cfg(tmp_path, n_iterations=2), random_vit_t[0], samples[:6], samples[6:], store=emb_store,
+                   run_id="run-b", weights_sha256=random_vit_t[1])
     assert first.resumed_from is None and second.resumed_from is None
     assert second.history["iteration"] == [1, 2]
 
 
-def test_exported_model_loads_in_the_official_builder(straight, weights, samples, emb_store):
+def test_exported_model_loads_in_the_official_builder(straight, random_vit_t, samples, emb_store):
     from mobile_sam import sam_model_registry
 
     official = sam_model_registry["vit_t"](checkpoint=str(straight.model_path))
-    ours = build_sam("vit_t", weights[0])
+    ours = build_sam("vit_t", random_vit_t[0])
     best = torch.load(straight.best_path, map_location="cpu", weights_only=True)
     load_trainable_state_dict(ours, best["trainable_state"])
-    emb = EmbeddingCache(ours, weights[1], emb_store).get(samples[6:7])[0]
+    emb = EmbeddingCache(ours, random_vit_t[1], emb_store).get(samples[6:7])[0]
     boxes = np.array([[5.0, 5.0, 80.0, 60.0], [40.0, 30.0, 150.0, 120.0]])
     with torch.no_grad():
         a = decode(official, emb, samples[6].image.shape[:2], boxes=boxes)
@@ -182,24 +174,24 @@ def test_exported_model_loads_in_the_official_builder(straight, weights, samples
     torch.testing.assert_close(a.low_res_logits, b.low_res_logits)
     assert torch.equal(a.masks, b.masks)
     # The exported decoder is the trained one, not the starting point.
-    start = build_sam("vit_t", weights[0])
+    start = build_sam("vit_t", random_vit_t[0])
     with torch.no_grad():
         c = decode(start, emb, samples[6].image.shape[:2], boxes=boxes)
     assert not torch.allclose(a.low_res_logits, c.low_res_logits)
 
 
-def test_bf16_autocast_trains_on_cpu(tmp_path, weights, samples, emb_store):
-    result = train(cfg(tmp_path, n_iterations=2, amp=True, amp_dtype="bf16", n_sub_iteration=3), weights[0],
-                   samples[:6], samples[6:], store=emb_store, weights_sha256=weights[1])
+def test_bf16_autocast_trains_on_cpu(tmp_path, random_vit_t, samples, emb_store):
+    result = train(cfg(tmp_path, n_iterations=2, amp=True, amp_dtype="bf16", n_sub_iteration=3), random_vit_t[0],
+                   samples[:6], samples[6:], store=emb_store, weights_sha256=random_vit_t[1])
     assert result.amp == "bf16"
     assert all(np.isfinite(result.history["loss"]))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback; this machine has CUDA")
-def test_cuda_request_falls_back_to_cpu_with_a_warning(tmp_path, weights, samples, emb_store):
+def test_cuda_request_falls_back_to_cpu_with_a_warning(tmp_path, random_vit_t, samples, emb_store):
     with pytest.warns(UserWarning, match="CUDA is not available"):
-        result = train(cfg(tmp_path, n_iterations=1, device="cuda", debug_with_one_example=True), weights[0],
-                       samples[:6], [], store=emb_store, weights_sha256=weights[1])
+        result = train(cfg(tmp_path, n_iterations=1, device="cuda", debug_with_one_example=True), random_vit_t[0],
+                       samples[:6], [], store=emb_store, weights_sha256=random_vit_t[1])
     assert result.device == "cpu" and result.amp == "off"
     assert result.history["val_iteration"] == [0, 1]
 
@@ -207,16 +199,16 @@ def test_cuda_request_falls_back_to_cpu_with_a_warning(tmp_path, weights, sample
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; none on this machine")
 @pytest.mark.parametrize("amp_dtype", ["fp16", "bf16"])
-def test_cuda_amp_paths_train(tmp_path, weights, samples, amp_dtype):
-    result = train(cfg(tmp_path, n_iterations=4, device="cuda", amp=True, amp_dtype=amp_dtype), weights[0],
-                   samples[:6], samples[6:], weights_sha256=weights[1])
+def test_cuda_amp_paths_train(tmp_path, random_vit_t, samples, amp_dtype):
+    result = train(cfg(tmp_path, n_iterations=4, device="cuda", amp=True, amp_dtype=amp_dtype), random_vit_t[0],
+                   samples[:6], samples[6:], weights_sha256=random_vit_t[1])
     assert result.device.startswith("cuda")
     assert result.amp.startswith(amp_dtype if torch.cuda.is_bf16_supported() else "fp16")
     assert all(np.isfinite(result.history["loss"]))
 
 
-def test_nonfinite_losses_skip_steps_then_stop(weights, samples):
-    model = build_sam("vit_t", weights[0])
+def test_nonfinite_losses_skip_steps_then_stop(random_vit_t, samples):
+    model = build_sam("vit_t", random_vit_t[0])
     nan = torch.full((256, 64, 64), float("nan"))
     items = prepare_items(samples[:2], [nan, nan], torch.device("cpu"))
     c = TrainConfig(device="cpu", n_objects_per_batch=2)
@@ -230,11 +222,11 @@ def test_nonfinite_losses_skip_steps_then_stop(weights, samples):
         trainer.train_step(5)
 
 
-def test_bad_config_and_inputs_are_clear_errors(tmp_path, weights, samples):
+def test_bad_config_and_inputs_are_clear_errors(tmp_path, random_vit_t, samples):
     with pytest.raises(ValueError, match="n_sub_iteration must be >= 1"):
-        train(cfg(tmp_path, n_sub_iteration=0), weights[0], samples[:1], samples[1:2])
+        train(cfg(tmp_path, n_sub_iteration=0), random_vit_t[0], samples[:1], samples[1:2])
     with pytest.raises(ValueError, match="no validation samples"):
-        train(cfg(tmp_path), weights[0], samples[:1], [])
+        train(cfg(tmp_path), random_vit_t[0], samples[:1], [])
     bad = tmp_path / "bad.pt"
     torch.save({"something": torch.zeros(1)}, bad)
     with pytest.raises(ValueError, match="does not fit SAM vit_t"):
@@ -243,7 +235,7 @@ def test_bad_config_and_inputs_are_clear_errors(tmp_path, weights, samples):
         build_sam("vit_t", tmp_path / "missing.pt")
 
 
-def test_finetune_step_from_a_manifest_and_its_retry(tmp_path, weights, s3_env, store, monkeypatch):
+def test_finetune_step_from_a_manifest_and_its_retry(tmp_path, random_vit_t, s3_env, store, monkeypatch):
     """The KFP body end to end on the object store: ingest a tiny dataset, fine-tune, then a retry on
     a fresh pod (empty working dir) resumes from runs/<run_id>/ and never runs the encoder."""
     import json
@@ -258,17 +250,17 @@ def test_finetune_step_from_a_manifest_and_its_retry(tmp_path, weights, s3_env, 
     manifest_path = tmp_path / "manifest.json"
     manifest_path.write_text(json.dumps(result.manifest))
     cfg = store.config
-    kw = dict(weights_path=str(weights[0]), manifest_path=str(manifest_path), debug_with_one_example=True,
+    kw = dict(weights_path=str(random_vit_t[0]), manifest_path=str(manifest_path), debug_with_one_example=True,
               model_type="vit_t", n_objects_per_batch=4, device="cpu", n_iterations=2, val_every=1,
               run_id="run-a", s3_endpoint=cfg.endpoint, bucket=cfg.bucket, prefix=cfg.prefix)
     m1 = finetune_step(**kw, out_model_path=str(tmp_path / "out1" / "model.pt"),
                        out_report_path=str(tmp_path / "out1" / "report.html"),
                        checkpoint_dir=str(tmp_path / "pod1"))
     assert m1["resumed_from"] is None and m1["embeddings_computed"] == 1
-    assert m1["dataset_content_hash"] == result.content_hash and m1["weights_sha256"] == weights[1]
+    assert m1["dataset_content_hash"] == result.content_hash and m1["weights_sha256"] == random_vit_t[1]
     assert 0.0 <= m1["best_val_dice"] <= 1.0 and m1["device"] == "cpu"
     assert "Validation Dice" in (tmp_path / "out1" / "report.html").read_text()
-    assert store.list(store.key("embeddings", weights[1]))
+    assert store.list(store.key("embeddings", random_vit_t[1]))
     json.dumps(m1)  # JSON-serialisable metadata for the artifact
 
     m2 = finetune_step(**kw, out_model_path=str(tmp_path / "out2" / "model.pt"),
@@ -296,7 +288,7 @@ class _Killed(Exception):
     pass
 
 
-def test_a_run_stopped_between_validations_resumes_byte_identical(tmp_path, weights, samples, emb_store,
+def test_a_run_stopped_between_validations_resumes_byte_identical(tmp_path, random_vit_t, samples, emb_store,
                                                                   monkeypatch):
     """Stopped at iteration 5 (validations at 3, 6, 8), the run resumes from 3 and ends with best.pt,
     latest.pt and the exported model byte for byte those of a run that was never stopped."""
@@ -306,8 +298,8 @@ def test_a_run_stopped_between_validations_resumes_byte_identical(tmp_path, weig
 
     run_id = f"run-{uuid.uuid4().hex[:6]}"
     c = cfg(tmp_path, n_iterations=8, val_every=3, n_sub_iteration=3, batch_size=2)
-    straight = train(c, weights[0], samples[:6], samples[6:], store=emb_store, run_id=run_id,
-                     weights_sha256=weights[1])
+    straight = train(c, random_vit_t[0], samples[:6], samples[6:], store=emb_store, run_id=run_id,
+                     weights_sha256=random_vit_t[1])
     expected = {name: getattr(straight, name).read_bytes() for name in ("best_path", "latest_path", "model_path")}
     # Same folder and run id (both are part of the checkpoint), nothing left of the first run.
     shutil.rmtree(tmp_path / "ck")
@@ -323,10 +315,11 @@ def test_a_run_stopped_between_validations_resumes_byte_identical(tmp_path, weig
 
     monkeypatch.setattr(trainer_module.Trainer, "train_step", killed_at_5)
     with pytest.raises(_Killed):
-        train(c, weights[0], samples[:6], samples[6:], store=emb_store, run_id=run_id, weights_sha256=weights[1])
+        train(c, random_vit_t[0], samples[:6], samples[6:], store=emb_store, run_id=run_id,
+              weights_sha256=random_vit_t[1])
     monkeypatch.undo()
-    resumed = train(c, weights[0], samples[:6], samples[6:], store=emb_store, run_id=run_id,
-                    weights_sha256=weights[1])
+    resumed = train(c, random_vit_t[0], samples[:6], samples[6:], store=emb_store, run_id=run_id,
+                    weights_sha256=random_vit_t[1])
     assert resumed.resumed_from == 3
     for name, data in expected.items():
         assert getattr(resumed, name).read_bytes() == data, name

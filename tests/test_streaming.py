@@ -11,7 +11,6 @@ import pytest
 
 from components.training import TrainConfig, train
 from components.training.data import StreamingItems
-from helpers import make_random_vit_t_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -63,12 +62,6 @@ def test_an_item_read_outside_the_prefetched_order_is_loaded_on_demand():
 
 # -- against the real store, model and trainer ----------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("weights") / "vit_t_random.pt"
-    return path, make_random_vit_t_checkpoint(path, seed=0)
-
-
 @pytest.fixture
 def dataset(tmp_path, s3, monkeypatch):
     """A synthetic dataset version ingested into the real S3 server (its own prefix), with its manifest."""
@@ -87,25 +80,25 @@ def dataset(tmp_path, s3, monkeypatch):
     return store, manifest, path
 
 
-def _embed_all(store, manifest, path, weights, shards, tmp_path):
+def _embed_all(store, manifest, path, random_vit_t, shards, tmp_path):
     from components.steps import embed_step
 
     cfg = store.config
-    return [embed_step(weights_path=str(weights[0]), manifest_path=str(path), model_type="vit_t", shard=k,
+    return [embed_step(weights_path=str(random_vit_t[0]), manifest_path=str(path), model_type="vit_t", shard=k,
                        shards=shards, device="cpu", s3_endpoint=cfg.endpoint, bucket=cfg.bucket, prefix=cfg.prefix,
                        out_index_path=str(tmp_path / f"index-{k}.json")) for k in range(shards)]
 
 
-def test_embed_shards_split_the_images_and_skip_what_the_store_has(tmp_path, dataset, weights):
+def test_embed_shards_split_the_images_and_skip_what_the_store_has(tmp_path, dataset, random_vit_t):
     store, manifest, path = dataset
     distinct = {it["image"]["sha256"] for it in manifest["items"]}
-    first = _embed_all(store, manifest, path, weights, 3, tmp_path)
+    first = _embed_all(store, manifest, path, random_vit_t, 3, tmp_path)
     keys = [json.loads((tmp_path / f"index-{k}.json").read_text())["keys"] for k in range(3)]
     assert sum(len(k) for k in keys) == len(set().union(*map(set, keys))) == len(distinct)  # disjoint, complete
     assert sum(m["computed"] for m in first) == len(distinct) and all(m["from_store"] == 0 for m in first)
     assert all(store.exists(k) for ks in keys for k in ks)
-    assert {m["weights_sha256"] for m in first} == {weights[1]}
-    again = _embed_all(store, manifest, path, weights, 3, tmp_path)
+    assert {m["weights_sha256"] for m in first} == {random_vit_t[1]}
+    again = _embed_all(store, manifest, path, random_vit_t, 3, tmp_path)
     assert [m["computed"] for m in again] == [0, 0, 0]
     assert sum(m["from_store"] for m in again) == len(distinct)
     # Metadata a KFP 2.17 launcher can store (the local end-to-end run checks the real executor output too).
@@ -118,19 +111,19 @@ def test_embed_shards_split_the_images_and_skip_what_the_store_has(tmp_path, dat
         assert artifact_metadata(m) == m  # nothing had to be dropped
 
 
-def test_streamed_training_matches_in_memory_training_and_resumes_exactly(tmp_path, dataset, weights):
+def test_streamed_training_matches_in_memory_training_and_resumes_exactly(tmp_path, dataset, random_vit_t):
     from components.datasets.reader import SplitRefs, load_split
 
     store, manifest, path = dataset
-    _embed_all(store, manifest, path, weights, 2, tmp_path)
+    _embed_all(store, manifest, path, random_vit_t, 2, tmp_path)
     base = dict(device="cpu", n_iterations=4, n_objects_per_batch=3, batch_size=2, val_every=2, lr=1e-4,
                 show_progress=False)
-    kw = dict(store=store, weights_sha256=weights[1], dataset_hash=manifest["content_hash"])
-    in_memory = train(TrainConfig(**base, checkpoint_dir=str(tmp_path / "mem")), weights[0],
+    kw = dict(store=store, weights_sha256=random_vit_t[1], dataset_hash=manifest["content_hash"])
+    in_memory = train(TrainConfig(**base, checkpoint_dir=str(tmp_path / "mem")), random_vit_t[0],
                       load_split(store, manifest, "train"), load_split(store, manifest, "val"), **kw)
 
     def streamed(n, where):
-        return train(TrainConfig(**{**base, "n_iterations": n}, checkpoint_dir=str(tmp_path / where)), weights[0],
+        return train(TrainConfig(**{**base, "n_iterations": n}, checkpoint_dir=str(tmp_path / where)), random_vit_t[0],
                      SplitRefs(store, manifest, "train", annotated_only=True),
                      SplitRefs(store, manifest, "val", annotated_only=True), **kw)
 

@@ -16,19 +16,12 @@ from components.s3server import free_port
 from components.storage import ObjectStore, StorageError
 from components.steps import fetch_step
 from components.weights import CATALOGUE, WeightsError, fetch_weights
-from helpers import make_random_vit_t_checkpoint
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "mobile_sam.pt"
-    return path, make_random_vit_t_checkpoint(path, seed=0)
 
 
 @pytest.fixture
-def served(checkpoint, tmp_path, http_server):
+def served(random_vit_t, tmp_path, http_server):
     """(url, sha256, size, www dir): the checkpoint behind http://127.0.0.1."""
-    path, sha = checkpoint
+    path, sha = random_vit_t
     www = tmp_path / "www"
     www.mkdir()
     shutil.copy(path, www / "mobile_sam.pt")
@@ -126,8 +119,8 @@ def test_unpinned_mirror_is_named_by_its_sha_and_found_again(served):
     assert fetch_weights("vit_b", url=url).origin == "local-cache"
 
 
-def test_local_file_override(checkpoint, tmp_path):
-    path, sha = checkpoint
+def test_local_file_override(random_vit_t, tmp_path):
+    path, sha = random_vit_t
     result = fetch_weights("vit_t", url=str(path), sha256=sha, cache_dir=tmp_path / "models")
     assert result.path == tmp_path / "models" / f"vit_t_{sha}.pth" and result.sha256 == sha
 
