@@ -21,7 +21,8 @@ from pathlib import Path
 
 from components.datasets.adapters import get_layout
 from components.datasets.sources import clean_stale_work_dirs, open_source
-from components.datasets.split import SPLIT_RULE, SPLITS, assign_splits, check_fractions, content_hash, overlapping
+from components.datasets.split import (SPLIT_RULE, SPLITS, assign_splits, check_fractions, content_hash, overlapping,
+                                       split_rule)
 from components.datasets.validate import DatasetError, Item, validate
 from components.errors import UserError
 from components.storage import ObjectStore, S3Config, StorageError
@@ -124,7 +125,8 @@ class IngestResult:
         totals = self.manifest["totals"]
         out = {"dataset": self.name, "dataset_uri": self.dataset_uri, "manifest_uri": self.manifest_uri,
                "content_hash": self.content_hash, "images": totals["images"], "instances": totals["instances"],
-               "splits": totals["splits"], "uploaded": self.uploaded, "skipped": self.skipped}
+               "splits": totals["splits"], "split_rule": split_rule(self.manifest), "uploaded": self.uploaded,
+               "skipped": self.skipped}
         if self.verified is not None:
             out["verified"] = self.verified
         # From the items, not the manifest's own flag: manifests committed before the flag existed lack it.
