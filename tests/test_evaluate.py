@@ -155,3 +155,39 @@ def test_evaluate_step_finds_the_champion(checkpoints, store, s3_env, tmp_path):
     assert second["champion_version"] == "v1" and second["champion_excluded_images"] == 0
     assert math.isclose(second["champion_box_dice"], first["zero_shot_box_dice"])
     assert second["passed"] is False and "can be compared with champion v1" in second["verdict"]
+
+
+def test_the_champion_is_never_scored_on_images_it_trained_or_validated_on(checkpoints, store, s3_env, tmp_path):
+    """A champion trained on another dataset version (here: the same images split with another seed, as a
+    change of split rule would) is compared only on the test images outside its train and val splits, and
+    the metrics and the report say how many were left out."""
+    from components.datasets.ingest import ingest
+    from components.datasets.synthetic import make_folder
+    from components.steps import register_step
+
+    cfg = store.config
+    folder = make_folder(tmp_path / "data", [f"img{i:02d}" for i in range(24)], seed=2, size=(40, 48))
+    old, new = (ingest(str(folder), "folder", "moved", store, seed=seed).manifest for seed in (0, 7))
+    paths = {}
+    for name, manifest in (("old", old), ("new", new)):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(manifest))
+    zs, ft = checkpoints
+    register_step(str(zs), "{}", "sam-moved", "", "run-0", cfg.endpoint, cfg.bucket, cfg.prefix,
+                  manifest_path=str(paths["old"]))
+    seen = {it["image"]["sha256"] for it in old["items"] if it["split"] in ("train", "val")}
+    test = [it for it in new["items"] if it["split"] == "test"]
+    left_out = [it["id"] for it in test if it["image"]["sha256"] in seen]
+    assert 0 < len(left_out) < len(test)
+    m = evaluate_step(weights_path=str(zs), model_path=str(ft), manifest_path=str(paths["new"]), model_type="vit_t",
+                      margin=0.0, model_name="sam-moved", device="cpu", s3_endpoint=cfg.endpoint, bucket=cfg.bucket,
+                      prefix=cfg.prefix, out_report_path=str(tmp_path / "r.html"))
+    assert (m["test_images"], m["champion_excluded_images"]) == (len(test), len(left_out))
+    assert m["champion_test_images"] == len(test) - len(left_out) == m["gain_vs_champion_images"]
+    assert m["gain_vs_zero_shot_images"] == len(test)
+    html = (tmp_path / "r.html").read_text()
+    assert f"{len(left_out)} left out because they were in its training or validation data" in html
+    # The per-image table: the champion's cells of exactly those images say so.
+    for image in left_out:
+        row = re.search(f"<tr><td>{image}</td>.*?</tr>", html).group(0)
+        assert row.count("left out") == 2  # box and point Dice
