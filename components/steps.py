@@ -161,7 +161,7 @@ def embed_step(weights_path: str, manifest_path: str, model_type: str, shard: in
     from components.datasets.reader import load_image_ref, load_manifest, shard_images
     from components.hashing import sha256_file
     from components.sam.device import resolve_device
-    from components.sam.embeddings import EmbeddingCache
+    from components.sam.embeddings import EmbeddingCache, encoder_batch
     from components.sam.model import build_sam
     from components.training.config import TrainConfig
 
@@ -172,8 +172,8 @@ def embed_step(weights_path: str, manifest_path: str, model_type: str, shard: in
     dev = resolve_device(device)
     model = build_sam(model_type, weights_path, dev) if refs else None
     # The batch finetune embeds with: the same kernels, so the same (fp16-rounded) embeddings.
-    cache = EmbeddingCache(model, weights_sha, store, batch_size=TrainConfig().embed_batch_size if dev.type == "cuda"
-                           else 1, amp=dev.type == "cuda")
+    cache = EmbeddingCache(model, weights_sha, store, batch_size=encoder_batch(dev, TrainConfig().embed_batch_size),
+                           amp=dev.type == "cuda")
     counts = cache.ensure([r["sha256"] for r in refs], lambda i: load_image_ref(store, manifest, refs[i]))
     index = {"format_version": 1, "weights_sha256": weights_sha, "dataset_content_hash": manifest["content_hash"],
              "shard": int(shard), "shards": int(shards), "keys": [cache.key(r["sha256"]) for r in refs]}

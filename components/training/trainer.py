@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from components.sam.device import to_device
 from components.sam.losses import multi_output_loss
 from components.sam.metrics import dice_iou
 from components.sam.model import decode, load_trainable_state_dict, set_trainable, trainable_state_dict, \
@@ -207,11 +208,7 @@ class Trainer:
                      valid=valids[0] if one else torch.cat(valids))
 
     def _t(self, a: np.ndarray, dtype=torch.float32) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
-        if self.device.type == "cuda":
-            # Pinned memory makes the copy asynchronous, so Python can queue the next kernels meanwhile.
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
+        return to_device(torch.from_numpy(np.ascontiguousarray(a)).to(dtype), self.device)
 
     # one iteration ----------------------------------------------------------------------------
     def round_loss(self, b: Batch, coords: torch.Tensor, labels: torch.Tensor, mask_input: torch.Tensor | None
