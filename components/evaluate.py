@@ -28,6 +28,7 @@ import torch
 
 from components.errors import UserError, first_line
 from components.eval_metrics import PROMPTS, STATS, CandidateScores, metric_key
+from components.label_values import IGNORE
 from components.report import Report, overlay
 from components.sam.embeddings import EmbeddingCache
 from components.sam.metrics import dice_iou, summarize
@@ -109,8 +110,9 @@ def score_model(model, embeddings: Sequence[torch.Tensor], samples: Sequence, *,
         emb = emb.to(device)
         box_masks, _ = decode_prompts(model, emb, frame, masks_to_boxes(gt), None)
         pt_masks, _ = decode_prompts(model, emb, frame, None, centre_points(gt_t)[:, None, :])
-        box_dice, box_iou = dice_iou(box_masks, gt_t)
-        pt_dice, pt_iou = dice_iou(pt_masks, gt_t)
+        ignore = np.asarray(sample.mask) == IGNORE  # crowd regions count neither way
+        box_dice, box_iou = dice_iou(box_masks, gt_t, ignore)
+        pt_dice, pt_iou = dice_iou(pt_masks, gt_t, ignore)
         for j, inst in enumerate(ids.tolist()):
             rows.append({"image": sample.id, "instance": int(inst), "box_dice": float(box_dice[j]),
                          "box_iou": float(box_iou[j]), "point_dice": float(pt_dice[j]),
