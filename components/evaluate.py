@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from components.coco_eval import box_prompted_ap
 from components.errors import UserError, first_line
 from components.eval_metrics import PROMPTS, STATS, CandidateScores, metric_key
 from components.label_values import IGNORE
@@ -193,11 +194,13 @@ def evaluate(model_type: str, zero_shot_weights: str | Path, finetuned_weights: 
             cache = EmbeddingCache(model, key, store)
             embeddings[fp] = stream_embeddings(samples, cache, dev) if streaming else cache.get(samples)
         results[cand.label] = score_model(model, embeddings[fp], samples, keep_masks=keep)
+        results[cand.label]["coco"] = box_prompted_ap(model, embeddings[fp], samples)  # COCO mask AP, box prompts
         del model
 
     metrics: dict = {}
     for label, res in results.items():
         metrics.update(_aggregate(label, res["instances"]))
+        metrics.update({f"{label}_{k}": v for k, v in res["coco"].items()})  # e.g. finetuned_mask_ap
     n_inst = len(results["zero_shot"]["instances"])
     metrics.update({"test_images": len(samples), "test_instances": n_inst, "margin": float(margin),
                     "champion_box_dice": metrics.get("champion_box_dice"),
