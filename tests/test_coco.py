@@ -232,3 +232,19 @@ def test_roboflow_and_cvat_layouts_are_found(tmp_path):
     (cvat / "annotations").mkdir()
     (cvat / "annotations.json").rename(cvat / "annotations" / "instances_default.json")
     assert rendered(tmp_path / "cvat").keys() == rendered(tmp_path / "rf").keys()
+
+
+def test_cli_ingests_coco_with_categories_and_reports_problems_one_per_line(tmp_path, s3_env, capsys):
+    from pipelines.cli import main
+
+    folder = make_coco(tmp_path / "export", 6, seed=6, categories=("a", "b"))
+    store_flags = ["--s3-endpoint", s3_env.endpoint, "--prefix", s3_env.prefix]
+    assert main(["ingest", "--source", str(folder), "--format", "coco", "--categories", "b", "--name", "bees",
+                 *store_flags]) == 0
+    out = json.loads(capsys.readouterr().out)
+    instances_b = sum((s.mask == 2).any() for s in synthetic.make_samples(6, seed=6))
+    assert out["instances"] == instances_b and out["images"] == instances_b  # images without a "b" are dropped
+    assert main(["ingest", "--source", str(_broken_export(tmp_path / "bad")), "--name", "bad", *store_flags]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "sam-pipeline: error: 7 problems in " + str(tmp_path / "bad") + ":"
+    assert len(err) == 8 and all(line.startswith("  ") for line in err[1:])
