@@ -153,6 +153,7 @@ def _broken_export(root: Path) -> Path:
     anns.append({"id": 70, "image_id": 77, "category_id": 1, "segmentation": [[0, 0, 5, 0, 5, 5]]})
     anns.append({"id": 71, "image_id": 3, "category_id": 5, "segmentation": [[0, 0, 5, 0, 5, 5]]})
     anns.append({"id": 72, "image_id": 9, "category_id": 1, "iscrowd": 0, "segmentation": [[0, 0, 9, 0, 9, 9]]})
+    anns.append({"id": 73, "image_id": 3, "category_id": 1, "bbox": [1, 1, 5, 5]})  # a box, no mask
     (root / "annotations.json").write_text(json.dumps(doc))
     return root
 
@@ -170,6 +171,7 @@ def test_every_problem_at_once_each_naming_file_and_annotation_and_nothing_uploa
         r"annotations.json: image id 1 \(a.png\): annotation 2: RLE size \[41, 50\] differs from the image's "
         r"\[height, width\] \[40, 50\]",
         r"images/big.png: image is 50x30 but annotations.json: image id 9 \(big.png\) says 50x40",
+        r"annotations.json: image id 3 \(c.png\): annotation 73: no segmentation \(a box-only annotation",
     ]
     for pattern in expected:
         assert any(re.search(pattern, p) for p in problems), (pattern, problems)
@@ -246,5 +248,5 @@ def test_cli_ingests_coco_with_categories_and_reports_problems_one_per_line(tmp_
     assert out["instances"] == instances_b and out["images"] == instances_b  # images without a "b" are dropped
     assert main(["ingest", "--source", str(_broken_export(tmp_path / "bad")), "--name", "bad", *store_flags]) == 1
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == "sam-pipeline: error: 7 problems in " + str(tmp_path / "bad") + ":"
-    assert len(err) == 8 and all(line.startswith("  ") for line in err[1:])
+    assert err[0] == "sam-pipeline: error: 8 problems in " + str(tmp_path / "bad") + ":"
+    assert len(err) == 9 and all(line.startswith("  ") for line in err[1:])

@@ -216,9 +216,9 @@ def decode_segmentation(segm, height: int, width: int) -> tuple[np.ndarray | Non
     """A COCO `segmentation` (polygons, compressed or uncompressed RLE) -> (HxW bool mask, "") or (None, problem)."""
     from pycocotools import mask as mask_utils
 
+    if segm is None or segm == []:
+        return None, "no segmentation (a box-only annotation: training needs masks)"
     if isinstance(segm, list):
-        if not segm:
-            return None, "empty segmentation"
         for poly in segm:
             if not isinstance(poly, list) or not all(isinstance(v, (int, float)) for v in poly):
                 return None, "a polygon is not a list of numbers"
