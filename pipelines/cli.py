@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data and evaluation")
     g.add_argument("--dataset-source", default=PENN_FUDAN_URL, help="URL, zip, folder or s3:// uri")
     g.add_argument("--dataset-format", default="auto", choices=FORMATS)
+    g.add_argument("--dataset-categories", default="", help="COCO: keep only these categories (comma-separated)")
     g.add_argument("--dataset-name", default="penn-fudan")
     g.add_argument("--weights-url", default="", help="checkpoint URL or local file (default: the catalogue)")
     g.add_argument("--weights-sha256", default="", help="expected sha256 of --weights-url")
