@@ -71,7 +71,8 @@ def _by_name(images: Path) -> dict[str, Path]:
 
 
 def prompts_from_coco(json_path: Path, images: Path) -> list[ImagePrompts]:
-    """One entry per COCO image found in `images`, with its annotations' boxes (COCO xywh -> XYXY)."""
+    """One entry per COCO image found in `images`, with its annotations' boxes (COCO xywh -> XYXY; crowd
+    annotations are not prompts)."""
     try:
         doc = json.loads(Path(json_path).read_bytes())
     except (OSError, ValueError) as e:
@@ -87,6 +88,8 @@ def prompts_from_coco(json_path: Path, images: Path) -> list[ImagePrompts]:
         else:
             out[im["id"]] = ImagePrompts(files[name], int(im["id"]), np.zeros((0, 4)), [])
     for ann in doc["annotations"]:
+        if ann.get("iscrowd"):
+            continue  # a crowd region is not an object to segment
         entry = out.get(ann.get("image_id"))
         box = ann.get("bbox")
         if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
