@@ -127,7 +127,7 @@ def register_model(model: Input[Model], weights: Input[Model], dataset: Input[Da
         model_path=model.path, metrics_json=metrics_json, model_name=model_name,
         model_registry_url=model_registry_url, run_id=run_id, s3_endpoint=s3_endpoint, bucket=bucket,
         prefix=prefix, model_metadata=dict(model.metadata), dataset_metadata=dict(dataset.metadata),
-        weights_metadata=dict(weights.metadata))
+        weights_metadata=dict(weights.metadata), manifest_path=dataset.path)
     print("registered", result["model_name"], result["version"], "at", result["model_uri"])
     outputs = NamedTuple("Outputs", [("version", str), ("model_uri", str)])
     return outputs(result["version"], result["model_uri"])

@@ -127,7 +127,7 @@ def test_pennfudan_masks_written_as_coco_ingest_as_the_same_instances(tmp_path):
     samples = []
     for img in sorted((pf / "PNGImages").glob("*.png")):
         mask = np.asarray(Image.open(pf / "PedMasks" / f"{img.stem}_mask.png"))
-        samples.append((img.stem, np.asarray(Image.open(img).convert("RGB")), mask))
+        samples.append((img.stem, img, mask))
     write_coco(tmp_path / "coco", samples, "rle", categories=("person",))
     with prepare(str(pf), "penn-fudan") as masks_layout, prepare(str(tmp_path / "coco"), "coco") as coco:
         a = {it.id: (it.split, decode_sample(it.id, it.image_path, it.mask_path).mask) for it in masks_layout.items}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +40,11 @@ def _segmentation(m: np.ndarray, encoding: str):
     return _polygon(m)
 
 
-def write_coco(root: Path, samples: list[tuple[str, np.ndarray, np.ndarray]], encoding: str = "rle",
+def write_coco(root: Path, samples: list[tuple[str, np.ndarray | Path, np.ndarray]], encoding: str = "rle",
                categories=("object",), json_name: str = "annotations.json") -> Path:
-    """(stem, HxWx3 image, HxW instance-id mask) triples -> root/images/<stem>.png + root/<json_name>.
-    Instance k gets category categories[(k - 1) % len(categories)]; 255 becomes one crowd annotation."""
+    """(stem, HxWx3 image or an image file to copy as is, HxW instance-id mask) triples -> root/images/ +
+    root/<json_name>. Instance k gets category categories[(k - 1) % len(categories)]; 255 becomes one crowd
+    annotation."""
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding {encoding!r}: choose {', '.join(ENCODINGS)}")
     root = Path(root)
@@ -50,9 +52,14 @@ def write_coco(root: Path, samples: list[tuple[str, np.ndarray, np.ndarray]], en
     cats = [{"id": i + 1, "name": name, "supercategory": "thing"} for i, name in enumerate(categories)]
     images, anns = [], []
     for image_id, (stem, image, mask) in enumerate(samples, 1):
-        Image.fromarray(image, "RGB").save(root / "images" / f"{stem}.png")
+        if isinstance(image, Path):  # the same bytes: the same image to the content-addressed store
+            name = f"{stem}{image.suffix}"
+            shutil.copy(image, root / "images" / name)
+        else:
+            name = f"{stem}.png"
+            Image.fromarray(image, "RGB").save(root / "images" / name)
         h, w = mask.shape
-        images.append({"id": image_id, "file_name": f"{stem}.png", "width": w, "height": h})
+        images.append({"id": image_id, "file_name": name, "width": w, "height": h})
         regions = [(int(k), mask == k, 0) for k in instance_ids(mask)]
         if (mask == IGNORE).any():
             regions.append((1, mask == IGNORE, 1))
