@@ -80,6 +80,8 @@ def test_crowd_regions_become_ignore_and_are_not_instances(tmp_path, store):
     m = ingest(str(tmp_path), "coco", "crowd", store).manifest
     assert m["items"][0]["instances"] == 2 and m["items"][0]["categories"] == ["object", "object"]
     assert m["ignore_id"] == IGNORE and m["categories"] == [{"id": 1, "name": "object"}]
+    again = ingest(str(tmp_path), "coco", "crowd", store)  # the same export: the same version, nothing uploaded
+    assert again.content_hash == m["content_hash"] and (again.uploaded, again.skipped) == (0, 2)
 
 
 def test_categories_filter_and_empty_images_dropped_or_kept(tmp_path):

@@ -122,6 +122,10 @@ def test_bad_prompts_are_one_line_each_and_nothing_is_written(coco_set, tmp_path
     err = capsys.readouterr().err
     assert code == 1 and "boxes.txt:2: nope.png not in" in err and "boxes.txt:3: expected 'file x0 y0 x1 y1" in err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "keep.txt").write_text("a user's file")
+    with pytest.raises(P.PredictError, match="used: exists and is not empty"):
+        P.predict(None, [], tmp_path / "used")
     boxes.write_text("synthetic00001.png,1,2,30,40,7\n")
     ok = P.prompts_from_boxes_file(boxes, coco_set / "images")
     assert ok[0].category_ids == [7] and ok[0].boxes.tolist() == [[1, 2, 30, 40]]
