@@ -84,10 +84,12 @@ def test_crowd_regions_become_ignore_and_are_not_instances(tmp_path, store):
     assert again.content_hash == m["content_hash"] and (again.uploaded, again.skipped) == (0, 2)
 
 
-def test_categories_filter_and_empty_images_dropped_or_kept(tmp_path):
+def test_categories_filter_and_empty_images_dropped_or_kept(tmp_path, caplog):
     write_coco(tmp_path, [("both", image(), two_boxes()), ("none", image(seed=1), np.zeros((40, 50), np.uint8))],
                "rle", categories=("cat", "dog"))
-    assert set(rendered(tmp_path)) == {"both"}  # no instance: dropped by default
+    with caplog.at_level(logging.WARNING):
+        assert set(rendered(tmp_path)) == {"both"}  # no instance: dropped by default
+    assert "1 images without an instance (of the kept categories) left out; --keep-empty keeps them" in caplog.text
     kept = rendered(tmp_path, keep_empty=True)
     assert kept["none"][1] == () and not kept["none"][0].any()
     dogs, cats = rendered(tmp_path, categories=["dog"])["both"]

@@ -117,7 +117,9 @@ class CocoLayout:
                 rendered.append(pair)
         groups = group_by_prefix([p.id for p in rendered])
         if self.dropped_empty:
-            log.info("%d images without an instance dropped (keep them with --keep-empty)", self.dropped_empty)
+            # Said where a user sees it (the CLI shows warnings): a dataset silently shrinking looks like a bug.
+            log.warning("%d images without an instance (of the kept categories) left out; --keep-empty keeps them",
+                        self.dropped_empty)
         return [Pair(p.id, groups[p.id], p.image_path, p.mask_path, p.annotated_in, p.categories)
                 for p in rendered], problems
 
