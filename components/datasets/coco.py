@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
