@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from components.datasets.adapters import IMAGE_EXTS, Pair, _entries, _rel, group_by_prefix
+from components.datasets.adapters import IMAGE_EXTS, Pair, _entries, _listing, _rel, group_by_prefix
 from components.label_values import IGNORE, MAX_INSTANCES
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class CocoLayout:
             raise ValueError("the COCO adapter renders masks and needs a work folder")
         root = self.find_root(top)
         if root is None:
-            return [], [f"expected {self.expected()}; found nothing of the kind under {top.name or top}"]
+            return [], [f"expected {self.expected()}; found {_listing(top)}"]
         problems: list[str] = []
         images: list[_Image] = []
         cat_names: dict[tuple[Path, int], str] = {}
