@@ -82,12 +82,18 @@ def prompts_from_coco(json_path: Path, images: Path) -> list[ImagePrompts]:
         raise PredictError([f"{json_path}: not a COCO file (expected 'images' and 'annotations' lists)"])
     files, problems, out = _by_name(images), [], {}
     for im in doc["images"]:
+        if not isinstance(im, dict) or not isinstance(im.get("id"), int):
+            problems.append(f"{json_path}: image {im!r:.80} has no integer 'id'")
+            continue
         name = Path(str(im.get("file_name", ""))).name
         if name not in files:
             problems.append(f"{json_path}: image id {im.get('id')}: {name or 'no file_name'} not in {images}")
         else:
             out[im["id"]] = ImagePrompts(files[name], int(im["id"]), np.zeros((0, 4)), [])
     for ann in doc["annotations"]:
+        if not isinstance(ann, dict):
+            problems.append(f"{json_path}: annotation {ann!r:.80} is not an object")
+            continue
         if ann.get("iscrowd"):
             continue  # a crowd region is not an object to segment
         entry = out.get(ann.get("image_id"))

@@ -157,3 +157,18 @@ def test_cli_predicts_with_a_registered_model_from_the_store_and_the_local_regis
     assert np.array_equal(np.asarray(Image.open(next((tmp_path / "a" / "masks").iterdir()))),
                           np.asarray(Image.open(next((tmp_path / "c" / "masks").iterdir()))))
     assert torch.cuda.is_available() or "on cpu" in capsys.readouterr().err
+
+
+def test_a_malformed_coco_prompt_file_lists_every_problem(coco_set, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"images": [{"file_name": "synthetic00000.png"}, {"id": 2, "file_name": "gone.png"},
+                                          {"id": 3, "file_name": "synthetic00001.png"}],
+                               "annotations": [7, {"id": 5, "image_id": 3, "bbox": [1, 1, 3]}]}))
+    with pytest.raises(P.PredictError) as err:
+        P.prompts_from_coco(bad, coco_set / "images")
+    assert [p.split(": ", 1)[1] for p in err.value.problems] == [
+        "image {'file_name': 'synthetic00000.png'} has no integer 'id'", f"image id 2: gone.png not in {coco_set / 'images'}",
+        "annotation 7 is not an object", "annotation 5: no bbox [x, y, width, height]"]
+    bad.write_text("[1, 2]")
+    with pytest.raises(P.PredictError, match="not a COCO file"):
+        P.prompts_from_coco(bad, coco_set / "images")
