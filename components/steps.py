@@ -103,13 +103,14 @@ def fetch_step(model_type: str, url: str, sha256: str, s3_endpoint: str, bucket:
 
 
 def ingest_step(source: str, dataset_format: str, dataset_name: str, split_seed: int, s3_endpoint: str,
-                bucket: str, prefix: str, out_manifest_path: str, verify: bool = False) -> dict:
-    """Ingest (`verify`: re-hash every stored object and repair what is wrong), write the manifest to the
-    Dataset artifact, return its metadata."""
+                bucket: str, prefix: str, out_manifest_path: str, verify: bool = False, categories: str = "") -> dict:
+    """Ingest (`verify`: re-hash every stored object and repair what is wrong; `categories`: COCO categories to
+    keep, comma-separated), write the manifest to the Dataset artifact, return its metadata."""
+    from components.datasets.coco import parse_categories
     from components.datasets.ingest import ingest
 
     result = ingest(source, dataset_format or "auto", dataset_name, connect(s3_endpoint, bucket, prefix),
-                    seed=int(split_seed), verify=bool(verify))
+                    seed=int(split_seed), verify=bool(verify), categories=parse_categories(categories))
     out = Path(out_manifest_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result.manifest, indent=2, sort_keys=True))
