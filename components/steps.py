@@ -206,7 +206,8 @@ def finetune_step(weights_path: str, manifest_path: str, *, run_id: str = "", re
     user on a cluster, continues a run that was killed. A checkpoint of another run is never resumed."""
     from components.datasets.reader import SplitRefs, load_manifest
     from components.hashing import sha256_file
-    from components.training import TrainConfig, train
+    from components.training.config import TrainConfig
+    from components.training.loop import train
 
     cfg = TrainConfig.from_params(settings, checkpoint_dir=checkpoint_dir)
     cfg.validate()  # before anything is read or written: e.g. checkpoint_name must not leave checkpoint_dir
