@@ -75,14 +75,15 @@ def render(yaml_path: str | Path) -> str:
              '<defs><marker id="a" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" '
              'orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#555"/></marker></defs>',
              f'<rect width="{width:.0f}" height="{height:.0f}" fill="#fff"/>']
-    for task in graph:
+    order = [t for t in TASKS if t in graph]  # the spec's maps have no fixed order: the bytes must not vary
+    for task in order:
         x, y = where[task]
         for dep in _direct(graph, task):
             dx, dy = where[dep]
             parts.append(f'<line x1="{dx + BOX_W / 2:.0f}" y1="{dy + BOX_H:.0f}" x2="{x + BOX_W / 2:.0f}" '
                          f'y2="{y:.0f}" stroke="#555" marker-end="url(#a)"/>')
-    for task, info in graph.items():
-        x, y = where[task]
+    for task in order:
+        info, (x, y) = graph[task], where[task]
         # The innermost condition: the outer ones are on the tasks above, and a dashed box is inside them all.
         notes = [f"if {g}.{gates.get(g, '?')}" for g in info["gated"][-1:]]
         if info.get("fan_out"):
