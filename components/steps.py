@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from components.datasets.split import overlap_warning
 from components.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -137,16 +138,6 @@ def check_step(manifest_path: str, weights_sha256: str, model_name: str, force_r
     return {"changed": decision.changed, "reason": decision.reason}
 
 
-def _overlap_warning(manifest: dict) -> str | None:
-    from components.datasets.split import overlapping
-
-    shared = overlapping(manifest["items"])
-    if not shared:
-        return None
-    return (f"the splits of {manifest['name']} overlap: {len(shared)} of {len(manifest['items'])} images serve more "
-            "than one of train/val/test, so the model is evaluated on images it was trained on")
-
-
 def shard_indices(shards: int) -> list[int]:
     """The embed fan-out's items: 0..shards-1."""
     if int(shards) < 1:
@@ -214,7 +205,7 @@ def finetune_step(weights_path: str, manifest_path: str, *, run_id: str = "", re
     run_id = resume_run_id or run_id
     store = connect(s3_endpoint, bucket, prefix)
     manifest = load_manifest(store, manifest_path)
-    overlap = _overlap_warning(manifest)
+    overlap = overlap_warning(manifest)
     if overlap:
         log.warning("WARNING: %s", overlap)
     # Streamed from the store (images, masks and the embed step's embeddings), never all in memory.
@@ -277,7 +268,7 @@ def evaluate_step(weights_path: str, model_path: str, manifest_path: str, model_
     registry = ObjectStoreRegistry(store)
     pointer = registry.latest(model_name) if model_name else None
     history = training_history(read_metadata(model_metadata).get("history_uri"), store)
-    overlap = _overlap_warning(manifest)
+    overlap = overlap_warning(manifest)
     refused = ()
     if overlap and not allow_overlap:
         refused = (f"{overlap} (allow_overlap / run --allow-overlap registers anyway)",)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from components.datasets.adapters import get_layout
 from components.datasets.sources import WORK_PREFIX, clean_stale_work_dirs, open_source
-from components.datasets.split import (SPLIT_RULE, SPLITS, assign_splits, check_fractions, content_hash, overlapping,
-                                       split_rule)
+from components.datasets.split import (SPLIT_RULE, SPLITS, assign_splits, check_fractions, content_hash,
+                                       overlap_warning, overlapping, split_rule)
 from components.datasets.validate import DatasetError, Item, validate
 from components.errors import UserError
 from components.label_values import IGNORE
@@ -188,12 +188,10 @@ def ingest(source: str, fmt: str = "auto", name: str = "penn-fudan", store: Obje
                                                progress=f"{'verify' if verify else 'upload'} {name}")
             if not committed:
                 store.put_json(manifest_key, manifest)
-    shared = overlapping(manifest["items"])
-    if shared:
-        log.warning("WARNING: %s: %d of %d images serve more than one of train/val/test (too few images to hold "
-                    "any out); a model trained on it is evaluated on its own training images, and registration "
-                    "is refused unless allow_overlap (sam-pipeline run --allow-overlap)",
-                    name, len(shared), len(manifest["items"]))
+    overlap = overlap_warning(manifest)
+    if overlap:
+        log.warning("WARNING: %s; registration is refused unless allow_overlap (sam-pipeline run --allow-overlap)",
+                    overlap)
     return IngestResult(name, prep.content_hash, store.uri(manifest["root"]), store.uri(manifest_key),
                         manifest, uploaded, skipped, n_objects if verify else None)
 
