@@ -73,21 +73,3 @@ def coco_mask_ap(images: Sequence[tuple[int, np.ndarray, np.ndarray | None]],
         ev.accumulate()
         ev.summarize()
     return {k: float(ev.stats[i]) for k, i in STATS.items()}
-
-
-def box_prompted_ap(model, embeddings: Iterable, samples: Iterable) -> dict[str, float]:
-    """COCO mask AP of `model` prompted with every ground-truth instance's tight box (score = predicted
-    IoU), on samples with their embeddings: the evaluation's box prompts, in the field's metric."""
-    from components.predict import decode_boxes
-    from components.sam.prompts import instance_masks, masks_to_boxes
-    from components.sam.transforms import Frame
-
-    images, predictions = [], []
-    for image_id, (sample, emb) in enumerate(zip(samples, embeddings), 1):
-        label = np.asarray(sample.mask)
-        ids, gt = instance_masks(label)
-        images.append((image_id, label, None))
-        if len(ids):
-            masks, scores = decode_boxes(model, emb, Frame.for_size(*label.shape), masks_to_boxes(gt))
-            predictions.append((image_id, masks, scores))
-    return coco_mask_ap(images, predictions)

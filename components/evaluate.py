@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from components.coco_eval import box_prompted_ap
+from components.coco_eval import coco_mask_ap
 from components.errors import UserError, first_line
 from components.eval_metrics import PROMPTS, STATS, CandidateScores, metric_key
 from components.gate import MIN_COMPARABLE_IMAGES, Verdict, decide
@@ -36,9 +36,9 @@ from components.report import Report, overlay
 from components.sam.embeddings import EmbeddingCache
 from components.sam.metrics import dice_iou, summarize
 from components.sam.model import ENCODER_PREFIX, build_sam, load_state_dict_file, load_strict
-from components.sam.prompt_batch import choose_output, decode_all, first_round_tokens, is_ambiguous, take
+from components.sam.prompt_batch import decode_prompts
 from components.sam.prompts import deepest_points, instance_masks, masks_to_boxes
-from components.sam.transforms import Frame, postprocess_masks
+from components.sam.transforms import Frame
 from components.storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -77,32 +77,12 @@ def centre_points(masks: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def decode_prompts(model, emb: torch.Tensor, frame: Frame, boxes: np.ndarray | None, points: np.ndarray | None,
-                   chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """N objects, each prompted by a box (N, 4) or one positive point (N, 1, 2), in original pixels (NaN
-    rows for the other kind) -> ((N, H, W) bool masks, (N,) chosen output), decoded as training does."""
-    device = next(model.parameters()).device
-    n = len(boxes) if boxes is not None else len(points)
-    b = torch.as_tensor(frame.boxes_to_input(boxes), dtype=torch.float32, device=device) if boxes is not None else None
-    p = torch.as_tensor(frame.coords_to_input(points), dtype=torch.float32, device=device) \
-        if points is not None else None
-    masks, chosen = [], []
-    for s in range(0, n, chunk):
-        coords, labels = first_round_tokens(None if b is None else b[s:s + chunk],
-                                            None if p is None else p[s:s + chunk], min(chunk, n - s), 2, device)
-        low, iou = decode_all(model, emb, None, coords, labels)
-        index = choose_output(iou, is_ambiguous(labels))
-        masks.append((postprocess_masks(take(low, index).unsqueeze(1).float(), frame) > 0)[:, 0].cpu())
-        chosen.append(index.cpu())
-    return torch.cat(masks), torch.cat(chosen)
-
-
-@torch.no_grad()
 def score_model(model, embeddings: Sequence[torch.Tensor], samples: Sequence, *, keep_masks: int = 0) -> dict:
-    """Per-instance Dice/IoU for box and centre-point prompts; masks of the first `keep_masks` images
-    are returned for the report's overlays."""
+    """Per-instance Dice/IoU for box and centre-point prompts, and COCO mask AP of the box-prompted masks (score =
+    predicted IoU: the field's metric, comparable with published numbers); masks of the first `keep_masks`
+    images are returned for the report's overlays."""
     device = next(model.parameters()).device
-    rows, kept = [], {}
+    rows, kept, ap_images, ap_predictions = [], {}, [], []
     for idx, (sample, emb) in enumerate(zip(samples, embeddings)):
         ids, gt = instance_masks(np.asarray(sample.mask))
         if len(ids) == 0:
@@ -111,8 +91,11 @@ def score_model(model, embeddings: Sequence[torch.Tensor], samples: Sequence, *,
         frame = Frame.for_size(h, w)
         gt_t = torch.from_numpy(gt)
         emb = emb.to(device)
-        box_masks, _ = decode_prompts(model, emb, frame, masks_to_boxes(gt), None)
-        pt_masks, _ = decode_prompts(model, emb, frame, None, centre_points(gt_t)[:, None, :])
+        box = decode_prompts(model, emb, frame, masks_to_boxes(gt), None)
+        box_masks = box.masks
+        ap_images.append((idx + 1, np.asarray(sample.mask), None))
+        ap_predictions.append((idx + 1, box_masks.numpy(), box.scores.numpy()))
+        pt_masks = decode_prompts(model, emb, frame, None, centre_points(gt_t)[:, None, :]).masks
         ignore = np.asarray(sample.mask) == IGNORE  # crowd regions count neither way
         box_dice, box_iou = dice_iou(box_masks, gt_t, ignore)
         pt_dice, pt_iou = dice_iou(pt_masks, gt_t, ignore)
@@ -122,7 +105,7 @@ def score_model(model, embeddings: Sequence[torch.Tensor], samples: Sequence, *,
                          "point_iou": float(pt_iou[j])})
         if idx < keep_masks:
             kept[sample.id] = box_masks.numpy()
-    return {"instances": rows, "masks": kept}
+    return {"instances": rows, "masks": kept, "coco": coco_mask_ap(ap_images, ap_predictions)}
 
 
 def _aggregate(label: str, rows: list[dict]) -> dict:
@@ -191,7 +174,6 @@ def evaluate(model_type: str, zero_shot_weights: str | Path, finetuned_weights: 
                                         else fp, store)
         embeddings = _embeddings(samples, caches[fp], dev)
         results[cand.label] = score_model(model, embeddings, samples, keep_masks=min(keep, len(samples)))
-        results[cand.label]["coco"] = box_prompted_ap(model, embeddings, samples)  # COCO mask AP, box prompts
         del model
 
     samples = _annotated(test_samples)

@@ -151,25 +151,13 @@ def _numbered(prompts: list[ImagePrompts]) -> list[ImagePrompts]:
 
 
 @torch.no_grad()
-def decode_boxes(model, emb: torch.Tensor, frame, boxes: np.ndarray, chunk: int = 64
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """(K, 4) XYXY boxes in original pixels -> ((K, H, W) bool masks, (K,) predicted IoU), output 0."""
-    from components.sam.prompt_batch import decode_all, first_round_tokens
-    from components.sam.transforms import postprocess_masks
+def decode_boxes(model, emb: torch.Tensor, frame, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(K, 4) XYXY boxes in original pixels -> ((K, H, W) bool masks, (K,) predicted IoU), output 0: the
+    evaluation's own decoding (prompt_batch.decode_prompts)."""
+    from components.sam.prompt_batch import decode_prompts
 
-    device = next(model.parameters()).device
-    b = torch.as_tensor(frame.boxes_to_input(np.asarray(boxes, dtype=np.float64)), dtype=torch.float32,
-                        device=device)
-    masks, scores = [], []
-    for s in range(0, len(b), chunk):
-        coords, labels = first_round_tokens(b[s:s + chunk], None, len(b[s:s + chunk]), 2, device)
-        low, iou = decode_all(model, emb.to(device), None, coords, labels)
-        masks.append((postprocess_masks(low[:, :1].float(), frame) > 0)[:, 0].cpu().numpy())
-        scores.append(iou[:, 0].float().cpu().numpy())
-    h, w = frame.original_size
-    if not masks:
-        return np.zeros((0, h, w), bool), np.zeros(0, np.float32)
-    return np.concatenate(masks), np.concatenate(scores)
+    decoded = decode_prompts(model, emb, frame, np.asarray(boxes, dtype=np.float64), None, chunk=64)
+    return decoded.masks.numpy(), decoded.scores.numpy()
 
 
 def automatic_masks(model, image: np.ndarray, **kwargs) -> tuple[np.ndarray, np.ndarray]:

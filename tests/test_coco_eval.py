@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from components.coco_eval import box_prompted_ap, coco_mask_ap
+from components.coco_eval import coco_mask_ap
 from components.label_values import IGNORE
 
 
@@ -50,7 +50,7 @@ def test_nothing_predicted_and_nothing_to_find():
     assert coco_mask_ap([(1, np.zeros((5, 5), np.uint8), None)], [])["mask_ap"] == -1.0
 
 
-def test_box_prompted_ap_of_a_real_model(random_vit_t):
+def test_evaluation_reports_the_coco_mask_ap_of_its_box_prompts(random_vit_t):
     import torch
 
     from components.datasets.synthetic import make_samples
@@ -61,5 +61,7 @@ def test_box_prompted_ap_of_a_real_model(random_vit_t):
     samples = make_samples(2, seed=3, size=(48, 48))
     with torch.no_grad():
         embs = compute_embeddings(model, [s.image for s in samples])
-    ap = box_prompted_ap(model, embs, samples)
+    from components.evaluate import score_model
+
+    ap = score_model(model, embs, samples)["coco"]  # evaluation's box prompts, in the field's metric
     assert 0.0 <= ap["mask_ap"] <= ap["mask_ap50"] <= 1.0

@@ -4,8 +4,9 @@ prompt), one image or several in one call, and with both attention kernels."""
 import pytest
 import torch
 
-from components.sam import decoder
-from components.sam.model import build_sam, decode_input_frame, set_trainable, use_fast_decoder
+from official_decode import decode_input_frame, use_fast_decoder
+
+from components.sam.model import build_sam, set_trainable
 from components.sam.prompt_batch import decode_all
 
 BOXES = torch.tensor([[10.0, 20.0, 300.0, 400.0], [500.0, 100.0, 900.0, 700.0], [0.0, 0.0, 1023.0, 1023.0]])
@@ -57,9 +58,9 @@ def test_same_outputs_and_gradients_as_the_official_decoder(model_type):
 
 @pytest.mark.parametrize("mask_prompt", [False, True], ids=["shared-image-tokens", "per-prompt-image-tokens"])
 @pytest.mark.parametrize("fused_attention", [False, True])
-def test_several_images_in_one_call_equal_one_official_call_per_prompt(monkeypatch, mask_prompt, fused_attention):
-    """decode_all over 2 images (image_index) equals the official decoder called prompt by prompt."""
-    monkeypatch.setattr(decoder, "FUSED_ATTENTION_ON_CPU", fused_attention)
+def test_several_images_in_one_call_equal_one_official_call_per_prompt(mask_prompt, fused_attention):
+    """decode_all over 2 images (image_index) equals the official decoder called prompt by prompt, with either
+    attention kernel."""
     torch.manual_seed(0)
     embs = torch.randn(2, 256, 64, 64)
     index = torch.tensor([1, 0, 1])
@@ -67,7 +68,7 @@ def test_several_images_in_one_call_equal_one_official_call_per_prompt(monkeypat
     mask_in = torch.randn(3, 1, 256, 256) if mask_prompt else None
 
     fast = _model(True)
-    low, iou = decode_all(fast, embs, index, coords, labels, mask_in)
+    low, iou = decode_all(fast, embs, index, coords, labels, mask_in, fused=fused_attention)
     (low.square().mean() + iou.mean()).backward()
 
     official = _model(False)

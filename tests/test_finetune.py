@@ -8,13 +8,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from official_decode import decode
 
 from components.datasets.synthetic import make_samples
 from components.training.config import TrainConfig, resolve_amp
 from components.training.loop import train
 from components.training.trainer import Trainer, prepare_items
 from components.sam.embeddings import EmbeddingCache, decode_bytes, image_key
-from components.sam.model import build_sam, decode, load_trainable_state_dict
+from components.sam.model import build_sam, load_trainable_state_dict
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

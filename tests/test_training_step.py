@@ -105,7 +105,7 @@ def _decoder_heads(model):
 
 
 def test_single_points_train_the_multimask_heads_and_evaluation_scores_them(model_and_items):
-    from components.evaluate import decode_prompts
+    from components.sam.prompt_batch import decode_prompts
     from components.sam.prompt_batch import decode_all, first_round_tokens
     from components.sam.transforms import postprocess_masks
 
@@ -129,7 +129,7 @@ def test_single_points_train_the_multimask_heads_and_evaluation_scores_them(mode
         # Evaluation: a point is scored on the output among 1-3 with the highest predicted IoU.
         item = items[0]
         pts = item.boxes[:, None, :2] + 2.0  # any point; what matters is which output is kept
-        masks, chosen = decode_prompts(model, item.embedding, item.frame, None, pts)
+        masks, chosen, _ = decode_prompts(model, item.embedding, item.frame, None, pts)
         with torch.no_grad():
             c, lab = first_round_tokens(None, torch.as_tensor(item.frame.coords_to_input(pts), dtype=torch.float32),
                                         len(pts), 2, CPU)
@@ -138,7 +138,7 @@ def test_single_points_train_the_multimask_heads_and_evaluation_scores_them(mode
         assert torch.equal(chosen, expect)
         want = postprocess_masks(low[torch.arange(len(pts)), expect][:, None], item.frame)[:, 0] > 0
         assert torch.equal(masks, want)
-        box_masks, box_chosen = decode_prompts(model, item.embedding, item.frame, item.boxes, None)
+        box_masks, box_chosen, _ = decode_prompts(model, item.embedding, item.frame, item.boxes, None)
         assert (box_chosen == 0).all()
     finally:
         model.load_state_dict(state)

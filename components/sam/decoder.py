@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-FUSED_ATTENTION_ON_CPU = False  # tests flip it to check both ways give the same numbers
 
 
 def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -46,12 +45,18 @@ def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x.view(b, length, n_heads, c // n_heads).transpose(1, 2)
 
 
-def _attend(m: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def fused_by_default(device: torch.device) -> bool:
+    """Which attention kernel `fused=None` means: fused on CUDA, explicit products on CPU (item 3 above)."""
+    return device.type == "cuda"
+
+
+def _attend(m: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fused: bool) -> torch.Tensor:
     """The official Attention.forward of module `m` on projected (B, L, C') q, k, v, then out_proj.
-    k and v may have batch 1 (one image's projections, shared by all prompts): they broadcast."""
+    k and v may have batch 1 (one image's projections, shared by all prompts): they broadcast.
+    `fused`: F.scaled_dot_product_attention, else matmul + softmax (the same numbers within rounding)."""
     n = max(q.shape[0], k.shape[0])
     q, k, v = (_heads(t, m.num_heads).expand(n, -1, -1, -1) for t in (q, k, v))
-    if q.is_cuda or FUSED_ATTENTION_ON_CPU:
+    if fused:
         out = F.scaled_dot_product_attention(q, k, v)  # the official scale 1 / sqrt(head dim)
     else:
         out = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]), dim=-1) @ v
@@ -78,7 +83,8 @@ def _select(x: torch.Tensor, image_index: torch.Tensor | None) -> torch.Tensor:
 
 
 def two_way_transformer(t: nn.Module, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor,
-                        image_index: torch.Tensor | None, shared_image: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                        image_index: torch.Tensor | None, shared_image: bool, fused: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """TwoWayTransformer.forward: image (B, 4096, C) channels-last tokens, image_pe (1, 4096, C), tokens
     (N, T, C). `shared_image`: `image` is per image (B images, `image_index` (N,) maps prompts to them, or
     None when B == 1) rather than per prompt (B == N). Returns (queries (N, T, C), keys (N, 4096, C))."""
@@ -87,11 +93,11 @@ def two_way_transformer(t: nn.Module, image: torch.Tensor, image_pe: torch.Tenso
     for i, layer in enumerate(t.layers):
         if layer.skip_first_layer_pe:
             a = layer.self_attn  # the official first layer: no positional encoding, no residual
-            queries = _attend(a, a.q_proj(tokens), a.k_proj(tokens), a.v_proj(tokens))
+            queries = _attend(a, a.q_proj(tokens), a.k_proj(tokens), a.v_proj(tokens), fused)
         else:
             a = layer.self_attn
             q = queries + query_pe
-            queries = queries + _attend(a, a.q_proj(q), a.k_proj(q), a.v_proj(queries))
+            queries = queries + _attend(a, a.q_proj(q), a.k_proj(q), a.v_proj(queries), fused)
         queries = layer.norm1(queries)
 
         # Both cross attentions project this layer's image tokens: keys and values for the tokens'
@@ -100,14 +106,14 @@ def two_way_transformer(t: nn.Module, image: torch.Tensor, image_pe: torch.Tenso
         kp, qp, vp = _project_image(keys, key_pe, with_pe=(t2i.k_proj, i2t.q_proj), without_pe=(t2i.v_proj,))
         if i == 0 and shared_image:  # the same for every prompt of an image until the image attends to them
             kp, qp, vp, keys = (_select(x, image_index) for x in (kp, qp, vp, keys))
-        queries = layer.norm2(queries + _attend(t2i, t2i.q_proj(queries + query_pe), kp, vp))
+        queries = layer.norm2(queries + _attend(t2i, t2i.q_proj(queries + query_pe), kp, vp, fused))
         queries = layer.norm3(queries + layer.mlp(queries))
         q = queries + query_pe
-        keys = layer.norm4(keys + _attend(i2t, qp, i2t.k_proj(q), i2t.v_proj(queries)))
+        keys = layer.norm4(keys + _attend(i2t, qp, i2t.k_proj(q), i2t.v_proj(queries), fused))
 
     a = t.final_attn_token_to_image
     kp, vp = _project_image(keys, key_pe, with_pe=(a.k_proj,), without_pe=(a.v_proj,))
-    out = _attend(a, a.q_proj(queries + query_pe), kp, vp)
+    out = _attend(a, a.q_proj(queries + query_pe), kp, vp, fused)
     return t.norm_final_attn(queries + out), keys
 
 
@@ -137,8 +143,10 @@ def upscale_and_predict(d: nn.Module, keys: torch.Tensor, mask_tokens_out: torch
 
 def predict_masks(d: nn.Module, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
                   sparse_prompt_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor,
-                  image_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  image_index: torch.Tensor | None = None, fused: bool | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """MaskDecoder.predict_masks of decoder `d`: all four outputs ((N, 4, 256, 256) logits, (N, 4) IoU).
+    `fused`: the attention kernel (None: `fused_by_default` for the embeddings' device).
 
     image_embeddings (B, C, 64, 64): one image for all N prompts, or B images with `image_index` (N,)
     naming each prompt's image. dense_prompt_embeddings (N, C, 64, 64), or any shape that broadcasts to
@@ -158,6 +166,7 @@ def predict_masks(d: nn.Module, image_embeddings: torch.Tensor, image_pe: torch.
         src = _select(image_embeddings, image_index) + dense  # (N, C, 64, 64)
     image = src.flatten(2).transpose(1, 2)  # (B or N, 4096, C), channels last as the transformer wants
     pe = image_pe.flatten(2).transpose(1, 2)
-    hs, keys = two_way_transformer(d.transformer, image, pe, tokens, image_index, shared)
+    fused = fused_by_default(image.device) if fused is None else fused
+    hs, keys = two_way_transformer(d.transformer, image, pe, tokens, image_index, shared, fused)
     masks = upscale_and_predict(d, keys, hs[:, 1:1 + d.num_mask_tokens])
     return masks, d.iou_prediction_head(hs[:, 0])

@@ -14,10 +14,14 @@ object can take the best of outputs 1-3 and every other object output 0 from the
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import numpy as np
 import torch
 from torch import nn
 
 from components.sam.decoder import predict_masks
+from components.sam.transforms import Frame, postprocess_masks
 
 BOX_LABELS = (2, 3)  # SAM's point_embeddings[2] / [3]: the box's top-left and bottom-right corners
 PAD = -1  # "not a point"
@@ -64,11 +68,12 @@ def embed_tokens(prompt_encoder: nn.Module, coords: torch.Tensor, labels: torch.
 
 
 def decode_all(model: nn.Module, embeddings: torch.Tensor, image_index: torch.Tensor | None,
-               coords: torch.Tensor, labels: torch.Tensor, mask_input: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               coords: torch.Tensor, labels: torch.Tensor, mask_input: torch.Tensor | None = None,
+               fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder call for N prompts over B images: embeddings (B, 256, 64, 64), image_index (N,)
     (None when B == 1), mask_input (N, 1, 256, 256) logits or None -> all four outputs:
-    ((N, 4, 256, 256) low-res logits, (N, 4) predicted IoU)."""
+    ((N, 4, 256, 256) low-res logits, (N, 4) predicted IoU). The one way every caller decodes: training,
+    validation, evaluation and predict; `fused` picks the attention kernel (components/sam/decoder.py)."""
     enc = model.prompt_encoder
     sparse = embed_tokens(enc, coords, labels)
     n = coords.shape[0]
@@ -78,7 +83,8 @@ def decode_all(model: nn.Module, embeddings: torch.Tensor, image_index: torch.Te
         dense = enc.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, *enc.image_embedding_size)
     if embeddings.dim() == 3:
         embeddings = embeddings.unsqueeze(0)
-    return predict_masks(model.mask_decoder, embeddings, enc.get_dense_pe(), sparse, dense, image_index=image_index)
+    return predict_masks(model.mask_decoder, embeddings, enc.get_dense_pe(), sparse, dense, image_index=image_index,
+                         fused=fused)
 
 
 def decode_groups(model: nn.Module, embeddings: torch.Tensor, image_index: torch.Tensor | None,
@@ -117,6 +123,40 @@ def choose_output(iou_pred: torch.Tensor, ambiguous: torch.Tensor) -> torch.Tens
     after seeing that mask; the loss itself still pushes the best of the three (losses.multi_output_loss)."""
     best = iou_pred[:, MULTIMASK].argmax(dim=1) + MULTIMASK.start
     return torch.where(ambiguous, best, torch.zeros_like(best))
+
+
+class Decoded(NamedTuple):
+    masks: torch.Tensor  # (N, H, W) bool at the original size
+    chosen: torch.Tensor  # (N,) the output taken (choose_output)
+    scores: torch.Tensor  # (N,) its predicted IoU
+
+
+@torch.no_grad()
+def decode_prompts(model: nn.Module, emb: torch.Tensor, frame: Frame, boxes: np.ndarray | None,
+                   points: np.ndarray | None, chunk: int = 32) -> Decoded:
+    """The one scorer's decoding (validation, which picks best.pt; evaluation; predict): N objects of one image,
+    each prompted by a box (N, 4) or one positive point (N, 1, 2), in original pixels (NaN rows for the other
+    kind), decoded as training decodes them."""
+    device = next(model.parameters()).device
+    n = len(boxes) if boxes is not None else len(points)
+    b = torch.as_tensor(frame.boxes_to_input(np.asarray(boxes, dtype=np.float64)), dtype=torch.float32,
+                        device=device) if boxes is not None else None
+    p = torch.as_tensor(frame.coords_to_input(points), dtype=torch.float32, device=device) \
+        if points is not None else None
+    emb = emb.to(device)
+    masks, chosen, scores = [], [], []
+    for s in range(0, n, chunk):
+        coords, labels = first_round_tokens(None if b is None else b[s:s + chunk],
+                                            None if p is None else p[s:s + chunk], min(chunk, n - s), 2, device)
+        low, iou = decode_all(model, emb, None, coords, labels)
+        index = choose_output(iou, is_ambiguous(labels))
+        masks.append((postprocess_masks(take(low, index).unsqueeze(1).float(), frame) > 0)[:, 0].cpu())
+        chosen.append(index.cpu())
+        scores.append(take(iou, index).float().cpu())
+    h, w = frame.original_size
+    if not masks:
+        return Decoded(torch.zeros((0, h, w), dtype=torch.bool), torch.zeros(0, dtype=torch.long), torch.zeros(0))
+    return Decoded(torch.cat(masks), torch.cat(chosen), torch.cat(scores))
 
 
 def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

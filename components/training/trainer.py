@@ -31,9 +31,9 @@ from components.label_values import IGNORE
 from components.sam.device import to_device
 from components.sam.losses import multi_output_loss
 from components.sam.metrics import dice_iou
-from components.sam.model import decode, load_trainable_state_dict, set_trainable, trainable_state_dict, \
-    use_fast_decoder
-from components.sam.prompt_batch import choose_output, decode_groups, first_round_tokens, is_ambiguous, take
+from components.sam.model import load_trainable_state_dict, set_trainable, trainable_state_dict
+from components.sam.prompt_batch import (choose_output, decode_groups, decode_prompts, first_round_tokens, is_ambiguous,
+                                         take)
 from components.sam.prompts import corrective_clicks, instance_masks, jitter_boxes, masks_to_boxes, sample_points
 from components.sam.transforms import LOW_RES, IMAGE_SIZE, Frame, masks_to_low_res
 from components.training.config import AmpSettings, TrainConfig
@@ -111,7 +111,6 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, train_items, val_items, device: torch.device,
                  amp: AmpSettings):
         self.cfg, self.model, self.device, self.amp = cfg, model, device, amp
-        use_fast_decoder(model)  # validation decodes through model.mask_decoder
         self.train_items, self.val_items = train_items, val_items
         self.params = set_trainable(model, cfg.freeze_prompt_encoder)
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, **self._adam_impl())
@@ -281,19 +280,19 @@ class Trainer:
 
     # validation -------------------------------------------------------------------------------
     @torch.no_grad()
-    def validate(self, chunk: int = 32) -> dict:
-        """Per-instance Dice and IoU with unjittered box prompts, at original resolution.
+    def validate(self) -> dict:
+        """Per-instance Dice and IoU with unjittered box prompts, at original resolution: evaluation's own
+        decoding (prompt_batch.decode_prompts), so best.pt is chosen by the numbers the gate will see.
 
-        In fp32 even when training uses autocast, like evaluation: best.pt is chosen by the numbers the
-        evaluation gate will see, and validation is a few decoder calls, so autocast saves nothing."""
+        In fp32 even when training uses autocast, like evaluation; validation is a few decoder calls, so
+        autocast would save nothing."""
         self.model.eval()
         dices, ious = [], []
         for item in self.val_items:
-            for start in range(0, len(item.boxes), chunk):
-                d = decode(self.model, item.embedding, item.frame, boxes=item.boxes[start:start + chunk])
-                dice, iou = dice_iou(d.masks[:, 0].cpu(), item.masks[start:start + chunk], item.ignore)
-                dices.append(dice)
-                ious.append(iou)
+            masks = decode_prompts(self.model, item.embedding, item.frame, item.boxes, None).masks
+            dice, iou = dice_iou(masks, item.masks, item.ignore)
+            dices.append(dice)
+            ious.append(iou)
         dice = torch.cat(dices) if dices else torch.zeros(0)
         iou = torch.cat(ious) if ious else torch.zeros(0)
         return {"dice": float(dice.mean()) if len(dice) else float("nan"),
