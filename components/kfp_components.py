@@ -14,30 +14,36 @@ from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 # -- component bodies (module level: KFP extracts their source) ------------------------------------
 
 def fetch_weights(model_type: str, url: str, sha256: str, s3_endpoint: str, bucket: str, prefix: str,
-                  weights: Output[Model]) -> NamedTuple("Outputs", [("sha256", str)]):
+                  weights: Output[Model]) -> NamedTuple("Outputs", [("sha256", str), ("metadata", dict)]):
     """Download (or reuse from the object store) a verified SAM checkpoint."""
-    from components.steps import fetch_step, publish
+    from components.steps import artifact_metadata, fetch_step, publish
 
     result = fetch_step(model_type=model_type, url=url, sha256=sha256, s3_endpoint=s3_endpoint, bucket=bucket,
                         prefix=prefix, out_path=weights.path)
     publish(result, weights)
-    # Also a parameter: check-changes compares it without downloading the checkpoint (2.5 GB for vit_h).
-    outputs = NamedTuple("Outputs", [("sha256", str)])
-    return outputs(result["sha256"])
+    # Also parameters: check-changes and register-model read only these, and an input artifact is downloaded
+    # in full before its step starts (2.5 GB for vit_h).
+    outputs = NamedTuple("Outputs", [("sha256", str), ("metadata", dict)])
+    return outputs(result["sha256"], artifact_metadata(result))
 
 
 def ingest_dataset(source: str, dataset_format: str, dataset_name: str, split_seed: int, verify_data: bool,
-                   s3_endpoint: str, bucket: str, prefix: str, dataset: Output[Dataset]):
+                   s3_endpoint: str, bucket: str, prefix: str, dataset: Output[Dataset]
+                   ) -> NamedTuple("Outputs", [("content_hash", str), ("metadata", dict)]):
     """Validate, split and upload a dataset version; the artifact is its manifest. `verify_data` re-hashes every
     object already stored and repairs what is wrong (named like the pipeline parameter, as the others are)."""
-    from components.steps import ingest_step, publish
+    from components.steps import artifact_metadata, ingest_step, publish
 
-    publish(ingest_step(source=source, dataset_format=dataset_format, dataset_name=dataset_name,
-                        split_seed=split_seed, s3_endpoint=s3_endpoint, bucket=bucket, prefix=prefix,
-                        out_manifest_path=dataset.path, verify=verify_data), dataset)
+    result = ingest_step(source=source, dataset_format=dataset_format, dataset_name=dataset_name,
+                         split_seed=split_seed, s3_endpoint=s3_endpoint, bucket=bucket, prefix=prefix,
+                         out_manifest_path=dataset.path, verify=verify_data)
+    publish(result, dataset)
+    # Also parameters, for the steps that need only these and not the manifest (which grows with the dataset).
+    outputs = NamedTuple("Outputs", [("content_hash", str), ("metadata", dict)])
+    return outputs(result["content_hash"], artifact_metadata(result))
 
 
-def check_changes(dataset: Input[Dataset], weights_sha256: str, model_name: str, force_retrain: bool,
+def check_changes(dataset_content_hash: str, weights_sha256: str, model_name: str, force_retrain: bool,
                   debug_with_one_example: bool, model_type: str, batch_size: int, n_objects_per_batch: int,
                   n_iterations: int, n_sub_iteration: int, lr: float, seed: int, val_every: int, s3_endpoint: str,
                   bucket: str, prefix: str) -> NamedTuple("Outputs", [("changed", bool), ("reason", str)]):
@@ -46,7 +52,7 @@ def check_changes(dataset: Input[Dataset], weights_sha256: str, model_name: str,
     from components.steps import check_step
 
     result = check_step(
-        manifest_path=dataset.path, weights_sha256=weights_sha256, model_name=model_name,
+        dataset_content_hash=dataset_content_hash, weights_sha256=weights_sha256, model_name=model_name,
         force_retrain=force_retrain, s3_endpoint=s3_endpoint, bucket=bucket, prefix=prefix,
         debug_with_one_example=debug_with_one_example, model_type=model_type, batch_size=batch_size,
         n_objects_per_batch=n_objects_per_batch, n_iterations=n_iterations, n_sub_iteration=n_sub_iteration,
@@ -64,7 +70,8 @@ def embed_shards(shards: int) -> List[int]:
 
 def embed(weights: Input[Model], dataset: Input[Dataset], model_type: str, shard: int, shards: int, device: str,
           s3_endpoint: str, bucket: str, prefix: str, index: Output[Artifact]):
-    """Embed one shard of the dataset's images with the frozen encoder into the object store's cache."""
+    """Embed one shard of the dataset's images with the frozen encoder into the object store's cache. A shard that
+    cannot finish still ends the task (its index says so): finetune computes what is missing."""
     from components.steps import embed_step, publish
 
     publish(embed_step(weights_path=weights.path, manifest_path=dataset.path, model_type=model_type, shard=shard,
@@ -79,14 +86,14 @@ def finetune(weights: Input[Model], dataset: Input[Dataset], embeddings: Input[L
              s3_endpoint: str, bucket: str, prefix: str, model: Output[Model], metrics: Output[Metrics],
              report: Output[HTML]):
     """Fine-tune SAM's mask decoder; resumes from the run's latest.pt in the object store on a retry (or from
-    run `resume_run_id`'s when set). `embeddings` (the embed shards' indexes) orders it after the fan-out; it
-    reads the store's cache itself."""
+    run `resume_run_id`'s when set). `embeddings` (the embed shards' indexes) orders it after the fan-out and
+    says which shards failed; the embeddings themselves it reads from the store's cache, computing what is missing."""
     from components.steps import finetune_step, publish
 
     # The training settings are this body's parameters (tests/test_pipeline.py pins them to TrainConfig).
     result = finetune_step(
         weights_path=weights.path, manifest_path=dataset.path, run_id=run_id, resume_run_id=resume_run_id,
-        s3_endpoint=s3_endpoint,
+        embed_index_paths=[e.path for e in embeddings], s3_endpoint=s3_endpoint,
         bucket=bucket, prefix=prefix, out_model_path=model.path, out_report_path=report.path,
         debug_with_one_example=debug_with_one_example, checkpoint_name=checkpoint_name, model_type=model_type,
         batch_size=batch_size, n_objects_per_batch=n_objects_per_batch, device=device, n_iterations=n_iterations,
@@ -116,17 +123,19 @@ def evaluate(weights: Input[Model], model: Input[Model], dataset: Input[Dataset]
                    float(result["zero_shot_box_dice"]), json.dumps(artifact_metadata(result), sort_keys=True))
 
 
-def register_model(model: Input[Model], weights: Input[Model], dataset: Input[Dataset], metrics_json: str,
+def register_model(model: Input[Model], weights_metadata: dict, dataset_metadata: dict, metrics_json: str,
                    model_name: str, model_registry_url: str, run_id: str, s3_endpoint: str, bucket: str,
                    prefix: str) -> NamedTuple("Outputs", [("version", str), ("model_uri", str)]):
-    """Store an immutable model version with its card; mirror it to Kubeflow Model Registry when configured."""
+    """Store an immutable model version with its card; mirror it to Kubeflow Model Registry when configured.
+    The checkpoint and the dataset are described by fetch-weights' and ingest-dataset's metadata parameters:
+    as artifacts they would be downloaded in full for a few fields."""
     from components.steps import register_step
 
     result = register_step(
         model_path=model.path, metrics_json=metrics_json, model_name=model_name,
         model_registry_url=model_registry_url, run_id=run_id, s3_endpoint=s3_endpoint, bucket=bucket,
-        prefix=prefix, model_metadata=dict(model.metadata), dataset_metadata=dict(dataset.metadata),
-        weights_metadata=dict(weights.metadata))
+        prefix=prefix, model_metadata=dict(model.metadata), dataset_metadata=dataset_metadata,
+        weights_metadata=weights_metadata)
     print("registered", result["model_name"], result["version"], "at", result["model_uri"])
     outputs = NamedTuple("Outputs", [("version", str), ("model_uri", str)])
     return outputs(result["version"], result["model_uri"])
