@@ -1,13 +1,16 @@
 # Kubernetes side of sam-pipeline: images, a kind cluster with a GPU worker, KFP, submit/schedule.
 # Included by the top-level Makefile (`include mk/kubernetes.mk`); every variable can be overridden
 # on the command line, e.g. `make images IMAGE_REGISTRY=registry.example.com/ml IMAGE_TAG=0.1.1`.
+# IMAGE_TAG defaults to a hash of what goes into the images (pipelines/image_tag.py), the tag the committed
+# YAML names: a change to the sources or pins gives a new tag, so KFP's cache never reuses a stale image.
 # Runbook: docs/kubernetes.md.
 
 # Repository root, resolved from this file so the targets work from any include site.
 SAM_K8S_ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST)))/..)
 
 IMAGE_REGISTRY ?= localhost
-IMAGE_TAG ?= 0.1.0
+PYTHON3 ?= python3
+IMAGE_TAG ?= $(shell cd $(SAM_K8S_ROOT) && $(PYTHON3) -m pipelines.image_tag)
 IMAGE_STEPS := fetch-weights ingest-dataset finetune evaluate register-model
 # Steps that run on the GPU worker; kind-load puts their (large) images only there, and they are
 # built from images/torch/Dockerfile (the others from images/light/Dockerfile).

@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="write the pipeline YAML (committed as pipelines/sam_finetune.yaml)")
     p.add_argument("-o", "--output", type=Path, default=DEFAULT_YAML)
     p.add_argument("--registry", help="image registry (default localhost, or SAM_IMAGE_REGISTRY)")
-    p.add_argument("--tag", help="image tag (default 0.1.0, or SAM_IMAGE_TAG)")
+    p.add_argument("--tag", help="image tag (default: derived from the image sources, `make images`'s; or SAM_IMAGE_TAG)")
     p.add_argument("--gpu-node-selector", action="append", type=_key_value, metavar="KEY=VALUE",
                    help="node selector for the GPU steps (repeatable; default nvidia.com/gpu.present=true; "
                         "'none' to drop)")

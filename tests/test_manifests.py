@@ -14,6 +14,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from pipelines.image_tag import source_tag
+
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
 KIND_CONFIG = MANIFESTS / "kind" / "cluster.yaml"
@@ -299,6 +301,6 @@ def test_compiled_pipeline_matches_cluster_store_and_images():
     secrets = {s.get("secretName") for ex in platform.values() for s in ex.get("secretAsEnv", [])}
     assert secrets == {"mlpipeline-minio-artifact"}, secrets
     images = {ex["container"]["image"] for ex in spec["deploymentSpec"]["executors"].values()}
-    expected = {f"localhost/sam-pipeline-{s}:0.1.0" for s in
+    expected = {f"localhost/sam-pipeline-{s}:{source_tag()}" for s in
                 ("fetch-weights", "ingest-dataset", "finetune", "evaluate", "register-model")}
     assert images == expected, "compiled images differ from what `make images kind-load` provides"
