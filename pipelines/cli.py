@@ -15,7 +15,7 @@ from pathlib import Path
 
 from components.errors import UserError, first_line
 from components.weights import MODEL_TYPES
-from pipelines import compile_flags
+from pipelines import compile_flags, pending
 from pipelines.run_args import EXIT_USAGE
 
 EXIT_FAILURE = 1
@@ -183,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--wait", action="store_true",
                            help="wait until the run ends; exit 0 only if it SUCCEEDED")
             p.add_argument("--timeout", type=_int_at_least(1), default=6 * 3600, help="seconds, with --wait")
+            p.add_argument("--pending-limit", type=_int_at_least(0), default=pending.DEFAULT_LIMIT, metavar="SECONDS",
+                           help="with --wait: stop waiting when a task pod is Pending this long, saying why "
+                                "(kubectl, context --kube-context); 0: never")
+            p.add_argument("--kube-context", default=os.environ.get("KUBE_CONTEXT"),
+                           help="kubectl context of the run's cluster (default KUBE_CONTEXT, else kubectl's)")
             p.set_defaults(func=cmd_submit)
         else:
             when = p.add_mutually_exclusive_group(required=True)
@@ -297,7 +302,8 @@ def cmd_submit(args) -> int:
     print(f"  {conn.run_link(run_id)}")
     if not args.wait:
         return 0
-    state = kfp_client.wait(conn, run_id, args.timeout)
+    stuck = pending.PendingWatch(run_id, args.pending_limit, args.kube_context)  # its notes go to stdout
+    state = kfp_client.wait(conn, run_id, args.timeout, stuck=stuck)
     print(f"run {run_id} ended {state}: {conn.run_link(run_id)}")
     return 0 if state == "SUCCEEDED" else EXIT_FAILURE
 
