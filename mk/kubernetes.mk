@@ -73,7 +73,7 @@ preflight: ## check docker, kind and kubectl versions, the NVIDIA driver (R580+)
 kind-up: preflight ## kind cluster + GPU worker + device plugin + GPU smoke test + KFP 2.17.0
 	KIND_CLUSTER=$(KIND_CLUSTER) $(SAM_K8S_ROOT)/scripts/kind-up.sh
 
-kind-gpu-check: ## run nvidia-smi in a pod that requests nvidia.com/gpu: 1
+kind-gpu-check: ## run nvidia-smi in a pod shaped as the compiled finetune task (no runtime class)
 	KUBE_CONTEXT=$(KIND_CONTEXT) $(SAM_K8S_ROOT)/scripts/gpu-check.sh
 
 kind-kfp: ## (re)install Kubeflow Pipelines standalone and wait until ready

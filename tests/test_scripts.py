@@ -174,6 +174,7 @@ def run_gpu_check(tmp_path, statuses: list[str], timeout: str = "300s"):
     answers.write_text("\n".join(statuses) + "\n")
     kubectl = f"""echo "kubectl $*" >> {calls}
 case "$*" in
+  *"apply -f -"*) cat > {tmp_path / "applied.json"};;
   *" get pod nvidia-smi "*)
     n=$(grep -c ' get pod nvidia-smi ' {calls})
     line=$(sed -n "${{n}}p" {answers}); [ -n "$line" ] || line=$(tail -n1 {answers})
@@ -182,7 +183,7 @@ case "$*" in
   *" describe "*) echo 'Events: ...';;
 esac"""
     env = {"PATH": make_fake_path(tmp_path, {"kubectl": kubectl, "sleep": f'echo "sleep $*" >> {calls}'}),
-           "GPU_CHECK_TIMEOUT": timeout, "HOME": str(tmp_path)}
+           "GPU_CHECK_TIMEOUT": timeout, "HOME": str(tmp_path), "SAM_PYTHON": sys.executable}
     proc = subprocess.run([shutil.which("bash"), str(ROOT / "scripts" / "gpu-check.sh")], env=env,
                           capture_output=True, text=True, timeout=30)
     return proc, calls.read_text().splitlines()
@@ -208,6 +209,26 @@ def test_gpu_check_passes_and_waits_for_a_pending_pod(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "GPU check passed" in proc.stdout and "NVIDIA H100" in proc.stdout
     assert len([c for c in calls if c.startswith("sleep")]) == 2
+
+
+def test_gpu_check_applies_the_compiled_task_pod_without_a_runtime_class(tmp_path):
+    """The pod KFP would make for finetune (pipelines/gpu_pod.py reads the compiled YAML), not a copy."""
+    import json
+
+    from pipelines.gpu_pod import task_pod
+
+    proc, calls = run_gpu_check(tmp_path, ["Succeeded "])
+    assert proc.returncode == 0, proc.stderr
+    applied = json.loads((tmp_path / "applied.json").read_text())
+    assert applied == task_pod() and "runtimeClassName" not in applied["spec"]
+    assert "shaped as the 'finetune' task of" in proc.stdout
+
+
+def test_gpu_check_needs_the_projects_python(tmp_path):
+    env = {"PATH": make_fake_path(tmp_path, {}), "SAM_PYTHON": str(tmp_path / "nope"), "HOME": str(tmp_path)}
+    proc = subprocess.run([shutil.which("bash"), str(ROOT / "scripts" / "gpu-check.sh")], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "run 'make setup' first" in proc.stderr
 
 
 def test_gpu_check_gives_up_after_its_timeout(tmp_path):
