@@ -30,7 +30,9 @@ SAM_PIPELINE ?= $(SAM_K8S_ROOT)/.venv/bin/sam-pipeline
 # kind-submit/kind-schedule compile a package for the images `make images` built into build/, so the
 # committed pipelines/sam_finetune.yaml stays as it is whatever IMAGE_REGISTRY/IMAGE_TAG say.
 SAM_PACKAGE ?= $(SAM_K8S_ROOT)/build/sam_finetune.yaml
-SAM_COMPILE ?= $(SAM_PIPELINE) compile --registry $(IMAGE_REGISTRY) --tag $(IMAGE_TAG) -o $(SAM_PACKAGE)
+# COMPILE_ARGS: more compile flags, e.g. the GPU tasks' sizing `make preflight` prints (--cpu/--memory).
+COMPILE_ARGS ?=
+SAM_COMPILE ?= $(SAM_PIPELINE) compile --registry $(IMAGE_REGISTRY) --tag $(IMAGE_TAG) -o $(SAM_PACKAGE) $(COMPILE_ARGS)
 KFP_LOCAL_PORT ?= 8080
 KFP_HOST ?= http://localhost:$(KFP_LOCAL_PORT)
 KFP_EXPERIMENT ?= sam-pipeline
