@@ -28,18 +28,20 @@ def add_flags(p: argparse.ArgumentParser, *, retries_type, key_value_type) -> No
     """The flags, on the compile subparser (the two argument types are the CLI's own)."""
     d = resources.DEFAULTS
     p.add_argument("--registry", help="image registry (default localhost, or SAM_IMAGE_REGISTRY)")
-    p.add_argument("--tag", help="image tag (default: derived from the image sources, `make images`'s; or SAM_IMAGE_TAG)")
+    p.add_argument("--tag", help="image tag (default: derived from the image sources, as `make images` tags; "
+                                 "or SAM_IMAGE_TAG)")
     p.add_argument("--gpu-node-selector", action="append", type=key_value_type, metavar="KEY=VALUE",
                    help="node selector for the GPU steps (repeatable; default nvidia.com/gpu.present=true; "
                         "'none' to drop)")
     p.add_argument("--gpu-toleration", action="append", type=_toleration, metavar="KEY[:EFFECT]",
-                   help="toleration (operator Exists) for the GPU steps (repeatable; default nvidia.com/gpu:NoSchedule; "
-                        "'none' to drop)")
+                   help="toleration (operator Exists) for the GPU steps (repeatable; default "
+                        "nvidia.com/gpu:NoSchedule; 'none' to drop)")
     p.add_argument("--shm-size", default="2Gi", help="memory-backed /dev/shm for finetune and evaluate")
     p.add_argument("--retries", type=retries_type, default=3, help="finetune retries (resume from latest.pt)")
     p.add_argument("--cpu", action="append", type=_resource("cpu"), metavar="TASK=REQUEST[:LIMIT]",
                    help="CPU of embed, finetune or evaluate (repeatable; defaults " +
-                        ", ".join(f"{t}={r.cpu}" for t, r in d.items()) + ", no limit; `make preflight` says what fits)")
+                        ", ".join(f"{t}={r.cpu}" for t, r in d.items()) +
+                        ", no limit; `make preflight` says what fits)")
     p.add_argument("--memory", action="append", type=_resource("memory"), metavar="TASK=REQUEST[:LIMIT]",
                    help="memory of embed, finetune or evaluate (repeatable; defaults " +
                         ", ".join(f"{t}={r.memory}:{r.memory_limit}" for t, r in d.items()) + ")")

@@ -160,7 +160,8 @@ def executor_inputs(run_dir: Path, pipeline_yaml: Path, parameters: dict | None 
         for name, ref in body.get("inputs", {}).get("parameters", {}).items():
             if "taskOutputParameter" in ref:
                 src = ref["taskOutputParameter"]
-                found = [r.get("parameterValues", {}).get(src["outputParameterKey"]) for r in runs.get(src["producerTask"], [])]
+                found = [r.get("parameterValues", {}).get(src["outputParameterKey"])
+                         for r in runs.get(src["producerTask"], [])]
                 values[name] = found[0] if found else ""
             elif "runtimeValue" in ref:
                 values[name] = ref["runtimeValue"].get("constant")
