@@ -55,12 +55,17 @@ def test_executor_input_is_what_the_driver_hands_the_launcher():
     smoke = load_script().launcher
     compiled = smoke.Compiled(ROOT / "pipelines" / "sam_finetune.yaml")
     comp = compiled.component("register-model")
-    params = {**compiled.defaults, "metrics_json": "{}", "run_id": "r", "s3_endpoint": "127.0.0.1:1"}
+    params = {**compiled.defaults, "metrics_json": "{}", "run_id": "r", "s3_endpoint": "127.0.0.1:1",
+              "weights_metadata": '{"sha256": "ab"}', "dataset_metadata": {"content_hash": "cd"}}
     art = {"name": "x", "uri": "minio://b/k", "metadata": {}, "type": {"schemaTitle": "system.Model"}}
-    data = smoke.executor_input(comp, params, {"model": art, "weights": art, "dataset": art}, "b/root/task/salt")
+    data = smoke.executor_input(comp, params, {"model": art}, "b/root/task/salt")
     assert data["outputs"]["outputFile"] == "/minio/b/root/task/salt/output_metadata.json"
     assert data["outputs"]["parameters"]["version"] == {"outputFile": "/tmp/kfp/outputs/version"}
-    assert set(data["inputs"]["artifacts"]) == {"model", "weights", "dataset"}
+    # register-model downloads only the model; the checkpoint's and dataset's metadata are STRUCT parameters,
+    # as an output parameter file's JSON text or already parsed.
+    assert set(data["inputs"]["artifacts"]) == {"model"}
+    assert data["inputs"]["parameterValues"]["weights_metadata"] == {"sha256": "ab"}
+    assert data["inputs"]["parameterValues"]["dataset_metadata"] == {"content_hash": "cd"}
     ft = smoke.executor_input(compiled.component("finetune"), {**params, "device": "cpu"},
                               {"weights": art, "dataset": art, "embeddings": [art, art]}, "b/t")
     # dsl.Collected's artifact list (the embed shards' indexes) is handed over whole.
