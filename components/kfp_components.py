@@ -28,22 +28,17 @@ def fetch_weights(model_type: str, url: str, sha256: str, s3_endpoint: str, buck
 
 
 def ingest_dataset(source: str, dataset_format: str, dataset_name: str, split_seed: int, verify_data: bool,
-                   s3_endpoint: str, bucket: str, prefix: str, dataset: Output[Dataset]
-                   ) -> NamedTuple("Outputs", [("content_hash", str), ("metadata", dict)]):
+                   s3_endpoint: str, bucket: str, prefix: str, dataset: Output[Dataset]):
     """Validate, split and upload a dataset version; the artifact is its manifest. `verify_data` re-hashes every
     object already stored and repairs what is wrong (named like the pipeline parameter, as the others are)."""
-    from components.steps import artifact_metadata, ingest_step, publish
+    from components.steps import ingest_step, publish
 
-    result = ingest_step(source=source, dataset_format=dataset_format, dataset_name=dataset_name,
-                         split_seed=split_seed, s3_endpoint=s3_endpoint, bucket=bucket, prefix=prefix,
-                         out_manifest_path=dataset.path, verify=verify_data)
-    publish(result, dataset)
-    # Also parameters, for the steps that need only these and not the manifest (which grows with the dataset).
-    outputs = NamedTuple("Outputs", [("content_hash", str), ("metadata", dict)])
-    return outputs(result["content_hash"], artifact_metadata(result))
+    publish(ingest_step(source=source, dataset_format=dataset_format, dataset_name=dataset_name,
+                        split_seed=split_seed, s3_endpoint=s3_endpoint, bucket=bucket, prefix=prefix,
+                        out_manifest_path=dataset.path, verify=verify_data), dataset)
 
 
-def check_changes(dataset_content_hash: str, weights_sha256: str, model_name: str, force_retrain: bool,
+def check_changes(dataset: Input[Dataset], weights_sha256: str, model_name: str, force_retrain: bool,
                   debug_with_one_example: bool, model_type: str, batch_size: int, n_objects_per_batch: int,
                   n_iterations: int, n_sub_iteration: int, lr: float, seed: int, val_every: int, s3_endpoint: str,
                   bucket: str, prefix: str) -> NamedTuple("Outputs", [("changed", bool), ("reason", str)]):
@@ -52,7 +47,7 @@ def check_changes(dataset_content_hash: str, weights_sha256: str, model_name: st
     from components.steps import check_step
 
     result = check_step(
-        dataset_content_hash=dataset_content_hash, weights_sha256=weights_sha256, model_name=model_name,
+        manifest_path=dataset.path, weights_sha256=weights_sha256, model_name=model_name,
         force_retrain=force_retrain, s3_endpoint=s3_endpoint, bucket=bucket, prefix=prefix,
         debug_with_one_example=debug_with_one_example, model_type=model_type, batch_size=batch_size,
         n_objects_per_batch=n_objects_per_batch, n_iterations=n_iterations, n_sub_iteration=n_sub_iteration,
@@ -123,19 +118,19 @@ def evaluate(weights: Input[Model], model: Input[Model], dataset: Input[Dataset]
                    float(result["zero_shot_box_dice"]), json.dumps(artifact_metadata(result), sort_keys=True))
 
 
-def register_model(model: Input[Model], weights_metadata: dict, dataset_metadata: dict, metrics_json: str,
+def register_model(model: Input[Model], dataset: Input[Dataset], weights_metadata: dict, metrics_json: str,
                    model_name: str, model_registry_url: str, run_id: str, s3_endpoint: str, bucket: str,
                    prefix: str) -> NamedTuple("Outputs", [("version", str), ("model_uri", str)]):
-    """Store an immutable model version with its card; mirror it to Kubeflow Model Registry when configured.
-    The checkpoint and the dataset are described by fetch-weights' and ingest-dataset's metadata parameters:
-    as artifacts they would be downloaded in full for a few fields."""
+    """Store an immutable model version with its card (and, from the manifest, the images it trained on);
+    mirror it to Kubeflow Model Registry when configured. The checkpoint is described by fetch-weights'
+    `metadata` parameter: as an artifact it would be downloaded in full (2.5 GB for vit_h) for a few fields."""
     from components.steps import register_step
 
     result = register_step(
         model_path=model.path, metrics_json=metrics_json, model_name=model_name,
         model_registry_url=model_registry_url, run_id=run_id, s3_endpoint=s3_endpoint, bucket=bucket,
-        prefix=prefix, model_metadata=dict(model.metadata), dataset_metadata=dataset_metadata,
-        weights_metadata=weights_metadata)
+        prefix=prefix, model_metadata=dict(model.metadata), dataset_metadata=dict(dataset.metadata),
+        weights_metadata=weights_metadata, manifest_path=dataset.path)
     print("registered", result["model_name"], result["version"], "at", result["model_uri"])
     outputs = NamedTuple("Outputs", [("version", str), ("model_uri", str)])
     return outputs(result["version"], result["model_uri"])

@@ -144,6 +144,42 @@ def line_chart_svg(series: dict[str, tuple[list, list]], *, title: str = "", xla
     return "".join(parts)
 
 
+def interval_chart_svg(rows: list[tuple[str, float, float, float]], *, marks: dict[str, float],
+                       width: int = 560, row_height: int = 26) -> str:
+    """Inline SVG of intervals, one row each: (label, mean, low, high) as a dot on a bar, with a vertical line at
+    each of `marks` ({label: x}, e.g. 0 and the margin). Rows with a NaN are listed without a bar."""
+    finite = [r for r in rows if all(math.isfinite(v) for v in r[1:])]
+    xs = [v for r in finite for v in r[1:]] + list(marks.values())
+    ticks = _nice_ticks(min(xs), max(xs)) if xs else [0.0, 1.0]
+    left, right, top = 190, 16, 10
+    height = top + row_height * len(rows) + 34
+    pw = width - left - right
+
+    def sx(x):
+        return left + (x - ticks[0]) / ((ticks[-1] - ticks[0]) or 1) * pw
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" role="img" aria-label="gain intervals">']
+    bottom = top + row_height * len(rows)
+    for t in ticks:
+        parts.append(f'<line x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{top}" y2="{bottom}" stroke="#eee"/>'
+                     f'<text x="{sx(t):.1f}" y="{bottom + 14}" text-anchor="middle">{t:+g}</text>')
+    for i, (label, x) in enumerate(marks.items()):
+        parts.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{top}" y2="{bottom}" stroke="#999" '
+                     f'stroke-dasharray="{"4 3" if i else "none"}"/><text x="{sx(x) + 3:.1f}" y="{bottom + 28}">'
+                     f'{_esc(label)}</text>')
+    for i, (label, mean, low, high) in enumerate(rows):
+        y = top + row_height * i + row_height / 2
+        parts.append(f'<text x="{left - 8}" y="{y + 4:.1f}" text-anchor="end">{_esc(label)}</text>')
+        if all(math.isfinite(v) for v in (mean, low, high)):
+            colour = _LINE_COLOURS[i % len(_LINE_COLOURS)]
+            parts.append(f'<line x1="{sx(low):.1f}" x2="{sx(high):.1f}" y1="{y:.1f}" y2="{y:.1f}" '
+                         f'stroke="{colour}" stroke-width="3"/><circle cx="{sx(mean):.1f}" cy="{y:.1f}" r="4" '
+                         f'fill="{colour}"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def history_curves(history: dict) -> list[tuple[str, dict, str, str]]:
     """Pick loss and validation-Dice curves out of a training history of parallel lists.
 
@@ -201,6 +237,10 @@ class Report:
 
     def curves(self, title: str, series: dict[str, tuple[list, list]], xlabel: str = "", ylabel: str = "") -> "Report":
         self._body.append(line_chart_svg(series, title=title, xlabel=xlabel, ylabel=ylabel))
+        return self
+
+    def intervals(self, rows: list[tuple[str, float, float, float]], marks: dict[str, float]) -> "Report":
+        self._body.append(interval_chart_svg(rows, marks=marks))
         return self
 
     def history(self, history: dict | None) -> "Report":

@@ -120,8 +120,7 @@ def build_pipeline(placement: Placement | None = None):
         # A scheduled run on unchanged data, weights and settings has nothing to train: the check compares
         # them with the registered champion's card, and everything below runs only when something differs.
         check = c.check_changes(
-            dataset_content_hash=dataset.outputs["content_hash"], weights_sha256=weights.outputs["sha256"],
-            model_name=model_name,
+            dataset=dataset.outputs["dataset"], weights_sha256=weights.outputs["sha256"], model_name=model_name,
             force_retrain=force_retrain, debug_with_one_example=debug_with_one_example, model_type=model_type,
             batch_size=batch_size, n_objects_per_batch=n_objects_per_batch, n_iterations=n_iterations,
             n_sub_iteration=n_sub_iteration, lr=lr, seed=seed, val_every=val_every, **store)
@@ -162,8 +161,8 @@ def build_pipeline(placement: Placement | None = None):
             _on_gpu(ev, p, "evaluate")
 
             with dsl.If(ev.outputs["passed"] == True, name="better-than-baseline"):  # noqa: E712
-                reg = c.register_model(model=train.outputs["model"], weights_metadata=weights.outputs["metadata"],
-                                       dataset_metadata=dataset.outputs["metadata"],
+                reg = c.register_model(model=train.outputs["model"], dataset=dataset.outputs["dataset"],
+                                       weights_metadata=weights.outputs["metadata"],
                                        metrics_json=ev.outputs["metrics_json"],
                                        model_name=model_name, model_registry_url=model_registry_url,
                                        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **store)

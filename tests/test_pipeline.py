@@ -108,12 +108,10 @@ def test_caching_and_the_gates(compiled):
     passed = _inner_tasks(spec, "evaluate-passed")
     assert list(passed) == ["register-model"] and passed["register-model"]["cachingOptions"] == {}
     assert "register-model" not in changed
-    # The check reads the weights' sha256 and the dataset's content hash as parameters: nothing is downloaded.
+    # The check reads the weights' sha256 as a parameter: the checkpoint itself is not downloaded.
     check = tasks["check-changes"]["inputs"]
     assert check["parameters"]["weights_sha256"]["taskOutputParameter"] == {
         "producerTask": "fetch-weights", "outputParameterKey": "sha256"}
-    assert check["parameters"]["dataset_content_hash"]["taskOutputParameter"] == {
-        "producerTask": "ingest-dataset", "outputParameterKey": "content_hash"}
 
 
 def test_each_step_downloads_only_the_artifacts_it_reads(compiled):
@@ -121,9 +119,11 @@ def test_each_step_downloads_only_the_artifacts_it_reads(compiled):
     (backend/src/v2/component/launcher_v2.go, downloadArtifacts): a step that needs a few fields of an
     artifact's metadata takes them as parameters instead (register-model: the checkpoint's, 2.5 GB for vit_h)."""
     spec, _ = _load(compiled)
-    reads = {"fetch-weights": set(), "ingest-dataset": set(), "check-changes": set(), "embed-shards": set(),
+    # The manifest (dataset) is read by every step that takes it: its content hash and split rule
+    # (check-changes), the images trained on (register-model's card).
+    reads = {"fetch-weights": set(), "ingest-dataset": set(), "check-changes": {"dataset"}, "embed-shards": set(),
              "embed": {"weights", "dataset"}, "finetune": {"weights", "dataset", "embeddings"},
-             "evaluate": {"weights", "model", "dataset"}, "register-model": {"model"}}
+             "evaluate": {"weights", "model", "dataset"}, "register-model": {"model", "dataset"}}
     found = {}
 
     def walk(dag):
@@ -138,7 +138,6 @@ def test_each_step_downloads_only_the_artifacts_it_reads(compiled):
     assert found == reads
     reg = _inner_tasks(spec, "evaluate-passed")["register-model"]["inputs"]["parameters"]
     assert reg["weights_metadata"]["componentInputParameter"] == "pipelinechannel--fetch-weights-metadata"
-    assert reg["dataset_metadata"]["componentInputParameter"] == "pipelinechannel--ingest-dataset-metadata"
 
 
 def test_embed_fan_out_between_ingest_and_finetune(compiled):

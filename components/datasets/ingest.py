@@ -21,7 +21,8 @@ from pathlib import Path
 
 from components.datasets.adapters import get_layout
 from components.datasets.sources import clean_stale_work_dirs, open_source
-from components.datasets.split import SPLITS, assign_splits, check_fractions, content_hash, overlapping
+from components.datasets.split import (SPLIT_RULE, SPLITS, assign_splits, check_fractions, content_hash, overlapping,
+                                       split_rule)
 from components.datasets.validate import DatasetError, Item, validate
 from components.errors import UserError
 from components.storage import ObjectStore, S3Config, StorageError
@@ -49,6 +50,7 @@ class Prepared:
     seed: int
     fractions: dict[str, float]
     content_hash: str
+    filled: dict[str, list[str]] = field(default_factory=dict)  # split -> ids moved there (split.py)
 
 
 @contextlib.contextmanager
@@ -64,16 +66,17 @@ def prepare(source: str, fmt: str = "auto", *, store: ObjectStore | None = None,
         if layout is not None:
             pairs, problems = layout.pairs(local.root)
         items = validate(pairs, local.root, local.label, problems, workers=workers, max_pixels=max_pixels)
-        splits = assign_splits([(it.id, it.group) for it in items], seed, fractions)
+        assignment = assign_splits([(it.id, it.image_sha256) for it in items], seed, fractions)
         for it in items:
-            it.splits = splits[it.id]
+            it.splits = assignment.splits[it.id]
             it.split = it.splits[0]
         items.sort(key=lambda it: it.id)
         files = [(f"images/{it.image_path.name}", it.image_sha256) for it in items]
         files += [(f"masks/{it.mask_path.name}", it.mask_sha256) for it in items]
         # Only a run that gets through (validated and, for ingest, committed) fills the data cache: open_source
         # moves a downloaded zip there when this block ends without an error.
-        yield Prepared(str(source), layout.name, items, seed, fractions, content_hash(files, seed, fractions))
+        yield Prepared(str(source), layout.name, items, seed, fractions, content_hash(files, seed, fractions),
+                       assignment.filled)
 
 
 def split_totals(items: list[dict]) -> dict:
@@ -102,7 +105,7 @@ def build_manifest(prep: Prepared, name: str, store: ObjectStore) -> dict:
         "format_version": 1, "name": name, "content_hash": prep.content_hash, "source": prep.source,
         "layout": prep.layout, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "bucket": store.config.bucket, "root": root,
-        "split": {"seed": prep.seed, "fractions": prep.fractions, "stratify": "group"},
+        "split": {"rule": SPLIT_RULE, "seed": prep.seed, "fractions": prep.fractions, "filled": prep.filled},
         "items": items, "totals": split_totals(items), "splits_overlap": bool(overlapping(items)),
     }
 
@@ -122,7 +125,8 @@ class IngestResult:
         totals = self.manifest["totals"]
         out = {"dataset": self.name, "dataset_uri": self.dataset_uri, "manifest_uri": self.manifest_uri,
                "content_hash": self.content_hash, "images": totals["images"], "instances": totals["instances"],
-               "splits": totals["splits"], "uploaded": self.uploaded, "skipped": self.skipped}
+               "splits": totals["splits"], "split_rule": split_rule(self.manifest), "uploaded": self.uploaded,
+               "skipped": self.skipped}
         if self.verified is not None:
             out["verified"] = self.verified
         # From the items, not the manifest's own flag: manifests committed before the flag existed lack it.
