@@ -30,7 +30,10 @@ def test_a_failed_embed_shard_does_not_fail_the_run(tmp_path, monkeypatch, capsy
     out = capsys.readouterr()
     summary = json.loads(summary_path.read_text())
     assert code == 0 and summary["succeeded"], (out.out + out.err)[-3000:]
-    assert {t: s["state"] for t, s in summary["tasks"].items()} == dict.fromkeys(summary["tasks"], "SUCCEEDED")
+    states = {t: s["state"] for t, s in summary["tasks"].items()}
+    # Registration is the gate's call on a random-weights model (components/gate.py), not this test's.
+    assert states == {**dict.fromkeys(summary["tasks"], "SUCCEEDED"), "register-model": states["register-model"]}
+    assert states["register-model"] in ("SUCCEEDED", "SKIPPED")
     shards = [s["artifacts"]["index"]["metadata"] for s in summary["tasks"]["embed"]["shards"]]
     assert [(m["shard"], m["failed"]) for m in shards] == [(0, False), (1, True)]
     assert shards[1]["error"] == "ConnectionError: injected: shard 1 lost its object store"
@@ -46,5 +49,6 @@ def test_a_failed_embed_shard_does_not_fail_the_run(tmp_path, monkeypatch, capsy
     assert model["embed_failed_shards"] == "1 (ConnectionError: injected: shard 1 lost its object store)"
     report = Path(summary["reports"]["finetune"]).read_text()
     assert "embed_failed_shards" in report and "injected: shard 1" in report
-    assert summary["registered"]["version"] == "v1"
-    assert check_run(run_dir, DEFAULT_YAML) == 9  # what a 2.17 backend would record, failed shard included
+    assert "finetuned_box_dice" in summary["metrics"]  # evaluate scored the model trained past the lost shard
+    # What a 2.17 backend would record, the failed shard's outputs included.
+    assert check_run(run_dir, DEFAULT_YAML) == 8 + (states["register-model"] == "SUCCEEDED")
