@@ -10,7 +10,7 @@ A model registers when
   - the lower end of the box-prompt Dice gain's interval is above `margin`, over zero-shot and over the
     champion (a tie, or noise around the champion, is not a gain);
   - point prompts do not get significantly worse: the upper end of the point-prompt Dice gain's interval is
-    not below 0, against either;
+    not below 0, against either (judged from MIN_COMPARABLE_IMAGES images up: below that nothing is significant);
   - the champion is compared on at least MIN_COMPARABLE_IMAGES test images it never trained or validated on.
 
 The interval is Hesterberg's expanded percentile interval: the plain percentile interval is too narrow on
@@ -151,8 +151,9 @@ def _judge(against: str, by_prompt: dict[str, Interval], margin: float) -> list[
     if not (math.isfinite(box.low) and box.low > margin):
         out.append(f"box Dice gain over {against} {box.text()}: the interval's lower end is not above margin "
                    f"{margin:g}")
-    if math.isfinite(point.high) and point.high < 0:
-        out.append(f"point prompts got significantly worse than {against}: point Dice gain {point.text()}")
-    elif not math.isfinite(point.high):
+    if not math.isfinite(point.high):
         out.append(f"point Dice gain over {against} is not a number")
+    elif point.high < 0 and point.images >= MIN_COMPARABLE_IMAGES:
+        # On fewer images any drop would read as significant (the interval of one image is that image).
+        out.append(f"point prompts got significantly worse than {against}: point Dice gain {point.text()}")
     return out

@@ -156,8 +156,8 @@ def shard_indices(shards: int) -> list[int]:
 def embed_step(weights_path: str, manifest_path: str, model_type: str, shard: int, shards: int, device: str,
                s3_endpoint: str, bucket: str, prefix: str, out_index_path: str) -> dict:
     """Compute the frozen encoder's embeddings of one shard of a dataset version's images into the store's
-    content-addressed cache (`embeddings/<weights_sha256>/<image_sha256>`), skipping those already there;
-    write the shard's index (its keys) and return its counts.
+    content-addressed cache (`embeddings/<weights_sha256>/<precision>/<image_sha256>`), skipping those already
+    there; write the shard's index (its keys) and return its counts.
 
     A shard that cannot finish does not raise: in KFP 2.17 a failed iteration of the dsl.ParallelFor fails the
     run (finetune waits for the whole loop, and set_retry is ignored inside one: kubeflow/pipelines#12389), and

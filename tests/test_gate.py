@@ -54,6 +54,10 @@ def test_a_point_prompt_regression_blocks_registration():
         assert not verdict.passed
         assert any(r.startswith("point prompts got significantly worse than v1") for r in verdict.reasons)
         assert verdict.gains["champion"]["box"].low > 0  # the box gain alone would have passed
+    # On fewer images than the floor no drop is significant: a first registration on a tiny test split
+    # (a one-image debug run) is decided by the box gain.
+    ft, zs, _ = simulate(0, MIN_COMPARABLE_IMAGES - 1, gain=0.1, point_gain=-0.08, image_sd=0, instance_sd=0)
+    assert decide(ft, zs, None, 0.0).passed
 
 
 def test_too_few_comparable_images_refuse_the_champion_comparison():

@@ -1,7 +1,9 @@
 """Image embeddings of the frozen encoder, computed once per (weights, image) and cached.
 
-The cache key is `embeddings/<weights_sha>/<image_sha>` in the object store, so a retried, re-run or
-scheduled pipeline skips the encoder when neither the checkpoint nor the image changed. Each object
+The cache key is `embeddings/<weights_sha>/<precision>/<image_sha>` in the object store, so a retried, re-run
+or scheduled pipeline skips the encoder when neither the checkpoint, the image nor the precision the encoder
+ran in changed (fp32, bf16 and fp16 encoders give different bytes, and bf16 embeddings measurably train worse:
+they must never stand in for fp32 ones). Each object
 carries its sha256 (as every object the store writes does) and is checked on read: a damaged or
 unreadable one is recomputed with a warning and written again, never trained on. Objects are
 fp16 tensors (half the bytes). In memory they are float32, but always rounded through fp16 first:
@@ -68,14 +70,25 @@ def cpu_has_native_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def _autocast(device: torch.device, amp: bool):
-    # The encoder is frozen and its output is stored in fp16 anyway, so reduced precision costs little:
-    # fp16 on CUDA; bf16 on a CPU with native bf16 (about 3x faster than fp32 for TinyViT there).
+def encoder_precision(device: torch.device, amp: bool | None) -> str:
+    """The precision the encoder runs in: fp16 on CUDA with AMP (the default there); bf16 on a CPU with native
+    bf16 when AMP is asked for (about 3x faster than fp32 for TinyViT there); fp32 otherwise."""
+    amp = device.type == "cuda" if amp is None else amp
     if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
+        return "fp16"
     if amp and device.type == "cpu" and cpu_has_native_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
+        return "bf16"
+    return "fp32"
+
+
+def _autocast(precision: str, device: torch.device):
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def embedding_key(store, weights_sha256: str, precision: str, image_sha256: str) -> str:
+    """Where the embedding of one image under one encoder and precision lives in the store."""
+    return store.key("embeddings", weights_sha256, precision, image_sha256)
 
 
 @contextmanager
@@ -102,7 +115,7 @@ def compute_embeddings(model: nn.Module, images: Sequence[np.ndarray], *, batch_
     Resize and normalise run in a thread pool (PIL and torch release the GIL) while the encoder works;
     on CUDA the batch goes through pinned memory with a non-blocking copy."""
     device = next(model.parameters()).device
-    amp = device.type == "cuda" if amp is None else amp
+    precision = encoder_precision(device, amp)
     batch_size = max(1, batch_size)
     out = []
     starts = range(0, len(images), batch_size)
@@ -119,7 +132,7 @@ def compute_embeddings(model: nn.Module, images: Sequence[np.ndarray], *, batch_
                 batch = batch.pin_memory().to(device, non_blocking=True)
             else:
                 batch = batch.to(device, memory_format=torch.channels_last)
-            with _autocast(device, amp):
+            with _autocast(precision, device):
                 emb = model.image_encoder(batch)
             out.append(emb.to(torch.float16).float().contiguous())
     if not out:
@@ -139,11 +152,13 @@ class EmbeddingCache:
         self.store = store
         self.batch_size = batch_size
         self.amp = amp
+        device = next(model.parameters()).device if model is not None else torch.device("cpu")
+        self.precision = encoder_precision(device, amp)
         self._memory: dict[str, torch.Tensor] = {}
         self.stats = {"memory": 0, "store": 0, "computed": 0, "encode_seconds": 0.0}
 
     def key(self, image_sha: str) -> str:
-        return self.store.key("embeddings", self.weights_sha256, image_sha)
+        return embedding_key(self.store, self.weights_sha256, self.precision, image_sha)
 
     def from_store(self, sha: str) -> torch.Tensor | None:
         """The stored embedding of one image (CPU float32), or None when absent or damaged; not kept in

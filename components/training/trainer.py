@@ -217,12 +217,11 @@ class Trainer:
     def round_loss(self, b: Batch, coords: torch.Tensor, labels: torch.Tensor, mask_input: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One prompting round, one decoder call: ((N,) loss per object, (N, 4, 256, 256) logits, (N,) the
-        output each object was scored on, which is also what the next round builds on)."""
+        output the next round builds on: the one inference would pick, see prompt_batch.choose_output)."""
         ambiguous = is_ambiguous(labels)
         with self.amp.autocast(self.device):
             low, iou = decode_groups(self.model, b.embeddings, b.image_index, coords, labels, mask_input, b.groups)
-        per_obj, dice = multi_output_loss(low, iou, b.target, b.valid, ambiguous)
-        return per_obj, low, choose_output(iou.detach(), ambiguous, dice)
+        return multi_output_loss(low, iou, b.target, b.valid, ambiguous), low, choose_output(iou.detach(), ambiguous)
 
     def corrections(self, b: Batch, coords: torch.Tensor, labels: torch.Tensor, chosen: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
