@@ -146,10 +146,17 @@ def _overlap_warning(manifest: dict) -> str | None:
             "than one of train/val/test, so the model is evaluated on images it was trained on")
 
 
+# Each shard's index artifact (~0.7 KB with its metadata) travels in finetune's executor input, which the KFP
+# 2.17 driver passes as ONE command-line argument; Linux caps one at 128 KiB. 64 shards stay under half of it
+# (tests/test_launcher_rules.py builds that run).
+MAX_EMBED_SHARDS = 64
+
+
 def shard_indices(shards: int) -> list[int]:
     """The embed fan-out's items: 0..shards-1."""
-    if int(shards) < 1:
-        raise EmbedShardsError(f"embed_shards must be at least 1 (got {shards})")
+    if not 1 <= int(shards) <= MAX_EMBED_SHARDS:
+        raise EmbedShardsError(f"embed_shards must be between 1 and {MAX_EMBED_SHARDS} (got {shards}): each shard "
+                               "adds to finetune's --executor_input, one argument of at most 128 KiB")
     return list(range(int(shards)))
 
 

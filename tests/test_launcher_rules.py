@@ -88,3 +88,24 @@ def test_an_executor_input_over_the_single_argument_budget_fails(tmp_path):
     over = {line.split(":")[0] for line in str(e.value).splitlines()[1:]}
     assert {"embed", "finetune", "evaluate"} <= over and "fetch-weights" not in over
     assert "--executor_input is" in str(e.value) and "131072-byte single-argument limit" in str(e.value)
+
+
+def test_the_most_embed_shards_allowed_fit_finetunes_argument(tmp_path):
+    """MAX_EMBED_SHARDS index artifacts, with the metadata a real shard writes (components/steps.py embed_step),
+    keep finetune's --executor_input under the budget; twice as many would not."""
+    from components.steps import MAX_EMBED_SHARDS, shard_indices
+
+    def run(folder, shards):
+        _good_run(folder)
+        for i in range(2, shards):
+            meta = {"shard": i, "shards": shards, "failed": False, "images": 1700, "computed": 1700,
+                    "from_store": 0, "encode_seconds": 1234.56, "weights_sha256": "a" * 64,
+                    "dataset_content_hash": "b" * 64, "device": "cuda:0",
+                    "embeddings_prefix": "s3://mlpipeline/sam-pipeline/embeddings/" + "a" * 64 + "/bf16/"}
+            _out(folder, "embed", {}, {"index": meta}, loop_iteration=i)
+        return folder
+
+    assert check_run(run(tmp_path / "max", MAX_EMBED_SHARDS), DEFAULT_YAML) == 7 + MAX_EMBED_SHARDS
+    with pytest.raises(AssertionError, match=r"finetune: --executor_input is \d+ bytes, over 65536"):
+        check_run(run(tmp_path / "double", 2 * MAX_EMBED_SHARDS), DEFAULT_YAML)
+    assert shard_indices(MAX_EMBED_SHARDS)[-1] == MAX_EMBED_SHARDS - 1
