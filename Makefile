@@ -41,6 +41,7 @@ test-fast: setup
 
 compile: setup
 	$(BIN)/sam-pipeline compile
+	$(BIN)/python -m pipelines.dag_picture
 
 bench: setup
 	$(BIN)/python -m benchmarks.ingest

@@ -38,7 +38,8 @@ def child(args) -> None:
     """One training run; prints its numbers as one JSON line."""
     from components.datasets.reader import SplitRefs, load_split
     from components.storage import ObjectStore, S3Config
-    from components.training import TrainConfig, train
+    from components.training.config import TrainConfig
+    from components.training.loop import train
 
     store = ObjectStore(S3Config.from_env(endpoint=args.endpoint, bucket=args.bucket, prefix=args.prefix))
     manifest = json.loads(Path(args.manifest).read_text())

@@ -60,7 +60,7 @@ class _Timer:
 def run_ours(args) -> dict:
     import torch
 
-    from components.training import train
+    from components.training.loop import train
     from components.training.trainer import Trainer
 
     device = torch.device(args.device)

@@ -27,9 +27,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from components.coco_eval import box_prompted_ap
 from components.errors import UserError, first_line
 from components.eval_metrics import PROMPTS, STATS, CandidateScores, metric_key
 from components.gate import MIN_COMPARABLE_IMAGES, Verdict, decide
+from components.label_values import IGNORE
 from components.report import Report, overlay
 from components.sam.embeddings import EmbeddingCache
 from components.sam.metrics import dice_iou, summarize
@@ -111,8 +113,9 @@ def score_model(model, embeddings: Sequence[torch.Tensor], samples: Sequence, *,
         emb = emb.to(device)
         box_masks, _ = decode_prompts(model, emb, frame, masks_to_boxes(gt), None)
         pt_masks, _ = decode_prompts(model, emb, frame, None, centre_points(gt_t)[:, None, :])
-        box_dice, box_iou = dice_iou(box_masks, gt_t)
-        pt_dice, pt_iou = dice_iou(pt_masks, gt_t)
+        ignore = np.asarray(sample.mask) == IGNORE  # crowd regions count neither way
+        box_dice, box_iou = dice_iou(box_masks, gt_t, ignore)
+        pt_dice, pt_iou = dice_iou(pt_masks, gt_t, ignore)
         for j, inst in enumerate(ids.tolist()):
             rows.append({"image": sample.id, "instance": int(inst), "box_dice": float(box_dice[j]),
                          "box_iou": float(box_iou[j]), "point_dice": float(pt_dice[j]),
@@ -186,8 +189,9 @@ def evaluate(model_type: str, zero_shot_weights: str | Path, finetuned_weights: 
             # (shared with finetune's cache), the fingerprint for any other.
             caches[fp] = EmbeddingCache(model, zero_shot_sha256 if cand.label == "zero_shot" and zero_shot_sha256
                                         else fp, store)
-        results[cand.label] = score_model(model, _embeddings(samples, caches[fp], dev), samples,
-                                          keep_masks=min(keep, len(samples)))
+        embeddings = _embeddings(samples, caches[fp], dev)
+        results[cand.label] = score_model(model, embeddings, samples, keep_masks=min(keep, len(samples)))
+        results[cand.label]["coco"] = box_prompted_ap(model, embeddings, samples)  # COCO mask AP, box prompts
         del model
 
     samples = _annotated(test_samples)
@@ -195,6 +199,7 @@ def evaluate(model_type: str, zero_shot_weights: str | Path, finetuned_weights: 
     for label, res in results.items():
         if res["instances"]:
             metrics.update(_aggregate(label, res["instances"]))
+            metrics.update({f"{label}_{k}": v for k, v in res["coco"].items()})  # e.g. finetuned_mask_ap
     compared = len({r["image"] for r in results.get("champion", {}).get("instances", [])})
     metrics.update({"test_images": len(samples), "test_instances": len(results["zero_shot"]["instances"]),
                     "margin": float(margin), "champion_version": champion_name or None,

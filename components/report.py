@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from components.label_values import instance_ids
+
 _PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
             (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
 _LINE_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
@@ -62,7 +64,7 @@ def overlay(image: np.ndarray, instances: np.ndarray | list[np.ndarray], alpha: 
     boolean masks. Where masks overlap, the later one wins."""
     out = image.astype(np.float32).copy()
     if isinstance(instances, np.ndarray) and instances.ndim == 2 and instances.dtype != bool:
-        masks = [instances == i for i in np.unique(instances) if i != 0]
+        masks = [instances == i for i in instance_ids(instances)]  # crowd (255) is not an instance
     else:
         masks = [np.asarray(m, dtype=bool) for m in instances]
     for i, mask in enumerate(masks):

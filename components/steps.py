@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from components.datasets.split import overlap_warning
 from components.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
@@ -103,13 +104,14 @@ def fetch_step(model_type: str, url: str, sha256: str, s3_endpoint: str, bucket:
 
 
 def ingest_step(source: str, dataset_format: str, dataset_name: str, split_seed: int, s3_endpoint: str,
-                bucket: str, prefix: str, out_manifest_path: str, verify: bool = False) -> dict:
-    """Ingest (`verify`: re-hash every stored object and repair what is wrong), write the manifest to the
-    Dataset artifact, return its metadata."""
+                bucket: str, prefix: str, out_manifest_path: str, verify: bool = False, categories: str = "") -> dict:
+    """Ingest (`verify`: re-hash every stored object and repair what is wrong; `categories`: COCO categories to
+    keep, comma-separated), write the manifest to the Dataset artifact, return its metadata."""
+    from components.datasets.coco import parse_categories
     from components.datasets.ingest import ingest
 
     result = ingest(source, dataset_format or "auto", dataset_name, connect(s3_endpoint, bucket, prefix),
-                    seed=int(split_seed), verify=bool(verify))
+                    seed=int(split_seed), verify=bool(verify), categories=parse_categories(categories))
     out = Path(out_manifest_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result.manifest, indent=2, sort_keys=True))
@@ -134,16 +136,6 @@ def check_step(manifest_path: str, weights_sha256: str, model_name: str, force_r
                       force=bool(force_retrain))
     print(("training: " if decision.changed else "skipping training: ") + decision.reason)
     return {"changed": decision.changed, "reason": decision.reason}
-
-
-def _overlap_warning(manifest: dict) -> str | None:
-    from components.datasets.split import overlapping
-
-    shared = overlapping(manifest["items"])
-    if not shared:
-        return None
-    return (f"the splits of {manifest['name']} overlap: {len(shared)} of {len(manifest['items'])} images serve more "
-            "than one of train/val/test, so the model is evaluated on images it was trained on")
 
 
 # Each shard's index artifact (~0.7 KB with its metadata) travels in finetune's executor input, which the KFP
@@ -191,7 +183,7 @@ def _embed_shard(weights_path: str, manifest_path: str, model_type: str, shard: 
     from components.datasets.reader import load_image_ref, load_manifest, shard_images
     from components.hashing import sha256_file
     from components.sam.device import resolve_device
-    from components.sam.embeddings import EmbeddingCache
+    from components.sam.embeddings import EmbeddingCache, encoder_batch
     from components.sam.model import build_sam
     from components.training.config import TrainConfig
 
@@ -201,8 +193,8 @@ def _embed_shard(weights_path: str, manifest_path: str, model_type: str, shard: 
     dev = resolve_device(device)
     model = build_sam(model_type, weights_path, dev) if refs else None
     # The batch finetune embeds with: the same kernels, so the same (fp16-rounded) embeddings.
-    cache = EmbeddingCache(model, weights_sha, store, batch_size=TrainConfig().embed_batch_size if dev.type == "cuda"
-                           else 1, amp=dev.type == "cuda")
+    cache = EmbeddingCache(model, weights_sha, store, batch_size=encoder_batch(dev, TrainConfig().embed_batch_size),
+                           amp=dev.type == "cuda")
     counts = cache.ensure([r["sha256"] for r in refs], lambda i: load_image_ref(store, manifest, refs[i]))
     index = {"format_version": 1, "weights_sha256": weights_sha, "dataset_content_hash": manifest["content_hash"],
              "shard": shard, "shards": shards, "failed": False, "keys": [cache.key(r["sha256"]) for r in refs]}
@@ -246,14 +238,15 @@ def finetune_step(weights_path: str, manifest_path: str, *, run_id: str = "", re
     count the embeddings this step computed itself (`embeddings_computed`)."""
     from components.datasets.reader import SplitRefs, load_manifest
     from components.hashing import sha256_file
-    from components.training import TrainConfig, train
+    from components.training.config import TrainConfig
+    from components.training.loop import train
 
     cfg = TrainConfig.from_params(settings, checkpoint_dir=checkpoint_dir)
     cfg.validate()  # before anything is read or written: e.g. checkpoint_name must not leave checkpoint_dir
     run_id = resume_run_id or run_id
     store = connect(s3_endpoint, bucket, prefix)
     manifest = load_manifest(store, manifest_path)
-    overlap = _overlap_warning(manifest)
+    overlap = overlap_warning(manifest)
     if overlap:
         log.warning("WARNING: %s", overlap)
     failed_shards = failed_embed_shards(embed_index_paths)
@@ -321,7 +314,7 @@ def evaluate_step(weights_path: str, model_path: str, manifest_path: str, model_
     registry = ObjectStoreRegistry(store)
     pointer = registry.latest(model_name) if model_name else None
     history = training_history(read_metadata(model_metadata).get("history_uri"), store)
-    overlap = _overlap_warning(manifest)
+    overlap = overlap_warning(manifest)
     refused = ()
     if overlap and not allow_overlap:
         refused = (f"{overlap} (allow_overlap / run --allow-overlap registers anyway)",)

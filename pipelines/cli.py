@@ -1,4 +1,4 @@
-"""`sam-pipeline`: compile | run | submit | schedule | upload | fetch-weights | ingest.
+"""`sam-pipeline`: compile | run | submit | schedule | upload | fetch-weights | ingest | predict.
 
 A user-facing error (`components.errors.UserError`) ends the command with one line `sam-pipeline: error: ...`
 (or one line per problem) and a non-zero exit; any other exception is a bug and keeps its traceback.
@@ -110,6 +110,8 @@ def _add_store_flags(p: argparse.ArgumentParser, *, local_default: bool) -> None
 
 def build_parser() -> argparse.ArgumentParser:
     from components.training.config import TrainConfig
+    from components.datasets.adapters import FORMATS
+    from pipelines import cli_predict
     from pipelines.sam_finetune import DEFAULT_YAML, PENN_FUDAN_URL
 
     parser = _Parser(prog="sam-pipeline", description=__doc__.split("\n\n")[0])
@@ -124,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_seed_flags(p)
     g = p.add_argument_group("data and evaluation")
     g.add_argument("--dataset-source", default=PENN_FUDAN_URL, help="URL, zip, folder or s3:// uri")
-    g.add_argument("--dataset-format", default="auto", choices=("auto", "penn-fudan", "folder"))
+    g.add_argument("--dataset-format", default="auto", choices=FORMATS)
+    g.add_argument("--dataset-categories", default="", help="COCO: keep only these categories (comma-separated)")
     g.add_argument("--dataset-name", default="penn-fudan")
     g.add_argument("--weights-url", default="", help="checkpoint URL or local file (default: the catalogue)")
     g.add_argument("--weights-sha256", default="", help="expected sha256 of --weights-url")
@@ -209,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ingest", help="run the ingest-dataset step alone; prints a JSON summary")
     p.add_argument("--source", default=PENN_FUDAN_URL, help="URL, zip, folder or s3:// uri")
-    p.add_argument("--format", dest="dataset_format", default="auto", choices=("auto", "penn-fudan", "folder"))
+    p.add_argument("--format", "--dataset-format", dest="dataset_format", default="auto", choices=FORMATS)
+    p.add_argument("--categories", help="COCO: keep only these categories (comma-separated names)")
+    p.add_argument("--keep-empty", action="store_true", help="COCO: keep images without an instance")
     p.add_argument("--name", dest="dataset_name", default="penn-fudan")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--verify", action="store_true",
@@ -217,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "what is missing or damaged (a plain re-run trusts the committed manifest)")
     _add_store_flags(p, local_default=False)
     p.set_defaults(func=cmd_ingest)
+    cli_predict.add_parser(sub, _add_store_flags)
     return parser
 
 
@@ -339,6 +345,7 @@ def cmd_fetch_weights(args) -> int:
 
 
 def cmd_ingest(args) -> int:
+    from components.datasets.coco import parse_categories
     from components.datasets.ingest import ingest
 
     store = _store_or_none(args)
@@ -351,7 +358,7 @@ def cmd_ingest(args) -> int:
             print("sam-pipeline: no --s3-endpoint/S3_ENDPOINT: ingesting into a temporary local store",
                   file=sys.stderr)
         result = ingest(args.source, args.dataset_format, args.dataset_name, store, seed=args.split_seed,
-                        verify=args.verify)
+                        verify=args.verify, categories=parse_categories(args.categories), keep_empty=args.keep_empty)
         print(json.dumps(result.to_json(), indent=2, sort_keys=True))
     return 0
 

@@ -25,7 +25,8 @@ def run_params(args) -> dict:
 
     return {
         **{name: getattr(args, name) for name in PIPELINE_SETTINGS}, "dataset_source": args.dataset_source,
-        "dataset_format": args.dataset_format, "dataset_name": args.dataset_name,
+        "dataset_format": args.dataset_format, "dataset_categories": args.dataset_categories or "",
+        "dataset_name": args.dataset_name,
         "weights_url": args.weights_url, "weights_sha256": args.weights_sha256, "bucket": args.bucket,
         "prefix": args.prefix, "margin": args.margin, "model_name": args.model_name,
         "model_registry_url": args.model_registry_url, "verify_data": args.verify_data,

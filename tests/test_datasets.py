@@ -103,8 +103,8 @@ def test_pennfudan_layout_found_at_top_or_one_level_down(tmp_path):
     base = synthetic.make_pennfudan(tmp_path / "x", 1, 1, 0, (40, 40))
     assert PENN_FUDAN.find_root(tmp_path / "x") == base and PENN_FUDAN.find_root(base) == base
     assert get_layout("auto", tmp_path / "x")[0] is PENN_FUDAN
-    with pytest.raises(ValueError, match="unknown dataset format 'coco'"):
-        get_layout("coco", tmp_path)
+    with pytest.raises(ValueError, match="unknown dataset format 'voc'"):
+        get_layout("voc", tmp_path)
 
 
 # -- validation -------------------------------------------------------------------------------------

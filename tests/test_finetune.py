@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from components.datasets.synthetic import make_samples
-from components.training import TrainConfig, Trainer, prepare_items, resolve_amp, train
+from components.training.config import TrainConfig, resolve_amp
+from components.training.loop import train
+from components.training.trainer import Trainer, prepare_items
 from components.sam.embeddings import EmbeddingCache, decode_bytes, image_key
 from components.sam.model import build_sam, decode, load_trainable_state_dict
 

@@ -38,6 +38,19 @@ def test_committed_yaml_matches_a_fresh_compile(compiled):
         "pipelines/sam_finetune.yaml is stale: run `sam-pipeline compile` and commit it"
 
 
+def test_the_readme_picture_is_drawn_from_the_committed_yaml():
+    """docs/pipeline.svg (the README's picture of the DAG) equals a fresh drawing of the committed YAML, so it
+    never shows a pipeline that is not the one users run; `make compile` redraws it."""
+    from pipelines.dag_picture import DEFAULT_SVG, render
+
+    picture = render(DEFAULT_YAML)
+    assert DEFAULT_SVG.read_text() == picture, "docs/pipeline.svg is stale: run `make compile` and commit it"
+    for task in ("fetch-weights", "ingest-dataset", "check-changes", "embed", "finetune", "evaluate",
+                 "register-model"):
+        assert f">{task}</text>" in picture
+    assert "if evaluate.passed" in picture and "if check-changes.changed" in picture
+
+
 def test_executors_and_their_images(compiled):
     spec, _ = _load(compiled)
     executors = spec["deploymentSpec"]["executors"]

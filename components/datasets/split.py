@@ -105,9 +105,22 @@ def overlapping(items: list[dict]) -> list[str]:
     return [it["id"] for it in items if len(it.get("splits") or [it["split"]]) > 1]
 
 
-def content_hash(files: list[tuple[str, str]], seed: int, fractions: dict) -> str:
-    """sha256 over the sorted (relative name, file sha256) pairs and the split parameters:
-    the same data split the same way always gets the same hash, so it is stored once."""
+def overlap_warning(manifest: dict) -> str | None:
+    """The one sentence every step says of a dataset version whose splits overlap, or None."""
+    shared = overlapping(manifest["items"])
+    if not shared:
+        return None
+    return (f"the splits of {manifest['name']} overlap: {len(shared)} of {len(manifest['items'])} images serve more "
+            "than one of train/val/test (too few images to hold any out), so the model is evaluated on images it "
+            "was trained on")
+
+
+def content_hash(files: list[tuple[str, str]], seed: int, fractions: dict, labels: dict | None = None) -> str:
+    """sha256 over the sorted (relative name, file sha256) pairs, the split parameters and `labels` (what
+    the manifest says beyond the files, e.g. COCO categories): the same data split the same way always
+    gets the same hash, so it is stored once. Without labels the hash is what it always was."""
     doc = {"files": sorted([name, sha] for name, sha in files),
            "split": {"rule": SPLIT_RULE, "seed": int(seed), "fractions": check_fractions(fractions)}}
+    if labels is not None:
+        doc["labels"] = labels
     return sha256_bytes(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
