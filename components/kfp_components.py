@@ -14,16 +14,17 @@ from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 # -- component bodies (module level: KFP extracts their source) ------------------------------------
 
 def fetch_weights(model_type: str, url: str, sha256: str, s3_endpoint: str, bucket: str, prefix: str,
-                  weights: Output[Model]) -> NamedTuple("Outputs", [("sha256", str)]):
+                  weights: Output[Model]) -> NamedTuple("Outputs", [("sha256", str), ("metadata", dict)]):
     """Download (or reuse from the object store) a verified SAM checkpoint."""
-    from components.steps import fetch_step, publish
+    from components.steps import artifact_metadata, fetch_step, publish
 
     result = fetch_step(model_type=model_type, url=url, sha256=sha256, s3_endpoint=s3_endpoint, bucket=bucket,
                         prefix=prefix, out_path=weights.path)
     publish(result, weights)
-    # Also a parameter: check-changes compares it without downloading the checkpoint (2.5 GB for vit_h).
-    outputs = NamedTuple("Outputs", [("sha256", str)])
-    return outputs(result["sha256"])
+    # Also parameters: check-changes and register-model read only these, and an input artifact is downloaded
+    # in full before its step starts (2.5 GB for vit_h).
+    outputs = NamedTuple("Outputs", [("sha256", str), ("metadata", dict)])
+    return outputs(result["sha256"], artifact_metadata(result))
 
 
 def ingest_dataset(source: str, dataset_format: str, dataset_name: str, split_seed: int, verify_data: bool,
@@ -65,7 +66,8 @@ def embed_shards(shards: int) -> List[int]:
 
 def embed(weights: Input[Model], dataset: Input[Dataset], model_type: str, shard: int, shards: int, device: str,
           s3_endpoint: str, bucket: str, prefix: str, index: Output[Artifact]):
-    """Embed one shard of the dataset's images with the frozen encoder into the object store's cache."""
+    """Embed one shard of the dataset's images with the frozen encoder into the object store's cache. A shard that
+    cannot finish still ends the task (its index says so): finetune computes what is missing."""
     from components.steps import embed_step, publish
 
     publish(embed_step(weights_path=weights.path, manifest_path=dataset.path, model_type=model_type, shard=shard,
@@ -80,14 +82,14 @@ def finetune(weights: Input[Model], dataset: Input[Dataset], embeddings: Input[L
              s3_endpoint: str, bucket: str, prefix: str, model: Output[Model], metrics: Output[Metrics],
              report: Output[HTML]):
     """Fine-tune SAM's mask decoder; resumes from the run's latest.pt in the object store on a retry (or from
-    run `resume_run_id`'s when set). `embeddings` (the embed shards' indexes) orders it after the fan-out; it
-    reads the store's cache itself."""
+    run `resume_run_id`'s when set). `embeddings` (the embed shards' indexes) orders it after the fan-out and
+    says which shards failed; the embeddings themselves it reads from the store's cache, computing what is missing."""
     from components.steps import finetune_step, publish
 
     # The training settings are this body's parameters (tests/test_pipeline.py pins them to TrainConfig).
     result = finetune_step(
         weights_path=weights.path, manifest_path=dataset.path, run_id=run_id, resume_run_id=resume_run_id,
-        s3_endpoint=s3_endpoint,
+        embed_index_paths=[e.path for e in embeddings], s3_endpoint=s3_endpoint,
         bucket=bucket, prefix=prefix, out_model_path=model.path, out_report_path=report.path,
         debug_with_one_example=debug_with_one_example, checkpoint_name=checkpoint_name, model_type=model_type,
         batch_size=batch_size, n_objects_per_batch=n_objects_per_batch, device=device, n_iterations=n_iterations,
@@ -117,17 +119,19 @@ def evaluate(weights: Input[Model], model: Input[Model], dataset: Input[Dataset]
                    float(result["zero_shot_box_dice"]), json.dumps(artifact_metadata(result), sort_keys=True))
 
 
-def register_model(model: Input[Model], weights: Input[Model], dataset: Input[Dataset], metrics_json: str,
+def register_model(model: Input[Model], dataset: Input[Dataset], weights_metadata: dict, metrics_json: str,
                    model_name: str, model_registry_url: str, run_id: str, s3_endpoint: str, bucket: str,
                    prefix: str) -> NamedTuple("Outputs", [("version", str), ("model_uri", str)]):
-    """Store an immutable model version with its card; mirror it to Kubeflow Model Registry when configured."""
+    """Store an immutable model version with its card (and, from the manifest, the images it trained on);
+    mirror it to Kubeflow Model Registry when configured. The checkpoint is described by fetch-weights'
+    `metadata` parameter: as an artifact it would be downloaded in full (2.5 GB for vit_h) for a few fields."""
     from components.steps import register_step
 
     result = register_step(
         model_path=model.path, metrics_json=metrics_json, model_name=model_name,
         model_registry_url=model_registry_url, run_id=run_id, s3_endpoint=s3_endpoint, bucket=bucket,
         prefix=prefix, model_metadata=dict(model.metadata), dataset_metadata=dict(dataset.metadata),
-        weights_metadata=dict(weights.metadata), manifest_path=dataset.path)
+        weights_metadata=weights_metadata, manifest_path=dataset.path)
     print("registered", result["model_name"], result["version"], "at", result["model_uri"])
     outputs = NamedTuple("Outputs", [("version", str), ("model_uri", str)])
     return outputs(result["version"], result["model_uri"])

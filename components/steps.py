@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from components.datasets.split import overlap_warning
-from components.errors import UserError
+from components.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -138,18 +138,48 @@ def check_step(manifest_path: str, weights_sha256: str, model_name: str, force_r
     return {"changed": decision.changed, "reason": decision.reason}
 
 
+# Each shard's index artifact (~0.7 KB with its metadata) travels in finetune's executor input, which the KFP
+# 2.17 driver passes as ONE command-line argument; Linux caps one at 128 KiB. 64 shards stay under half of it
+# (tests/test_launcher_rules.py builds that run).
+MAX_EMBED_SHARDS = 64
+
+
 def shard_indices(shards: int) -> list[int]:
     """The embed fan-out's items: 0..shards-1."""
-    if int(shards) < 1:
-        raise EmbedShardsError(f"embed_shards must be at least 1 (got {shards})")
+    if not 1 <= int(shards) <= MAX_EMBED_SHARDS:
+        raise EmbedShardsError(f"embed_shards must be between 1 and {MAX_EMBED_SHARDS} (got {shards}): each shard "
+                               "adds to finetune's --executor_input, one argument of at most 128 KiB")
     return list(range(int(shards)))
 
 
 def embed_step(weights_path: str, manifest_path: str, model_type: str, shard: int, shards: int, device: str,
                s3_endpoint: str, bucket: str, prefix: str, out_index_path: str) -> dict:
     """Compute the frozen encoder's embeddings of one shard of a dataset version's images into the store's
-    content-addressed cache (`embeddings/<weights_sha256>/<precision>/<image_sha256>`), skipping those already there;
-    write the shard's index (its keys) and return its counts."""
+    content-addressed cache (`embeddings/<weights_sha256>/<precision>/<image_sha256>`), skipping those already
+    there; write the shard's index (its keys) and return its counts.
+
+    A shard that cannot finish does not raise: in KFP 2.17 a failed iteration of the dsl.ParallelFor fails the
+    run (finetune waits for the whole loop, and set_retry is ignored inside one: kubeflow/pipelines#12389), and
+    `.ignore_upstream_failure()` is no way out (the 2.17 Argo compiler makes such a task an exit hook, and
+    kfp.local still fails the run). The index and the result say `failed` and why; finetune computes what is
+    missing. Only a pod that dies (OOM-killed, node lost) still fails the run."""
+    try:
+        index, result = _embed_shard(weights_path, manifest_path, model_type, int(shard), int(shards), device,
+                                     connect(s3_endpoint, bucket, prefix))
+    except Exception as e:  # noqa: BLE001 -- whatever stops one shard costs time only (finetune catches up)
+        log.exception("embed shard %s of %s failed; finetune computes its embeddings", shard, shards)
+        error = f"{type(e).__name__}: {first_line(e)}"
+        index = {"format_version": 1, "shard": int(shard), "shards": int(shards), "failed": True, "error": error,
+                 "keys": []}
+        result = {"shard": int(shard), "shards": int(shards), "failed": True, "error": error}
+    out = Path(out_index_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(index, indent=2))
+    return result
+
+
+def _embed_shard(weights_path: str, manifest_path: str, model_type: str, shard: int, shards: int, device: str,
+                 store) -> tuple[dict, dict]:
     from components.datasets.reader import load_image_ref, load_manifest, shard_images
     from components.hashing import sha256_file
     from components.sam.device import resolve_device
@@ -157,9 +187,8 @@ def embed_step(weights_path: str, manifest_path: str, model_type: str, shard: in
     from components.sam.model import build_sam
     from components.training.config import TrainConfig
 
-    store = connect(s3_endpoint, bucket, prefix)
     manifest = load_manifest(store, manifest_path)
-    refs = shard_images(manifest, int(shard), int(shards))
+    refs = shard_images(manifest, shard, shards)
     weights_sha = sha256_file(weights_path)
     dev = resolve_device(device)
     model = build_sam(model_type, weights_path, dev) if refs else None
@@ -168,14 +197,23 @@ def embed_step(weights_path: str, manifest_path: str, model_type: str, shard: in
                            amp=dev.type == "cuda")
     counts = cache.ensure([r["sha256"] for r in refs], lambda i: load_image_ref(store, manifest, refs[i]))
     index = {"format_version": 1, "weights_sha256": weights_sha, "dataset_content_hash": manifest["content_hash"],
-             "shard": int(shard), "shards": int(shards), "keys": [cache.key(r["sha256"]) for r in refs]}
-    out = Path(out_index_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(index, indent=2))
-    return {"shard": int(shard), "shards": int(shards), "images": len(refs), "computed": counts["computed"],
-            "from_store": counts["store"], "encode_seconds": round(cache.stats["encode_seconds"], 2),
-            "weights_sha256": weights_sha, "dataset_content_hash": manifest["content_hash"], "device": str(dev),
-            "embeddings_prefix": store.uri(store.key("embeddings", weights_sha)) + "/"}
+             "shard": shard, "shards": shards, "failed": False, "keys": [cache.key(r["sha256"]) for r in refs]}
+    return index, {"shard": shard, "shards": shards, "failed": False, "images": len(refs),
+                   "computed": counts["computed"], "from_store": counts["store"],
+                   "encode_seconds": round(cache.stats["encode_seconds"], 2), "weights_sha256": weights_sha,
+                   "dataset_content_hash": manifest["content_hash"], "device": str(dev),
+                   "embeddings_prefix": store.uri(store.key("embeddings", weights_sha)) + "/"}
+
+
+def failed_embed_shards(index_paths: list[str] | None) -> dict[int, str]:
+    """{shard: error} of the embed shards whose index says they failed (an index of an older image, without
+    the flag, did not fail: a failing shard then failed its task)."""
+    failed = {}
+    for path in index_paths or ():
+        index = json.loads(Path(path).read_text())
+        if index.get("failed"):
+            failed[int(index["shard"])] = str(index.get("error", ""))
+    return dict(sorted(failed.items()))
 
 
 def write_finetune_report(path: str | Path, metrics: dict, history: dict) -> Path:
@@ -186,7 +224,7 @@ def write_finetune_report(path: str | Path, metrics: dict, history: dict) -> Pat
 
 
 def finetune_step(weights_path: str, manifest_path: str, *, run_id: str = "", resume_run_id: str = "",
-                  s3_endpoint: str = "",
+                  embed_index_paths: list[str] | None = None, s3_endpoint: str = "",
                   bucket: str = "", prefix: str = "", out_model_path: str = "model.pt",
                   out_report_path: str = "report.html", checkpoint_dir: str = "checkpoints", **settings) -> dict:
     """Read the dataset version named by the manifest, train with `settings` (TrainConfig fields), write
@@ -194,7 +232,10 @@ def finetune_step(weights_path: str, manifest_path: str, *, run_id: str = "", re
 
     resume_run_id: train as that run (its checkpoints under runs/<id>/ in the store, and the local
     checkpoint's identity, which names the run) instead of this one: how `sam-pipeline run --resume`, or a
-    user on a cluster, continues a run that was killed. A checkpoint of another run is never resumed."""
+    user on a cluster, continues a run that was killed. A checkpoint of another run is never resumed.
+
+    embed_index_paths: the embed shards' indexes; the metrics and the report name the shards that failed and
+    count the embeddings this step computed itself (`embeddings_computed`)."""
     from components.datasets.reader import SplitRefs, load_manifest
     from components.hashing import sha256_file
     from components.training.config import TrainConfig
@@ -208,6 +249,9 @@ def finetune_step(weights_path: str, manifest_path: str, *, run_id: str = "", re
     overlap = overlap_warning(manifest)
     if overlap:
         log.warning("WARNING: %s", overlap)
+    failed_shards = failed_embed_shards(embed_index_paths)
+    for shard, error in failed_shards.items():
+        log.warning("WARNING: embed shard %d failed (%s); computing its embeddings here", shard, error)
     # Streamed from the store (images, masks and the embed step's embeddings), never all in memory.
     train_samples = SplitRefs(store, manifest, "train", annotated_only=True)
     val_samples = [] if cfg.debug_with_one_example else SplitRefs(store, manifest, "val", annotated_only=True)
@@ -232,6 +276,8 @@ def finetune_step(weights_path: str, manifest_path: str, *, run_id: str = "", re
         "iterations_per_second": result.embedding_stats.get("it_per_s"),
         "embeddings_computed": result.embedding_stats.get("computed"),
         "embeddings_from_store": result.embedding_stats.get("store"),
+        "embed_shards_failed": len(failed_shards),
+        "embed_failed_shards": ", ".join(f"{k} ({v})" for k, v in failed_shards.items()) or None,
         "seconds": round(result.seconds, 1),
         "weights_sha256": weights_sha,
         "dataset_content_hash": manifest["content_hash"],

@@ -1,13 +1,16 @@
 # Kubernetes side of sam-pipeline: images, a kind cluster with a GPU worker, KFP, submit/schedule.
 # Included by the top-level Makefile (`include mk/kubernetes.mk`); every variable can be overridden
 # on the command line, e.g. `make images IMAGE_REGISTRY=registry.example.com/ml IMAGE_TAG=0.1.1`.
+# IMAGE_TAG defaults to a hash of what goes into the images (pipelines/image_tag.py), the tag the committed
+# YAML names: a change to the sources or pins gives a new tag, so KFP's cache never reuses a stale image.
 # Runbook: docs/kubernetes.md.
 
 # Repository root, resolved from this file so the targets work from any include site.
 SAM_K8S_ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST)))/..)
 
 IMAGE_REGISTRY ?= localhost
-IMAGE_TAG ?= 0.1.0
+PYTHON3 ?= python3
+IMAGE_TAG ?= $(shell cd $(SAM_K8S_ROOT) && $(PYTHON3) -m pipelines.image_tag)
 IMAGE_STEPS := fetch-weights ingest-dataset finetune evaluate register-model
 # Steps that run on the GPU worker; kind-load puts their (large) images only there, and they are
 # built from images/torch/Dockerfile (the others from images/light/Dockerfile).
@@ -27,7 +30,9 @@ SAM_PIPELINE ?= $(SAM_K8S_ROOT)/.venv/bin/sam-pipeline
 # kind-submit/kind-schedule compile a package for the images `make images` built into build/, so the
 # committed pipelines/sam_finetune.yaml stays as it is whatever IMAGE_REGISTRY/IMAGE_TAG say.
 SAM_PACKAGE ?= $(SAM_K8S_ROOT)/build/sam_finetune.yaml
-SAM_COMPILE ?= $(SAM_PIPELINE) compile --registry $(IMAGE_REGISTRY) --tag $(IMAGE_TAG) -o $(SAM_PACKAGE)
+# COMPILE_ARGS: more compile flags, e.g. the GPU tasks' sizing `make preflight` prints (--cpu/--memory).
+COMPILE_ARGS ?=
+SAM_COMPILE ?= $(SAM_PIPELINE) compile --registry $(IMAGE_REGISTRY) --tag $(IMAGE_TAG) -o $(SAM_PACKAGE) $(COMPILE_ARGS)
 KFP_LOCAL_PORT ?= 8080
 KFP_HOST ?= http://localhost:$(KFP_LOCAL_PORT)
 KFP_EXPERIMENT ?= sam-pipeline
@@ -70,7 +75,7 @@ preflight: ## check docker, kind and kubectl versions, the NVIDIA driver (R580+)
 kind-up: preflight ## kind cluster + GPU worker + device plugin + GPU smoke test + KFP 2.17.0
 	KIND_CLUSTER=$(KIND_CLUSTER) $(SAM_K8S_ROOT)/scripts/kind-up.sh
 
-kind-gpu-check: ## run nvidia-smi in a pod that requests nvidia.com/gpu: 1
+kind-gpu-check: ## run nvidia-smi in a pod shaped as the compiled finetune task (no runtime class)
 	KUBE_CONTEXT=$(KIND_CONTEXT) $(SAM_K8S_ROOT)/scripts/gpu-check.sh
 
 kind-kfp: ## (re)install Kubeflow Pipelines standalone and wait until ready

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from components.errors import UserError, first_line
 from components.weights import MODEL_TYPES
+from pipelines import compile_flags, pending
 from pipelines.run_args import EXIT_USAGE
 
 EXIT_FAILURE = 1
@@ -58,14 +59,6 @@ def _key_value(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"{text!r} is not key=value")
     return key.strip(), value
-
-
-def _toleration(text: str) -> tuple[str, str] | None:
-    """KEY[:EFFECT] as (key, effect), the effect NoSchedule by default; None for 'none' (drop the default)."""
-    key, _, effect = text.partition(":")
-    if effect and effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
-        raise argparse.ArgumentTypeError(f"effect {effect!r}: use NoSchedule, PreferNoSchedule or NoExecute")
-    return None if text == "none" else (key, effect or "NoSchedule")
 
 
 def _usage(name: str):
@@ -126,16 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="write the pipeline YAML (committed as pipelines/sam_finetune.yaml)")
     p.add_argument("-o", "--output", type=Path, default=DEFAULT_YAML)
-    p.add_argument("--registry", help="image registry (default localhost, or SAM_IMAGE_REGISTRY)")
-    p.add_argument("--tag", help="image tag (default 0.1.0, or SAM_IMAGE_TAG)")
-    p.add_argument("--gpu-node-selector", action="append", type=_key_value, metavar="KEY=VALUE",
-                   help="node selector for the GPU steps (repeatable; default nvidia.com/gpu.present=true; "
-                        "'none' to drop)")
-    p.add_argument("--gpu-toleration", action="append", type=_toleration, metavar="KEY[:EFFECT]",
-                   help="toleration (operator Exists) for the GPU steps (repeatable; default nvidia.com/gpu:NoSchedule; "
-                        "'none' to drop)")
-    p.add_argument("--shm-size", default="2Gi", help="memory-backed /dev/shm for finetune and evaluate")
-    p.add_argument("--retries", type=_int_at_least(0), default=3, help="finetune retries (resume from latest.pt)")
+    compile_flags.add_flags(p, retries_type=_int_at_least(0), key_value_type=_key_value)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("run", help="run the whole pipeline here (kfp.local + an S3 server on 127.0.0.1)")
@@ -202,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--wait", action="store_true",
                            help="wait until the run ends; exit 0 only if it SUCCEEDED")
             p.add_argument("--timeout", type=_int_at_least(1), default=6 * 3600, help="seconds, with --wait")
+            p.add_argument("--pending-limit", type=_int_at_least(0), default=pending.DEFAULT_LIMIT, metavar="SECONDS",
+                           help="with --wait: stop waiting when a task pod is Pending this long, saying why "
+                                "(kubectl, context --kube-context); 0: never")
+            p.add_argument("--kube-context", default=os.environ.get("KUBE_CONTEXT"),
+                           help="kubectl context of the run's cluster (default KUBE_CONTEXT, else kubectl's)")
             p.set_defaults(func=cmd_submit)
         else:
             when = p.add_mutually_exclusive_group(required=True)
@@ -240,16 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
 # -- commands -------------------------------------------------------------------------------------
 
 def cmd_compile(args) -> int:
-    from pipelines.images import image_refs
-    from pipelines.sam_finetune import Placement, compile_pipeline
+    from pipelines.sam_finetune import compile_pipeline
 
-    # A bad --registry/--tag is an ImageError: a usage error (exit 2) of its own.
-    kw = {"images": image_refs(args.registry, args.tag), "shm_size": args.shm_size, "finetune_retries": args.retries}
-    if args.gpu_node_selector:
-        kw["gpu_node_selector"] = {k: v for k, v in args.gpu_node_selector if k != "none"}
-    if args.gpu_toleration:
-        kw["gpu_tolerations"] = tuple(t for t in args.gpu_toleration if t is not None)
-    path = compile_pipeline(args.output, Placement(**kw))
+    path = compile_pipeline(args.output, compile_flags.placement(args))
     print(f"wrote {path}")
     return 0
 
@@ -326,7 +308,8 @@ def cmd_submit(args) -> int:
     print(f"  {conn.run_link(run_id)}")
     if not args.wait:
         return 0
-    state = kfp_client.wait(conn, run_id, args.timeout)
+    stuck = pending.PendingWatch(run_id, args.pending_limit, args.kube_context)  # its notes go to stdout
+    state = kfp_client.wait(conn, run_id, args.timeout, stuck=stuck)
     print(f"run {run_id} ended {state}: {conn.run_link(run_id)}")
     return 0 if state == "SUCCEEDED" else EXIT_FAILURE
 

@@ -335,9 +335,10 @@ def _transient(e: Exception) -> bool:
     return isinstance(e, (urllib3.exceptions.HTTPError, OSError)) or getattr(e, "status", None) in (0, 502, 503, 504)
 
 
-def wait(conn: Connection, run_id: str, timeout: float) -> str:
+def wait(conn: Connection, run_id: str, timeout: float, stuck=None) -> str:
     """Poll the run until it reaches one of END_STATES; returns that state. A dropped connection is retried
-    RECONNECT_TRIES times in a row before giving up with RunDetached (the run itself is not affected)."""
+    RECONNECT_TRIES times in a row before giving up with RunDetached (the run itself is not affected).
+    `stuck`: called at each poll of a run not ended; a line it returns (pipelines/pending.py) ends the wait."""
     import logging
 
     link = conn.run_link(run_id)
@@ -362,6 +363,9 @@ def wait(conn: Connection, run_id: str, timeout: float) -> str:
                 state = ""
             if state in END_STATES:
                 return state
+            problem = stuck() if stuck and state else None
+            if problem:
+                raise RunDetached(f"{problem}; the run stays on the cluster until you delete or fix it: {link}")
             if time.monotonic() > deadline:
                 raise RunDetached(f"run {run_id} did not end within {timeout:g} s; the run continues on the "
                                   f"cluster; watch it at {link}")

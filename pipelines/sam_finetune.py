@@ -17,6 +17,7 @@ from components.files import atomic_path
 from components.kfp_components import make_components
 from components.training.config import TrainConfig
 from pipelines.images import image_refs
+from pipelines.resources import DEFAULTS as DEFAULT_RESOURCES
 
 PIPELINE_NAME = "sam-finetune"
 DEFAULT_YAML = Path(__file__).with_name("sam_finetune.yaml")
@@ -33,19 +34,21 @@ class Placement:
     gpu_tolerations: tuple = (("nvidia.com/gpu", "NoSchedule"),)  # (key, effect), operator Exists
     gpu_accelerator: str = "nvidia.com/gpu"
     shm_size: str = "2Gi"
-    finetune_cpu: str = "4"
-    finetune_memory: str = "16Gi"
-    embed_cpu: str = "4"
-    embed_memory: str = "8Gi"
-    evaluate_cpu: str = "2"
-    evaluate_memory: str = "8Gi"
+    # {task: pipelines.resources.Resources} for embed, finetune and evaluate; the defaults fit a 4-core / 16 GB
+    # workstation (pipelines/resources.py says why), `sam-pipeline compile --cpu/--memory` change them.
+    resources: dict = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
     finetune_retries: int = 3
     retry_backoff: str = "60s"
 
 
-def _on_gpu(task, p: Placement, cpu: str, memory: str):
+def _on_gpu(task, p: Placement, name: str):
     task.set_accelerator_type(p.gpu_accelerator).set_accelerator_limit(1)
-    task.set_cpu_request(cpu).set_memory_request(memory)
+    r = p.resources[name]
+    task.set_cpu_request(r.cpu).set_memory_request(r.memory)
+    if r.cpu_limit:
+        task.set_cpu_limit(r.cpu_limit)
+    if r.memory_limit:
+        task.set_memory_limit(r.memory_limit)
     for key, value in sorted(p.gpu_node_selector.items()):
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     for key, effect in p.gpu_tolerations:
@@ -136,7 +139,7 @@ def build_pipeline(placement: Placement | None = None):
                 # cacheutils.GenerateCacheKey). What makes a rerun cheap even on a cache miss (a new ingest
                 # artifact each run) is the store's content-addressed skip: one stat per image already there.
                 emb.set_display_name("embed").set_caching_options(True)
-                _on_gpu(emb, p, p.embed_cpu, p.embed_memory)
+                _on_gpu(emb, p, "embed")
                 _with_s3_secret(emb)
 
             train = c.finetune(
@@ -150,17 +153,18 @@ def build_pipeline(placement: Placement | None = None):
             train.set_display_name("finetune").set_caching_options(False)
             if p.finetune_retries:
                 train.set_retry(num_retries=p.finetune_retries, backoff_duration=p.retry_backoff, backoff_factor=2)
-            _on_gpu(train, p, p.finetune_cpu, p.finetune_memory)
+            _on_gpu(train, p, "finetune")
 
             ev = c.evaluate(weights=weights.outputs["weights"], model=train.outputs["model"],
                             dataset=dataset.outputs["dataset"], model_type=model_type, margin=margin,
                             model_name=model_name, device=device, allow_overlap=allow_overlap, **store)
             ev.set_display_name("evaluate").set_caching_options(False)
-            _on_gpu(ev, p, p.evaluate_cpu, p.evaluate_memory)
+            _on_gpu(ev, p, "evaluate")
 
             with dsl.If(ev.outputs["passed"] == True, name="better-than-baseline"):  # noqa: E712
-                reg = c.register_model(model=train.outputs["model"], weights=weights.outputs["weights"],
-                                       dataset=dataset.outputs["dataset"], metrics_json=ev.outputs["metrics_json"],
+                reg = c.register_model(model=train.outputs["model"], dataset=dataset.outputs["dataset"],
+                                       weights_metadata=weights.outputs["metadata"],
+                                       metrics_json=ev.outputs["metrics_json"],
                                        model_name=model_name, model_registry_url=model_registry_url,
                                        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **store)
                 reg.set_display_name("register-model").set_caching_options(False)

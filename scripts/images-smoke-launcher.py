@@ -48,7 +48,13 @@ class Compiled:
 
 
 # The pipeline's defaults come back from YAML as floats (200.0); the driver passes typed JSON values.
-CASTS = {"NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "BOOLEAN": bool, "STRING": str}
+def _json(value):
+    """A STRUCT or LIST parameter: as read back from an output parameter file (JSON text) or already parsed."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+CASTS = {"NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "BOOLEAN": bool, "STRING": str, "STRUCT": _json,
+         "LIST": _json}
 
 
 def executor_input(comp: dict, params: dict, inputs: dict, out_root: str) -> dict:

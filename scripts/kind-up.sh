@@ -4,7 +4,8 @@
 # it after a failure and it picks up where it stopped.
 #
 # Environment: KIND_CLUSTER (default sam-pipeline), KIND_CONFIG (default manifests/kind/cluster.yaml),
-# NVIDIA_CTK_VERSION (toolkit installed inside the GPU worker, default 1.17.8-1).
+# NVIDIA_CTK_VERSION (toolkit installed inside the GPU worker, default 1.17.8-1), SAM_PYTHON (the project's
+# Python, default .venv/bin/python: the GPU smoke pod is read from the compiled pipeline with it).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,6 +13,10 @@ cluster="${KIND_CLUSTER:-sam-pipeline}"
 config="${KIND_CONFIG:-$root/manifests/kind/cluster.yaml}"
 ctk_version="${NVIDIA_CTK_VERSION:-1.17.8-1}"
 context="kind-$cluster"
+if [ ! -x "${SAM_PYTHON:-$root/.venv/bin/python}" ]; then
+  echo "kind-up: ${SAM_PYTHON:-$root/.venv/bin/python} not found: run 'make setup' first (the GPU check needs it)" >&2
+  exit 2
+fi
 k() { kubectl --context "$context" "$@"; }
 step() { printf '\n==> %s\n' "$*"; }
 

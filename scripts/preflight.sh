@@ -7,6 +7,9 @@
 #   scripts/preflight.sh --gpu-operator  also requires helm (the GPU Operator route in docs/kubernetes.md)
 #
 # NVIDIA_CTK_CONFIG overrides the toolkit config path (default /etc/nvidia-container-runtime/config.toml).
+# The sizing section reads the kind GPU worker's allocatable CPU and memory (KUBE_CONTEXT, default
+# kind-$KIND_CLUSTER), or the host's (nproc, MEMINFO default /proc/meminfo) before the cluster exists, and
+# prints which `sam-pipeline compile` flags fit (pipelines/resources.py decides; python3, no venv needed).
 set -uo pipefail
 
 deep=0 gpu_operator=0
@@ -180,6 +183,37 @@ inotify_check() {
 }
 inotify_check fs.inotify.max_user_instances "$INOTIFY_INSTANCES_MIN"
 inotify_check fs.inotify.max_user_watches "$INOTIFY_WATCHES_MIN"
+
+# --- sizing of the GPU tasks ---------------------------------------------------------------------------
+# A task pod that requests more CPU or memory than the GPU node has left stays Pending forever.
+root="$(cd "$(dirname "$0")/.." && pwd)"
+kube_context="${KUBE_CONTEXT:-kind-${KIND_CLUSTER:-sam-pipeline}}"
+meminfo="${MEMINFO:-/proc/meminfo}"
+quantity='^[0-9]+(\.[0-9]+)?m? [0-9]+(Ki|Mi|Gi|k|M|G)?$'
+alloc="" where="" host_flag=()
+if have kubectl; then
+  alloc="$(kubectl --context "$kube_context" get nodes -l nvidia.com/gpu.present=true \
+    -o jsonpath='{.items[0].status.allocatable.cpu} {.items[0].status.allocatable.memory}' 2>/dev/null)"
+  where="GPU node of $kube_context"
+fi
+if ! [[ "$alloc" =~ $quantity ]]; then
+  # Before the cluster: a kind node's capacity is the host's (kubelet then takes off its eviction threshold).
+  alloc="$(nproc 2>/dev/null) $(sed -n 's/^MemTotal: *\([0-9]*\) kB$/\1Ki/p' "$meminfo" 2>/dev/null)"
+  where="host (no kind GPU node yet)" host_flag=(--host)
+fi
+if ! have python3; then
+  warn "GPU task sizing" "cannot check: python3 not on PATH"
+elif ! [[ "$alloc" =~ $quantity ]]; then
+  warn "GPU task sizing" "cannot read the CPU and memory of the $where"
+else
+  read -r alloc_cpu alloc_memory <<<"$alloc"
+  if sizing="$(cd "$root" && python3 -m pipelines.resources "${host_flag[@]}" "$alloc_cpu" "$alloc_memory" 2>&1)"; then
+    ok "GPU task sizing ($where)" "the compile defaults fit"
+  else
+    warn "GPU task sizing ($where)" "the compile defaults would stay Pending there"
+  fi
+  while IFS= read -r line; do printf '           %s\n' "$line"; done <<<"$sizing"
+fi
 
 if [ "$deep" = 1 ] && [ ${#missing[@]} -eq 0 ]; then
   if out="$(docker run --rm -v /dev/null:/var/run/nvidia-container-devices/all ubuntu:24.04 nvidia-smi -L 2>&1)"; then

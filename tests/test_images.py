@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import images
+from pipelines import image_tag, images
+from pipelines.image_tag import source_tag
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "images"
@@ -109,9 +110,10 @@ def test_steps_and_names_agree_with_pipeline_image_refs():
     assert dict(p.split(":") for p in pairs) == STEP_EXTRAS
     assert re.search(r"^GPU_IMAGE_STEPS := (.+)$", mk, re.M).group(1).split() == list(GPU_STEPS)
     assert re.search(r"^IMAGE_REGISTRY \?= (\S+)$", mk, re.M).group(1) == images.DEFAULT_REGISTRY
-    assert re.search(r"^IMAGE_TAG \?= (\S+)$", mk, re.M).group(1) == images.DEFAULT_TAG
+    assert re.search(r"^IMAGE_TAG \?= (.+)$", mk, re.M).group(1) == \
+        "$(shell cd $(SAM_K8S_ROOT) && $(PYTHON3) -m pipelines.image_tag)"
     assert "sam-pipeline-$(1):$(IMAGE_TAG)" in mk and images.IMAGE_PREFIX == "sam-pipeline-"
-    assert images.image_refs()["finetune"] == "localhost/sam-pipeline-finetune:0.1.0"
+    assert images.image_refs()["finetune"] == f"localhost/sam-pipeline-finetune:{source_tag()}"
 
 
 def test_make_images_builds_all_five_with_one_tag():
@@ -240,6 +242,8 @@ def test_build_context_is_trimmed(kind):
     lines = [ln.strip() for ln in ignore.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     assert lines[0] == "*", "exclude everything first, then re-include"
     assert {"!pyproject.toml", "!README.md", "!components/", "!pipelines/"} <= set(lines)
+    assert set(image_tag.INPUTS) - {"images"} == {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
+    assert image_tag.COMPILED.as_posix() in lines  # it names the tag, so it can be neither hashed nor shipped
     assert not any(ln.startswith("!.venv") or ln.startswith("!data") for ln in lines)
 
 
@@ -381,3 +385,46 @@ report(register_step(model_path={str(model)!r}, metrics_json={json.dumps(metrics
     assert result["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
     _, key = store.parse_uri(result["model_uri"])
     assert store.stat(key).size == model.stat().st_size
+
+
+# ---------------------------------------------------------------------------------------------------
+# The default tag follows what goes into the images (KFP's cache key holds the image reference).
+# ---------------------------------------------------------------------------------------------------
+
+def _tree(root: Path) -> Path:
+    for rel, text in {"pyproject.toml": "[project]\nname='x'\n", "README.md": "x", "components/a.py": "A = 1\n",
+                      "pipelines/b.py": "B = 1\n", "images/light/Dockerfile": "FROM python@sha256:00\n",
+                      "tests/t.py": "", "pipelines/sam_finetune.yaml": "image: src-0\n"}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+@pytest.mark.parametrize("rel,changes", [
+    ("components/a.py", True), ("pipelines/b.py", True), ("pyproject.toml", True),
+    ("images/light/Dockerfile", True), ("README.md", True),
+    ("pipelines/sam_finetune.yaml", False), ("tests/t.py", False),
+    ("components/__pycache__/a.cpython-311.pyc", False), ("components/x.egg-info/PKG-INFO", False)])
+def test_the_default_tag_changes_exactly_when_an_image_would(tmp_path, rel, changes):
+    root = _tree(tmp_path)
+    before = image_tag.source_tag(root)
+    assert re.fullmatch(r"src-[0-9a-f]{12}", before)
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_text("changed\n")
+    assert (image_tag.source_tag(root) != before) is changes
+
+
+def test_no_source_tree_falls_back_to_the_package_version(tmp_path, monkeypatch):
+    assert image_tag.source_tag(tmp_path) is None
+    monkeypatch.setattr(images, "source_tag", lambda: None)
+    assert images.image_refs()["evaluate"].endswith(f":{images.FALLBACK_TAG}")
+
+
+def test_make_and_the_compiled_pipeline_use_the_same_derived_tag():
+    if not shutil.which("make"):
+        pytest.skip("make is not installed")
+    out = subprocess.run(["make", "-n", "--no-print-directory", "-f", str(MK), "image-finetune"],
+                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert f"-t localhost/sam-pipeline-finetune:{source_tag()} " in out
+    compiled = (ROOT / "pipelines" / "sam_finetune.yaml").read_text()
+    assert f"image: localhost/sam-pipeline-finetune:{source_tag()}\n" in compiled

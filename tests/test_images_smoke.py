@@ -55,12 +55,16 @@ def test_executor_input_is_what_the_driver_hands_the_launcher():
     smoke = load_script().launcher
     compiled = smoke.Compiled(ROOT / "pipelines" / "sam_finetune.yaml")
     comp = compiled.component("register-model")
-    params = {**compiled.defaults, "metrics_json": "{}", "run_id": "r", "s3_endpoint": "127.0.0.1:1"}
+    params = {**compiled.defaults, "metrics_json": "{}", "run_id": "r", "s3_endpoint": "127.0.0.1:1",
+              "weights_metadata": '{"sha256": "ab"}'}
     art = {"name": "x", "uri": "minio://b/k", "metadata": {}, "type": {"schemaTitle": "system.Model"}}
-    data = smoke.executor_input(comp, params, {"model": art, "weights": art, "dataset": art}, "b/root/task/salt")
+    data = smoke.executor_input(comp, params, {"model": art, "dataset": art}, "b/root/task/salt")
     assert data["outputs"]["outputFile"] == "/minio/b/root/task/salt/output_metadata.json"
     assert data["outputs"]["parameters"]["version"] == {"outputFile": "/tmp/kfp/outputs/version"}
-    assert set(data["inputs"]["artifacts"]) == {"model", "weights", "dataset"}
+    # register-model does not download the checkpoint: its metadata is a STRUCT parameter, read back from an
+    # output parameter file's JSON text.
+    assert set(data["inputs"]["artifacts"]) == {"model", "dataset"}
+    assert data["inputs"]["parameterValues"]["weights_metadata"] == {"sha256": "ab"}
     ft = smoke.executor_input(compiled.component("finetune"), {**params, "device": "cpu"},
                               {"weights": art, "dataset": art, "embeddings": [art, art]}, "b/t")
     # dsl.Collected's artifact list (the embed shards' indexes) is handed over whole.

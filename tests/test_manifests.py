@@ -14,6 +14,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from pipelines.image_tag import source_tag
+
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
 KIND_CONFIG = MANIFESTS / "kind" / "cluster.yaml"
@@ -229,17 +231,46 @@ def test_device_plugin_lands_on_the_gpu_worker():
         assert tolerates(ds["tolerations"], taint), f"device plugin does not tolerate {taint}"
     [ctr] = ds["containers"]
     assert re.fullmatch(r"nvcr\.io/nvidia/k8s-device-plugin:v0\.17\.\d+", ctr["image"])
-    assert ds["runtimeClassName"] == docs["RuntimeClass"]["metadata"]["name"] == "nvidia"
+    # The GPU path KFP task pods take: containerd's default runtime, no runtime class (kfp-kubernetes 2.17.3
+    # has no API for one), so the device plugin proves that default too.
+    assert "runtimeClassName" not in ds
     assert docs["RuntimeClass"]["handler"] == "nvidia"
 
 
-def test_smoke_pod_requests_a_gpu_where_the_pipeline_would():
-    pod = gpu_docs()["Pod"]["spec"]
+@pytest.mark.parametrize("task", ["embed", "finetune", "evaluate"])
+def test_smoke_pod_is_shaped_as_the_compiled_gpu_task(task):
+    """scripts/gpu-check.sh's pod, read from the compiled YAML as KFP 2.17's driver reads it
+    (backend/src/v2/driver/driver.go initPodSpecPatch, driver/k8s.go): schedulable on the kind GPU worker."""
+    from pipelines.gpu_pod import task_pod
+
+    pod = task_pod(task=task)["spec"]
+    assert "runtimeClassName" not in pod
     [ctr] = pod["containers"]
-    assert ctr["resources"]["limits"][GPU_RESOURCE] == 1
-    assert "nvidia-smi" in ctr["command"]
+    assert ctr["resources"]["limits"][GPU_RESOURCE] == "1"
+    assert ctr["command"] == ["nvidia-smi", "-L"]
     assert selector_fits(pod["nodeSelector"], worker_labels())
     assert all(tolerates(pod["tolerations"], t) for t in worker_taints())
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": pod},
+                                 K8S_VERSIONS[-1], strict=True)
+
+
+def test_smoke_pod_follows_the_compiled_placement_not_a_copy(tmp_path):
+    """Compiled with other placement and resources, the smoke pod changes with it: nothing is restated."""
+    from pipelines.gpu_pod import GpuPodError, task_pod
+    from pipelines.resources import Resources
+    from pipelines.sam_finetune import Placement, compile_pipeline
+
+    path = compile_pipeline(tmp_path / "p.yaml", Placement(
+        gpu_node_selector={"pool": "a100"}, gpu_tolerations=(("dedicated", "NoExecute"),),
+        resources={"embed": Resources("1", "2Gi"), "finetune": Resources("3", "5Gi", "4", "7Gi"),
+                   "evaluate": Resources("1", "2Gi")}))
+    pod = task_pod(path, "finetune")["spec"]
+    assert pod["nodeSelector"] == {"pool": "a100"}
+    assert pod["tolerations"] == [{"key": "dedicated", "operator": "Exists", "effect": "NoExecute"}]
+    assert pod["containers"][0]["resources"] == {"limits": {GPU_RESOURCE: "1", "cpu": "4", "memory": "7Gi"},
+                                                 "requests": {"cpu": "3", "memory": "5Gi"}}
+    with pytest.raises(GpuPodError, match="no GPU task 'register-model'"):
+        task_pod(path, "register-model")
 
 
 def test_toleration_matcher_is_strict():
@@ -299,6 +330,21 @@ def test_compiled_pipeline_matches_cluster_store_and_images():
     secrets = {s.get("secretName") for ex in platform.values() for s in ex.get("secretAsEnv", [])}
     assert secrets == {"mlpipeline-minio-artifact"}, secrets
     images = {ex["container"]["image"] for ex in spec["deploymentSpec"]["executors"].values()}
-    expected = {f"localhost/sam-pipeline-{s}:0.1.0" for s in
+    expected = {f"localhost/sam-pipeline-{s}:{source_tag()}" for s in
                 ("fetch-weights", "ingest-dataset", "finetune", "evaluate", "register-model")}
     assert images == expected, "compiled images differ from what `make images kind-load` provides"
+
+
+def test_one_gpu_worker_gets_every_gpu_so_nvkind_proc_patch_is_not_needed():
+    """Contract test of NVIDIA/nvkind pkg/nvkind/node.go `PatchProcDriverNvidia` (called from
+    cmd/nvkind/cluster_create.go): it masks /proc/driver/nvidia/params (ModifyDeviceFiles: 0) and removes the
+    /dev/nvidia* nodes of GPUs a worker was NOT given, so a worker holding a subset cannot reach the others;
+    its `removeDeviceNodes` returns at once for a worker given "all". Our cluster has one GPU worker and it is
+    given all GPUs, the case where the patch changes nothing. A second GPU worker or a subset mount would need it:
+    this fails first (docs/kubernetes.md, "Why nvkind's /proc/driver/nvidia patch is not ported")."""
+    [cluster] = load_all(MANIFESTS / "kind" / "cluster.yaml")
+    gpu_workers = [n for n in cluster["nodes"] if n.get("labels", {}).get("nvidia.com/gpu.present") == "true"]
+    assert len(gpu_workers) == 1
+    mounts = [m["containerPath"] for m in gpu_workers[0]["extraMounts"]
+              if m["containerPath"].startswith("/var/run/nvidia-container-devices/")]
+    assert mounts == ["/var/run/nvidia-container-devices/all"]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines.image_tag import source_tag
 from pipelines.images import STEPS, image_refs
 from pipelines.sam_finetune import DEFAULT_YAML, Placement, compile_pipeline
 
@@ -55,7 +56,8 @@ def test_executors_and_their_images(compiled):
     executors = spec["deploymentSpec"]["executors"]
     assert set(executors) == set(EXECUTORS)
     images = {name: ex["container"]["image"] for name, ex in executors.items()}
-    assert images == {name: f"localhost/sam-pipeline-{step}:0.1.0" for name, step in EXECUTORS.items()}
+    tag = source_tag()  # derived from the image sources: a rebuilt image is a new reference, a new cache key
+    assert images == {name: f"localhost/sam-pipeline-{step}:{tag}" for name, step in EXECUTORS.items()}
     for ex in executors.values():
         command = " ".join(ex["container"]["command"])
         assert "pip install" not in command  # install_kfp_package=False, no packages_to_install
@@ -123,7 +125,32 @@ def test_caching_and_the_gates(compiled):
     check = tasks["check-changes"]["inputs"]
     assert check["parameters"]["weights_sha256"]["taskOutputParameter"] == {
         "producerTask": "fetch-weights", "outputParameterKey": "sha256"}
-    assert set(check["artifacts"]) == {"dataset"}
+
+
+def test_each_step_downloads_only_the_artifacts_it_reads(compiled):
+    """The 2.17 launcher downloads every input artifact in full before the step starts
+    (backend/src/v2/component/launcher_v2.go, downloadArtifacts): a step that needs a few fields of an
+    artifact's metadata takes them as parameters instead (register-model: the checkpoint's, 2.5 GB for vit_h)."""
+    spec, _ = _load(compiled)
+    # The manifest (dataset) is read by every step that takes it: its content hash and split rule
+    # (check-changes), the images trained on (register-model's card).
+    reads = {"fetch-weights": set(), "ingest-dataset": set(), "check-changes": {"dataset"}, "embed-shards": set(),
+             "embed": {"weights", "dataset"}, "finetune": {"weights", "dataset", "embeddings"},
+             "evaluate": {"weights", "model", "dataset"}, "register-model": {"model", "dataset"}}
+    found = {}
+
+    def walk(dag):
+        for name, task in dag["tasks"].items():
+            component = spec["components"][task["componentRef"]["name"]]
+            if "dag" in component:
+                walk(component["dag"])
+            else:
+                found[name] = set(task.get("inputs", {}).get("artifacts", {}))
+
+    walk(spec["root"]["dag"])
+    assert found == reads
+    reg = _inner_tasks(spec, "evaluate-passed")["register-model"]["inputs"]["parameters"]
+    assert reg["weights_metadata"]["componentInputParameter"] == "pipelinechannel--fetch-weights-metadata"
 
 
 def test_embed_fan_out_between_ingest_and_finetune(compiled):

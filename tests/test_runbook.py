@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.image_tag import source_tag
+
 ROOT = Path(__file__).resolve().parents[1]
 MK = ROOT / "mk" / "kubernetes.mk"
 DOCS = ROOT / "docs" / "kubernetes.md"
@@ -46,6 +48,9 @@ def test_kind_submit_and_schedule_commands():
     assert f"compile --registry localhost --tag 0.2.0 -o {package}" in out
     assert "port-forward.sh kubeflow ml-pipeline-ui 8080:80 --" in out
     assert re.search(rf"sam-pipeline submit --host http://localhost:8080 --package {package} .*--wait\s+-p n_iterations=5", out)
+    # The sizing `make preflight` prints goes to the compile through COMPILE_ARGS.
+    out = make_dry("kind-submit", "COMPILE_ARGS=--cpu finetune=1500m").replace("\\\n", " ")
+    assert f"compile --registry localhost --tag {source_tag()} -o {package} --cpu finetune=1500m" in out
     out = make_dry("kind-schedule").replace("\\\n", " ")
     assert re.search(rf'schedule --host http://localhost:8080 --package {package} .*--cron "0 0 3 \* \* \*"', out)
 

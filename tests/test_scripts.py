@@ -9,6 +9,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,7 @@ def run_gpu_check(tmp_path, statuses: list[str], timeout: str = "300s"):
     answers.write_text("\n".join(statuses) + "\n")
     kubectl = f"""echo "kubectl $*" >> {calls}
 case "$*" in
+  *"apply -f -"*) cat > {tmp_path / "applied.json"};;
   *" get pod nvidia-smi "*)
     n=$(grep -c ' get pod nvidia-smi ' {calls})
     line=$(sed -n "${{n}}p" {answers}); [ -n "$line" ] || line=$(tail -n1 {answers})
@@ -181,7 +183,7 @@ case "$*" in
   *" describe "*) echo 'Events: ...';;
 esac"""
     env = {"PATH": make_fake_path(tmp_path, {"kubectl": kubectl, "sleep": f'echo "sleep $*" >> {calls}'}),
-           "GPU_CHECK_TIMEOUT": timeout, "HOME": str(tmp_path)}
+           "GPU_CHECK_TIMEOUT": timeout, "HOME": str(tmp_path), "SAM_PYTHON": sys.executable}
     proc = subprocess.run([shutil.which("bash"), str(ROOT / "scripts" / "gpu-check.sh")], env=env,
                           capture_output=True, text=True, timeout=30)
     return proc, calls.read_text().splitlines()
@@ -207,6 +209,26 @@ def test_gpu_check_passes_and_waits_for_a_pending_pod(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "GPU check passed" in proc.stdout and "NVIDIA H100" in proc.stdout
     assert len([c for c in calls if c.startswith("sleep")]) == 2
+
+
+def test_gpu_check_applies_the_compiled_task_pod_without_a_runtime_class(tmp_path):
+    """The pod KFP would make for finetune (pipelines/gpu_pod.py reads the compiled YAML), not a copy."""
+    import json
+
+    from pipelines.gpu_pod import task_pod
+
+    proc, calls = run_gpu_check(tmp_path, ["Succeeded "])
+    assert proc.returncode == 0, proc.stderr
+    applied = json.loads((tmp_path / "applied.json").read_text())
+    assert applied == task_pod() and "runtimeClassName" not in applied["spec"]
+    assert "shaped as the 'finetune' task of" in proc.stdout
+
+
+def test_gpu_check_needs_the_projects_python(tmp_path):
+    env = {"PATH": make_fake_path(tmp_path, {}), "SAM_PYTHON": str(tmp_path / "nope"), "HOME": str(tmp_path)}
+    proc = subprocess.run([shutil.which("bash"), str(ROOT / "scripts" / "gpu-check.sh")], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "run 'make setup' first" in proc.stderr
 
 
 def test_gpu_check_gives_up_after_its_timeout(tmp_path):
@@ -236,3 +258,48 @@ def test_kind_up_configures_containerd_like_upstream_nvkind():
     [configure] = re.findall(r"nvidia-ctk runtime configure [^\n]*", text)
     assert "--runtime=containerd" in configure and "--config-source=file" in configure
     assert "--set-as-default" in configure and "--config-source=command" not in text
+
+
+# --- sizing of the GPU tasks -------------------------------------------------------------------------
+
+PYTHON3 = f"exec {sys.executable} \"$@\""  # the stdlib-only pipelines.resources: any python3 will do
+
+
+def test_preflight_sizes_the_gpu_tasks_from_the_kind_worker(tmp_path):
+    """Contract test of `kubectl get nodes -o jsonpath` (status.allocatable as the API returns it): a worker
+    of a 4-core host fits the compile defaults; one of a 2-core host gets the flags that fit it."""
+    def kubectl(alloc):
+        return ('case "$*" in *"get nodes -l nvidia.com/gpu.present=true"*) printf "%s" "' + alloc + '";; '
+                "*) printf 'Client Version: v1.33.1\\n';; esac")
+    proc = run_preflight(tmp_path / "4", dict(HEALTHY, python3=PYTHON3, kubectl=kubectl("4 16163328Ki")), CTK_OK)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"ok +GPU task sizing \(GPU node of kind-sam-pipeline\) +the compile defaults fit", proc.stdout)
+    assert "largest profile that fits: 4 cores / 16 GB" in proc.stdout
+    proc = run_preflight(tmp_path / "2", dict(HEALTHY, python3=PYTHON3, kubectl=kubectl("2 8029624Ki")), CTK_OK)
+    assert proc.returncode == 0  # a warning, not a missing piece: smaller flags make the pipeline run
+    assert "warning  GPU task sizing (GPU node of kind-sam-pipeline)" in proc.stdout
+    assert "embed requests 2 CPU, the node has 1900m left (Insufficient cpu)" in proc.stdout
+    assert "these flags do: sam-pipeline compile --cpu embed=1700m" in proc.stdout
+
+
+def test_preflight_sizes_from_the_host_before_the_cluster_exists(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    tmp_path.mkdir(exist_ok=True)
+    meminfo.write_text("MemTotal:       32826736 kB\nMemFree:         1000 kB\n")
+    no_cluster = 'case "$*" in *"get nodes"*) echo "context kind-sam-pipeline not found" >&2; exit 1;; ' \
+                 "*) printf 'Client Version: v1.33.1\\n';; esac"
+    fakes = dict(HEALTHY, python3=PYTHON3, kubectl=no_cluster, nproc="echo 8")
+    config = tmp_path / "config.toml"
+    config.write_text(CTK_OK)
+    env = {"PATH": make_fake_path(tmp_path, fakes), "NVIDIA_CTK_CONFIG": str(config), "HOME": str(tmp_path),
+           "MEMINFO": str(meminfo)}
+    proc = subprocess.run([shutil.which("bash"), str(ROOT / "scripts" / "preflight.sh")], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "GPU task sizing (host (no kind GPU node yet))" in proc.stdout
+    assert "largest profile that fits: 8 cores / 32 GB: sam-pipeline compile --cpu embed=6" in proc.stdout
+
+
+def test_preflight_without_python3_says_it_cannot_size(tmp_path):
+    proc = run_preflight(tmp_path, HEALTHY, CTK_OK)
+    assert proc.returncode == 0 and "GPU task sizing" in proc.stdout and "python3 not on PATH" in proc.stdout

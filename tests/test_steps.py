@@ -37,7 +37,7 @@ def test_launcher_rules_on_parameters_and_non_json_numbers():
     assert check_executor_output("evaluate", ok, types) == []
     bad = json.dumps({"parameterValues": {"passed": None, "finetuned_box_dice": "0.5", "version": "v1"}})
     assert check_executor_output("evaluate", bad, types) == [
-        "evaluate: output parameter 'passed' is null",
+        "evaluate: output parameter 'passed' is null: the driver fails its consumer (got null for input parameter)",
         "evaluate: output parameter 'finetuned_box_dice' is '0.5', not a NUMBER_DOUBLE"]
     nan = json.dumps({"artifacts": {"m": {"artifacts": [{"metadata": {"loss": float("nan")}}]}}})
     assert "not JSON" in check_executor_output("finetune", nan)[0]

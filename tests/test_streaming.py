@@ -175,7 +175,7 @@ def test_shard_counts_are_checked():
     from components.steps import shard_indices
 
     assert shard_indices(3) == [0, 1, 2]
-    with pytest.raises(UserError, match="embed_shards must be at least 1"):
+    with pytest.raises(UserError, match="embed_shards must be between 1 and 64"):
         shard_indices(0)
     manifest = {"items": [{"image": {"sha256": s, "key": s}} for s in "cab"]}
     assert [r["sha256"] for r in shard_images(manifest, 0, 2)] == ["a", "c"]
