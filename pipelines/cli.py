@@ -9,12 +9,12 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
 from components.errors import UserError, first_line
 from components.weights import MODEL_TYPES
+from pipelines.cli_types import _device, _int_at_least, _key_value, _toleration, _usage
 from pipelines.run_args import EXIT_USAGE
 
 EXIT_FAILURE = 1
@@ -31,54 +31,6 @@ class CLIError(UserError):
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + error
         raise CLIError(f"{message} (see `{self.prog} --help`)", EXIT_USAGE)
-
-
-# -- argument types -------------------------------------------------------------------------------
-
-def _int_at_least(lo: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"{value} must be >= {lo}")
-        return value
-    return parse
-
-
-def _device(text: str) -> str:
-    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:N, mps)")
-    return text
-
-
-def _key_value(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{text!r} is not key=value")
-    return key.strip(), value
-
-
-def _toleration(text: str) -> tuple[str, str] | None:
-    """KEY[:EFFECT] as (key, effect), the effect NoSchedule by default; None for 'none' (drop the default)."""
-    key, _, effect = text.partition(":")
-    if effect and effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
-        raise argparse.ArgumentTypeError(f"effect {effect!r}: use NoSchedule, PreferNoSchedule or NoExecute")
-    return None if text == "none" else (key, effect or "NoSchedule")
-
-
-def _usage(name: str):
-    """An argparse type from a kfp_client parser, so its message becomes a one-line usage error."""
-    def parse(text: str):
-        from pipelines import kfp_client
-
-        try:
-            return getattr(kfp_client, name)(text)
-        except kfp_client.UsageError as e:
-            raise argparse.ArgumentTypeError(first_line(e)) from None
-    parse.__name__ = name
-    return parse
 
 
 # -- parser ---------------------------------------------------------------------------------------
@@ -267,7 +219,12 @@ def cmd_run(args) -> int:
         args.summary_json.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
     run_args.print_summary(summary, margin=args.margin, model_name=args.model_name, summary_json=args.summary_json)
     if not summary["succeeded"]:
-        raise CLIError(run_args.failure_line(summary, args.summary_json))
+        error = CLIError(run_args.failure_line(summary, args.summary_json))
+        error.problems = run_args.failure_problems(summary)  # a dataset's problems, as `ingest` prints them
+        raise error
+    if (summary.get("registered_copy") or {}).get("conflict"):  # registered, but the model will be lost
+        raise CLIError(f"registered {args.model_name} {summary['registered']['version']} but could not keep it: "
+                       f"{summary['registered_copy']['conflict']}")
     return 0
 
 

@@ -143,8 +143,18 @@ def failure_line(summary: dict, summary_json: Path | None) -> str:
     """The one line a failed run ends with: the first failed task, its error, where the log is."""
     failed = [t for t, i in summary["tasks"].items() if i["state"] == "FAILED"] or ["an unknown task"]
     error = summary["tasks"].get(failed[0], {}).get("error")
+    problems = summary["tasks"].get(failed[0], {}).get("problems", [])
+    if error and len(problems) == 1:  # one problem stays on the line; more follow it (failure_problems)
+        error = f"{error} {problems[0]}"
     return (f"pipeline failed at {', '.join(failed)}" + (f" ({error})" if error else "")
             + f"; full log in {summary['log']}" + (f"; summary in {summary_json}" if summary_json else ""))
+
+
+def failure_problems(summary: dict) -> list[str]:
+    """The problems the first failed task's error listed (a dataset's, each naming its file), or []."""
+    failed = [i for i in summary["tasks"].values() if i["state"] == "FAILED"]
+    problems = failed[0].get("problems", []) if failed else []
+    return problems if len(problems) > 1 else []  # a single one is on failure_line's line
 
 
 def print_summary(summary: dict, *, margin: float, model_name: str, summary_json: Path | None, out=None) -> None:
