@@ -237,7 +237,7 @@ def _connect(args):
 def _target(args, conn=None):
     """(package or None, (pipeline id, version id) or None, typed params, declared params) for submit/schedule;
     a local package is checked before any network call (conn=None), an uploaded version needs the server."""
-    from pipelines import kfp_client
+    from pipelines import kfp_client, run_args
 
     if args.pipeline_version and not args.pipeline:
         raise CLIError("--pipeline-version needs --pipeline NAME", EXIT_USAGE)
@@ -249,7 +249,9 @@ def _target(args, conn=None):
     else:
         spec, package, ref, source = kfp_client.load_package(args.package), args.package, None, args.package.name
     declared = kfp_client.declared_parameters(spec)
-    return package, ref, kfp_client.typed_params(args.param, declared, source), declared
+    params = kfp_client.typed_params(args.param, declared, source)
+    run_args.validate_run_params(params, flag=lambda key: f"-p {key}")  # what `run` would refuse is not sent
+    return package, ref, params, declared
 
 
 def cmd_upload(args) -> int:

@@ -33,10 +33,20 @@ def run_params(args) -> dict:
     }
 
 
-def validate_run_params(params: dict) -> None:
-    """Every pipeline argument checked before any work starts (a NaN would otherwise surface only after
-    fetch, ingest and finetune, or crash KFP's protobuf serialisation). The rules live with their owners:
-    TrainConfig.validate, the registry's and the dataset's name rules, the store's bucket rule."""
+_RUN_FLAGS = {"dataset_name": "--dataset-name", "model_name": "--model-name"}
+
+
+def run_flag(key: str) -> str:
+    """How `run` spells a pipeline parameter's flag."""
+    return _RUN_FLAGS.get(key, f"--{key}")
+
+
+def validate_run_params(params: dict, flag=run_flag) -> None:
+    """Every pipeline argument present in `params` checked before any work starts (a NaN would otherwise
+    surface only after fetch, ingest and finetune, or crash KFP's protobuf serialisation; NaN is not even
+    JSON). `run` checks all of them; `submit`/`schedule` the `-p` values they send (`flag`: how the caller
+    names a parameter in its message). The rules live with their owners: TrainConfig.validate, the
+    registry's and the dataset's name rules, the store's bucket rule."""
     import dataclasses
     import math
 
@@ -47,19 +57,19 @@ def validate_run_params(params: dict) -> None:
 
     for key, value in params.items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise RunArgsError(f"--{key} {value}: must be a finite number")
+            raise RunArgsError(f"{flag(key)} {value}: must be a finite number")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
         TrainConfig(**{k: v for k, v in params.items() if k in fields}).validate()
     except UserError as e:  # TrainConfig.validate's one-line report of every bad setting
         raise RunArgsError(first_line(e)) from None
-    for flag, check in (("--dataset-name", lambda: check_dataset_name(params["dataset_name"])),
-                        ("--model-name", lambda: check_model_name("name", params["model_name"])),
-                        ("--bucket", lambda: check_bucket(params["bucket"]))):
+    for key, check in (("dataset_name", check_dataset_name), ("model_name", lambda v: check_model_name("name", v)),
+                       ("bucket", check_bucket)):
         try:
-            check()
+            if key in params:
+                check(params[key])
         except UserError as e:
-            raise RunArgsError(f"{flag}: {first_line(e)}") from None
+            raise RunArgsError(f"{flag(key)}: {first_line(e)}") from None
 
 
 def _cuda_or_cpu(device: str) -> str:
