@@ -204,6 +204,7 @@ def cmd_run(args) -> int:
     from pipelines import local, local_runs, run_args
 
     run_args.validate_run_params(run_args.run_params(args))
+    run_args.check_writable(args)
     run_args.prepare_inputs(args)
     run_id = run_args.choose_run_id(args)
     with local_runs.recorded(args.pipeline_root, run_id, args.checkpoint_name) as outcome, \
