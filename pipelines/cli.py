@@ -14,7 +14,7 @@ from pathlib import Path
 
 from components.errors import UserError, first_line
 from components.weights import MODEL_TYPES
-from pipelines.cli_types import _device, _int_at_least, _key_value, _toleration, _usage
+from pipelines.cli_types import HelpFormatter, _device, _int_at_least, _key_value, _toleration, _usage, package_version
 from pipelines.run_args import EXIT_USAGE
 
 EXIT_FAILURE = 1
@@ -29,6 +29,10 @@ class CLIError(UserError):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)  # subcommands' parsers too
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line instead of usage + error
         raise CLIError(f"{message} (see `{self.prog} --help`)", EXIT_USAGE)
 
@@ -44,15 +48,18 @@ def _add_seed_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("-d", "--debug_with_one_example", action="store_true", default=d.debug_with_one_example,
                    help="train on a single example")
     g.add_argument("-c", "--checkpoint_name", default=d.checkpoint_name, help="checkpoints/<name>/{best,latest}.pt")
-    g.add_argument("-m", "--model_type", default=d.model_type, choices=MODEL_TYPES)
-    g.add_argument("-b", "--batch_size", type=_int_at_least(1), default=d.batch_size)
-    g.add_argument("-n", "--n_objects_per_batch", type=_int_at_least(1), default=d.n_objects_per_batch)
+    g.add_argument("-m", "--model_type", default=d.model_type, choices=MODEL_TYPES,
+                   help="vit_t is MobileSAM; vit_b and vit_h are SAM")
+    g.add_argument("-b", "--batch_size", type=_int_at_least(1), default=d.batch_size, help="images per iteration")
+    g.add_argument("-n", "--n_objects_per_batch", type=_int_at_least(1), default=d.n_objects_per_batch,
+                   help="instances sampled per iteration")
     g.add_argument("-g", "--device", type=_device, default=d.device,
                    help="cuda (falls back to cpu with a notice when there is no GPU) or cpu")
-    g.add_argument("-i", "--n_iterations", type=_int_at_least(1), default=d.n_iterations)
-    g.add_argument("-s", "--n_sub_iteration", type=_int_at_least(1), default=d.n_sub_iteration)
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("-i", "--n_iterations", type=_int_at_least(1), default=d.n_iterations, help="training iterations")
+    g.add_argument("-s", "--n_sub_iteration", type=_int_at_least(1), default=d.n_sub_iteration,
+                   help="prompting rounds per iteration (1 + corrective rounds)")
+    g.add_argument("--lr", type=float, default=d.lr, help="learning rate (a finite number > 0)")
+    g.add_argument("--seed", type=int, default=d.seed, help="seeds the split and the prompt sampling (>= 0)")
     g.add_argument("--val-every", dest="val_every", type=_int_at_least(1), default=d.val_every,
                    help="validate every N iterations")
 
@@ -63,8 +70,8 @@ def _add_store_flags(p: argparse.ArgumentParser, *, local_default: bool) -> None
                    help=("host:port of an S3 store (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY); "
                          + ("default: an S3 server started on 127.0.0.1 for this run" if local_default
                             else "default: S3_ENDPOINT")))
-    g.add_argument("--bucket", default="mlpipeline")
-    g.add_argument("--prefix", default="sam-pipeline/")
+    g.add_argument("--bucket", default="mlpipeline", help="bucket of the object store")
+    g.add_argument("--prefix", default="sam-pipeline/", help="key prefix of everything stored")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,10 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.sam_finetune import DEFAULT_YAML, PENN_FUDAN_URL
 
     parser = _Parser(prog="sam-pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("compile", help="write the pipeline YAML (committed as pipelines/sam_finetune.yaml)")
-    p.add_argument("-o", "--output", type=Path, default=DEFAULT_YAML)
+    p.add_argument("-o", "--output", type=Path, default=DEFAULT_YAML, help="where the YAML goes")
     p.add_argument("--registry", help="image registry (default localhost, or SAM_IMAGE_REGISTRY)")
     p.add_argument("--tag", help="image tag (default 0.1.0, or SAM_IMAGE_TAG)")
     p.add_argument("--gpu-node-selector", action="append", type=_key_value, metavar="KEY=VALUE",
@@ -92,13 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_seed_flags(p)
     g = p.add_argument_group("data and evaluation")
     g.add_argument("--dataset-source", default=PENN_FUDAN_URL, help="URL, zip, folder or s3:// uri")
-    g.add_argument("--dataset-format", default="auto", choices=("auto", "penn-fudan", "folder"))
-    g.add_argument("--dataset-name", default="penn-fudan")
+    g.add_argument("--dataset-format", default="auto", choices=("auto", "penn-fudan", "folder"),
+                   help="folder: images/<stem>.png + masks/<stem>.png; auto tells them apart")
+    g.add_argument("--dataset-name", default=None,
+                   help="name in the store (default: after the source: penn-fudan for Penn-Fudan, else the "
+                        "folder's or zip's name)")
     g.add_argument("--weights-url", default="", help="checkpoint URL or local file (default: the catalogue)")
     g.add_argument("--weights-sha256", default="", help="expected sha256 of --weights-url")
     g.add_argument("--margin", type=float, default=0.0,
                    help="register only if fine-tuned box Dice > zero-shot (and champion) + margin")
-    g.add_argument("--model-name", default="sam-pennfudan")
+    g.add_argument("--model-name", default=None,
+                   help="registered model name (default: sam-<dataset name>; sam-pennfudan for Penn-Fudan)")
     g.add_argument("--model-registry-url", default="", help="also register in Kubeflow Model Registry")
     g.add_argument("--verify-data", action="store_true",
                    help="re-check every stored object of the dataset against its sha256 and repair what is wrong")
@@ -110,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the last killed or failed run of this checkpoint name from its latest.pt")
     g.add_argument("--demo", action="store_true",
                    help="offline: a synthetic Penn-Fudan-like dataset and a random vit_t checkpoint")
-    g.add_argument("--demo-images", type=_int_at_least(6), default=12)
+    g.add_argument("--demo-images", type=_int_at_least(6), default=12, help="images of --demo's dataset")
     g.add_argument("--embed-shards", type=_int_at_least(1), default=1, help="embed tasks before finetune")
     _add_store_flags(p, local_default=True)
     g = p.add_argument_group("output")
@@ -131,19 +143,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
         p.add_argument("--package", type=Path, default=DEFAULT_YAML, help="compiled pipeline YAML")
         p.add_argument("--namespace", default=None, help="multi-user deployments")
-        p.add_argument("--token", default=os.environ.get("KFP_TOKEN"), help="bearer token (or KFP_TOKEN)")
+        # Read at connect time, not as the default: --help must never print a secret.
+        p.add_argument("--token", default=None, help="bearer token (default: KFP_TOKEN)")
         if name == "upload":
             p.add_argument("--pipeline", default="sam-finetune", help="pipeline name in the UI")
             p.add_argument("--version", default=None,
                            help="version name (default: <package version>-<git commit>[-dirty])")
-            p.add_argument("--description", default="Fine-tune MobileSAM and register it if it beats the champion")
+            p.add_argument("--description", default="Fine-tune MobileSAM and register it if it beats the champion",
+                           help="the version's description in the UI")
             p.set_defaults(func=cmd_upload)
             continue
         p.add_argument("--pipeline", default=None, metavar="NAME",
                        help="run an uploaded pipeline instead of --package")
         p.add_argument("--pipeline-version", default=None, metavar="V",
                        help="with --pipeline: this version (default: the newest)")
-        p.add_argument("--experiment", default="sam-pipeline")
+        p.add_argument("--experiment", default="sam-pipeline", help="KFP experiment the run goes to")
         p.add_argument("-p", "--param", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                        help="pipeline parameter (repeatable)")
         if name == "submit":
@@ -157,24 +171,26 @@ def build_parser() -> argparse.ArgumentParser:
             when.add_argument("--cron", type=_usage("validate_cron"),
                               help="6 fields: second minute hour day-of-month month day-of-week")
             when.add_argument("--every", type=_usage("parse_interval"), help="interval, e.g. 24h")
-            p.add_argument("--name", default="sam-finetune-scheduled")
+            p.add_argument("--name", default="sam-finetune-scheduled", help="the recurring run's name")
             p.add_argument("--replace", action="store_true",
                            help="replace a recurring run of the same name in the experiment (default: refuse)")
             p.set_defaults(func=cmd_schedule)
 
     p = sub.add_parser("fetch-weights", help="run the fetch-weights step alone; prints a JSON summary")
     p.add_argument("-m", "--model-type", "--model_type", dest="model_type",
-                   default=TrainConfig.model_type, choices=MODEL_TYPES)
-    p.add_argument("--url", default=None)
-    p.add_argument("--sha256", default=None)
+                   default=TrainConfig.model_type, choices=MODEL_TYPES, help="which checkpoint of the catalogue")
+    p.add_argument("--url", default=None, help="a mirror URL or a local file (default: the catalogue's URL)")
+    p.add_argument("--sha256", default=None, help="expected sha256 of --url (default: the catalogue's)")
     _add_store_flags(p, local_default=False)
     p.set_defaults(func=cmd_fetch_weights)
 
     p = sub.add_parser("ingest", help="run the ingest-dataset step alone; prints a JSON summary")
     p.add_argument("--source", default=PENN_FUDAN_URL, help="URL, zip, folder or s3:// uri")
-    p.add_argument("--format", dest="dataset_format", default="auto", choices=("auto", "penn-fudan", "folder"))
-    p.add_argument("--name", dest="dataset_name", default="penn-fudan")
-    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--format", dest="dataset_format", default="auto", choices=("auto", "penn-fudan", "folder"),
+                   help="folder: images/<stem>.png + masks/<stem>.png; auto tells them apart")
+    p.add_argument("--name", dest="dataset_name", default=None,
+                   help="name in the store (default: after the source, as `run` names it)")
+    p.add_argument("--split-seed", type=int, default=0, help="seeds the train/val/test split")
     p.add_argument("--verify", action="store_true",
                    help="download and hash every object of an already ingested version and re-upload "
                         "what is missing or damaged (a plain re-run trusts the committed manifest)")
@@ -203,6 +219,7 @@ def cmd_compile(args) -> int:
 def cmd_run(args) -> int:
     from pipelines import local, local_runs, run_args
 
+    run_args.fill_names(args)
     run_args.validate_run_params(run_args.run_params(args))
     run_args.check_writable(args)
     run_args.prepare_inputs(args)
@@ -232,7 +249,7 @@ def cmd_run(args) -> int:
 def _connect(args):
     from pipelines import kfp_client
 
-    return kfp_client.connect(args.host, args.token, args.namespace)  # a bad --host is a UsageError (exit 2)
+    return kfp_client.connect(args.host, args.token or os.environ.get("KFP_TOKEN"), args.namespace)  # a bad --host is a UsageError (exit 2)
 
 
 def _target(args, conn=None):
@@ -317,6 +334,7 @@ def cmd_fetch_weights(args) -> int:
 
 def cmd_ingest(args) -> int:
     from components.datasets.ingest import ingest
+    from components.datasets.sources import name_from_source
 
     store = _store_or_none(args)
     with contextlib.ExitStack() as stack:
@@ -327,7 +345,8 @@ def cmd_ingest(args) -> int:
             store = ObjectStore(stack.enter_context(embedded_s3(prefix=args.prefix, bucket=args.bucket)))
             print("sam-pipeline: no --s3-endpoint/S3_ENDPOINT: ingesting into a temporary local store",
                   file=sys.stderr)
-        result = ingest(args.source, args.dataset_format, args.dataset_name, store, seed=args.split_seed,
+        name = args.dataset_name or name_from_source(args.source, args.dataset_format)
+        result = ingest(args.source, args.dataset_format, name, store, seed=args.split_seed,
                         verify=args.verify)
         print(json.dumps(result.to_json(), indent=2, sort_keys=True))
     return 0

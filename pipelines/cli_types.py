@@ -51,3 +51,22 @@ def _usage(name: str):
             raise argparse.ArgumentTypeError(first_line(e)) from None
     parse.__name__ = name
     return parse
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default; a default of None, False or "" (a flag that is off, a
+    setting whose help says what happens without it) would only add noise and is left out."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default in ("", argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def package_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("sam-pipeline")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"

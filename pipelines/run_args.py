@@ -41,6 +41,19 @@ def run_flag(key: str) -> str:
     return _RUN_FLAGS.get(key, f"--{key}")
 
 
+def fill_names(args) -> None:
+    """The dataset and model names a run uses unless given: after its source (`--demo`: the synthetic
+    dataset and `sam-demo`); Penn-Fudan keeps `sam-pennfudan`, the pipeline's own default."""
+    from components.datasets.sources import name_from_source
+
+    if args.dataset_name is None:
+        args.dataset_name = ("synthetic-penn-fudan" if args.demo
+                             else name_from_source(args.dataset_source, args.dataset_format))
+    if args.model_name is None:
+        args.model_name = ("sam-demo" if args.demo else "sam-pennfudan" if args.dataset_name == "penn-fudan"
+                           else f"sam-{args.dataset_name}")
+
+
 def validate_run_params(params: dict, flag=run_flag) -> None:
     """Every pipeline argument present in `params` checked before any work starts (a NaN would otherwise
     surface only after fetch, ingest and finetune, or crash KFP's protobuf serialisation; NaN is not even
@@ -109,9 +122,6 @@ def prepare_inputs(args) -> None:
         assets = local.make_demo_assets(Path("runs/demo"), images=args.demo_images)
         args.dataset_source, args.weights_url, args.weights_sha256 = (
             assets["dataset_source"], assets["weights_url"], assets["weights_sha256"])
-        args.dataset_name = "synthetic-penn-fudan"
-        if args.model_name == "sam-pennfudan":
-            args.model_name = "sam-demo"
     if not cache_path(args.dataset_source).is_file():  # a dataset cached by an earlier run works offline
         local.check_reachable(args.dataset_source, "dataset")
     if args.weights_url:

@@ -40,6 +40,19 @@ class LocalSource:
     label: str  # how messages name the source
 
 
+def name_from_source(source: str, dataset_format: str = "auto") -> str:
+    """The dataset name a source gets unless one is given: `penn-fudan` for Penn-Fudan (its format, its URL
+    or a PennFudanPed zip/folder), otherwise the folder's or zip's own name in the store's name alphabet
+    (`./My Data/` -> `my-data`, `s3://b/drops/cells/` -> `cells`)."""
+    import re
+
+    stem = PurePosixPath(urlparse(source).path.rstrip("/")).name.removesuffix(".zip")
+    if dataset_format == "penn-fudan" or source == PENNFUDAN_URL or stem.lower().startswith("pennfudan"):
+        return "penn-fudan"
+    name = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")
+    return name or "dataset"
+
+
 def cache_path(url: str, cache_dir: Path | None = None) -> Path:
     cache_dir = cache_dir or data_dir()
     name = PurePosixPath(urlparse(url).path).name or "dataset.zip"
