@@ -224,12 +224,15 @@ def cmd_run(args) -> int:
     run_args.check_writable(args)
     run_args.prepare_inputs(args)
     run_id = run_args.choose_run_id(args)
-    with local_runs.recorded(args.pipeline_root, run_id, args.checkpoint_name) as outcome, \
-            run_args.sigterm_unwinds():  # a SIGTERM stops the run's S3 server and tasks like Ctrl-C does
-        summary = local.run_local({**run_args.run_params(args), "resume_run_id": run_id},
-                                  pipeline_root=args.pipeline_root, s3_endpoint=args.s3_endpoint,
-                                  retries=args.retries, verbose=args.verbose)
-        outcome["state"] = local_runs.SUCCEEDED if summary["succeeded"] else local_runs.FAILED
+    try:
+        with local_runs.recorded(args.pipeline_root, run_id, args.checkpoint_name) as outcome, \
+                run_args.sigterm_unwinds():  # a SIGTERM stops the run's S3 server and tasks like Ctrl-C does
+            summary = local.run_local({**run_args.run_params(args), "resume_run_id": run_id},
+                                      pipeline_root=args.pipeline_root, s3_endpoint=args.s3_endpoint,
+                                      retries=args.retries, verbose=args.verbose)
+            outcome["state"] = local_runs.SUCCEEDED if summary["succeeded"] else local_runs.FAILED
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the record says failed, so --resume finds this run
+        raise CLIError(run_args.interrupted_line(args, run_id), 130) from None
     summary["checkpoints"] = local.find_checkpoints(args.checkpoint_name)
     local.remove_old_runs(args.pipeline_root, keep=args.keep_runs)
     if args.summary_json:

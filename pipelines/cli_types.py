@@ -70,3 +70,4 @@ def package_version() -> str:
         return metadata.version("sam-pipeline")
     except metadata.PackageNotFoundError:
         return "unknown (not installed: pip install -e .)"
+

@@ -172,6 +172,18 @@ def sigterm_unwinds():
         signal.signal(signal.SIGTERM, previous)
 
 
+def interrupted_line(args, run_id: str) -> str:
+    """What an interrupted run ends with: where training stopped, and the command that continues it."""
+    from components.training.config import TrainConfig
+    from pipelines import local_runs
+
+    at = local_runs.stopped_at(args.checkpoint_name, run_id)
+    name = "" if args.checkpoint_name == TrainConfig.checkpoint_name else f" -c {args.checkpoint_name}"
+    where = f" at iteration {at}" if at is not None else ""
+    return (f"interrupted{where}; `sam-pipeline run --resume{name}` (with the same flags) continues this run"
+            + (f" from checkpoints/{args.checkpoint_name}/latest.pt" if at is not None else ""))
+
+
 def failure_line(summary: dict, summary_json: Path | None) -> str:
     """The one line a failed run ends with: the first failed task, its error, where the log is."""
     failed = [t for t, i in summary["tasks"].items() if i["state"] == "FAILED"] or ["an unknown task"]

@@ -43,6 +43,8 @@ def test_two_runs_at_once_in_one_folder_register_and_keep_v1_and_v2(tmp_path):
     for s, out in zip(summaries, outputs):
         version = s["registered"]["version"]
         assert f"registered sam-demo {version}" in out
+        # the progress bar names its numbers and shows none before there is one
+        assert "val box Dice=" in out and "train loss=" in out and "nan" not in out
         assert Path(s["registered_copy"]["model"]).is_file()  # kept after the store stopped
         assert all(i["state"] in ("SUCCEEDED", "SKIPPED") for i in s["tasks"].values())
         for report in s["reports"].values():  # its own reports, in its own folder
