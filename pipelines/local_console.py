@@ -23,6 +23,7 @@ _ERROR_LINE = re.compile(r"^\s*(?:[\w]+\.)*(\w*(?:Error|Exception|Exit|Interrupt
 _KFP_LINE = re.compile(r"^\[KFP Executor|^\d{2}:\d{2}:\d{2}\.\d+ - |^Traceback|^\s*File ")
 _START = re.compile(r"Executing task '?([\w-]+)'?")
 _FINISH = re.compile(r"Task '?([\w-]+)'? finished with status (\w+)")
+_SAID_AT_ONCE = ("sam-pipeline: retrying:", "sam-pipeline: verify-data:")  # a task's own lines for the console
 _TAIL_LINES = 400  # per task, enough to hold a traceback
 
 
@@ -72,6 +73,8 @@ class Console(io.TextIOBase):
         self.tails.setdefault(self.task, collections.deque(maxlen=_TAIL_LINES)).append(line)
         if _PROGRESS.search(line):
             self._progress(line)
+        elif line.startswith(_SAID_AT_ONCE):  # e.g. the object store being retried: not only in the log
+            self._say(f"  {self.task}: {line.removeprefix('sam-pipeline: ')}")
 
     def _progress(self, line: str) -> None:
         now = time.monotonic()
