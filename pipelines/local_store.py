@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,21 +39,33 @@ def shared_store(pipeline_root: Path, *, bucket: str, prefix: str) -> Iterator:
             if endpoint is None:
                 _, url = s3server.start_server(f"lease:{folder / 'lease'}")
                 endpoint = url.removeprefix("http://")
-                cfg = s3server.local_config(endpoint, bucket=bucket, prefix=prefix)
-                seed_registry(ObjectStore(cfg), pipeline_root / "registry")
+                # A bucket only this server has: a later run tells it from another server on a reused port.
+                mark = f"sam-local-{uuid.uuid4().hex[:16]}"
+                ObjectStore(s3server.local_config(endpoint, bucket=mark))
+                seed_registry(ObjectStore(s3server.local_config(endpoint, bucket=bucket, prefix=prefix)),
+                              pipeline_root / "registry")
                 with atomic_path(folder / "server.json", suffix=".json") as tmp:
-                    Path(tmp).write_text(json.dumps({"endpoint": endpoint}) + "\n")
+                    Path(tmp).write_text(json.dumps({"endpoint": endpoint, "mark": mark}) + "\n")
         yield s3server.local_config(endpoint, bucket=bucket, prefix=prefix)
 
 
 def _running(path: Path) -> str | None:
     from components import s3server
 
+    from components.storage import ObjectStore
+
     try:
-        endpoint = json.loads(path.read_text())["endpoint"]
+        doc = json.loads(path.read_text())
+        endpoint, mark = doc["endpoint"], doc["mark"]
     except (OSError, ValueError, KeyError):
         return None
-    return endpoint if s3server.is_up(endpoint) else None
+    if not s3server.is_up(endpoint):
+        return None
+    store = ObjectStore(s3server.local_config(endpoint, bucket=mark), create_bucket=False)
+    try:
+        return endpoint if store.client.bucket_exists(mark) else None
+    except Exception:  # noqa: BLE001 - whatever answers there and cannot say it has our bucket is not ours
+        return None
 
 
 def seed_registry(store, registry: Path) -> None:

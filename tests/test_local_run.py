@@ -361,3 +361,23 @@ def test_old_runs_and_their_logs_are_pruned_but_not_the_registry(tmp_path):
     assert len(list(tmp_path.glob(f"{PIPELINE_NAME}-*"))) == 5
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [f"run-2026010{i}.log" for i in range(3, 8)]
     assert (tmp_path / "registry" / "models" / "m" / "v1").is_dir()
+
+
+def test_runs_in_one_folder_share_one_server_that_ends_with_the_last(tmp_path):
+    """The shared store: a second run finds the first's server; another server on the recorded port (a port
+    reused after the folder's server ended) is not taken for it; the server ends once no run holds it."""
+    from components import s3server
+
+    root = tmp_path / "out"
+    with local_store.shared_store(root, bucket="mlpipeline", prefix="p/") as first:
+        with local_store.shared_store(root, bucket="mlpipeline", prefix="p/") as second:
+            assert second.endpoint == first.endpoint
+    deadline = time.monotonic() + 30
+    while s3server.is_up(first.endpoint) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert not s3server.is_up(first.endpoint), "the shared server outlived its last run"
+    with s3server.embedded_s3() as stranger:  # a server of someone else, where server.json points
+        doc = json.loads((root / "store" / "server.json").read_text())
+        (root / "store" / "server.json").write_text(json.dumps({**doc, "endpoint": stranger.endpoint}))
+        with local_store.shared_store(root, bucket="mlpipeline", prefix="p/") as third:
+            assert third.endpoint != stranger.endpoint
