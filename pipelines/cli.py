@@ -14,7 +14,8 @@ from pathlib import Path
 
 from components.errors import UserError, first_line
 from components.weights import MODEL_TYPES
-from pipelines.cli_types import HelpFormatter, _device, _int_at_least, _key_value, _toleration, _usage, package_version
+from pipelines.cli_types import (HelpFormatter, _add_seed_flags, _add_store_flags, _int_at_least, _key_value,
+                                 _toleration, _usage, package_version)
 from pipelines.run_args import EXIT_USAGE
 
 EXIT_FAILURE = 1
@@ -39,44 +40,8 @@ class _Parser(argparse.ArgumentParser):
 
 # -- parser ---------------------------------------------------------------------------------------
 
-def _add_seed_flags(p: argparse.ArgumentParser) -> None:
-    # Names and defaults come from TrainConfig (the one place they are stated); the short flags are the seed's.
-    from components.training.config import TrainConfig
-
-    d = TrainConfig()
-    g = p.add_argument_group("training (the seed's flags)")
-    g.add_argument("-d", "--debug_with_one_example", action="store_true", default=d.debug_with_one_example,
-                   help="train on a single example")
-    g.add_argument("-c", "--checkpoint_name", default=d.checkpoint_name, help="checkpoints/<name>/{best,latest}.pt")
-    g.add_argument("-m", "--model_type", default=d.model_type, choices=MODEL_TYPES,
-                   help="vit_t is MobileSAM; vit_b and vit_h are SAM")
-    g.add_argument("-b", "--batch_size", type=_int_at_least(1), default=d.batch_size, help="images per iteration")
-    g.add_argument("-n", "--n_objects_per_batch", type=_int_at_least(1), default=d.n_objects_per_batch,
-                   help="instances sampled per iteration")
-    g.add_argument("-g", "--device", type=_device, default=d.device,
-                   help="cuda (falls back to cpu with a notice when there is no GPU) or cpu")
-    g.add_argument("-i", "--n_iterations", type=_int_at_least(1), default=d.n_iterations, help="training iterations")
-    g.add_argument("-s", "--n_sub_iteration", type=_int_at_least(1), default=d.n_sub_iteration,
-                   help="prompting rounds per iteration (1 + corrective rounds)")
-    g.add_argument("--lr", type=float, default=d.lr, help="learning rate (a finite number > 0)")
-    g.add_argument("--seed", type=int, default=d.seed, help="seeds the split and the prompt sampling (>= 0)")
-    g.add_argument("--val-every", dest="val_every", type=_int_at_least(1), default=d.val_every,
-                   help="validate every N iterations")
-
-
-def _add_store_flags(p: argparse.ArgumentParser, *, local_default: bool) -> None:
-    g = p.add_argument_group("object store")
-    g.add_argument("--s3-endpoint", default=None,
-                   help=("host:port of an S3 store (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY); "
-                         + ("default: an S3 server started on 127.0.0.1 for this run" if local_default
-                            else "default: S3_ENDPOINT")))
-    g.add_argument("--bucket", default="mlpipeline", help="bucket of the object store")
-    g.add_argument("--prefix", default="sam-pipeline/", help="key prefix of everything stored")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from components.training.config import TrainConfig
-    from pipelines.sam_finetune import DEFAULT_YAML, PENN_FUDAN_URL
+    from pipelines.sam_finetune import DEFAULT_YAML
 
     parser = _Parser(prog="sam-pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
@@ -90,11 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="node selector for the GPU steps (repeatable; default nvidia.com/gpu.present=true; "
                         "'none' to drop)")
     p.add_argument("--gpu-toleration", action="append", type=_toleration, metavar="KEY[:EFFECT]",
-                   help="toleration (operator Exists) for the GPU steps (repeatable; default nvidia.com/gpu:NoSchedule; "
-                        "'none' to drop)")
+                   help="toleration (operator Exists) for the GPU steps (repeatable; default "
+                        "nvidia.com/gpu:NoSchedule; 'none' to drop)")
     p.add_argument("--shm-size", default="2Gi", help="memory-backed /dev/shm for finetune and evaluate")
     p.add_argument("--retries", type=_int_at_least(0), default=3, help="finetune retries (resume from latest.pt)")
     p.set_defaults(func=cmd_compile)
+
+    _add_run(sub)
+    _add_cluster_commands(sub)
+    _add_step_commands(sub)
+    return parser
+
+
+def _add_run(sub) -> None:
+    """`run`: the seed's flags, data and evaluation, the store, where outputs go."""
+    from pipelines.sam_finetune import PENN_FUDAN_URL
 
     p = sub.add_parser("run", help="run the whole pipeline here (kfp.local + an S3 server on 127.0.0.1)")
     _add_seed_flags(p)
@@ -136,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "to a file under --pipeline-root)")
     p.set_defaults(func=cmd_run)
 
+
+
+def _add_cluster_commands(sub) -> None:
+    """`submit`, `schedule` and `upload`: a KFP cluster's commands."""
+    from pipelines.sam_finetune import DEFAULT_YAML
+
     for name, helptext in (("submit", "create a run on a KFP cluster (compiled package or uploaded version)"),
                            ("schedule", "create a recurring run (max concurrency 1, no catch-up)"),
                            ("upload", "upload the compiled package as a new pipeline version (KFP UI: Pipelines)")):
@@ -176,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
                            help="replace a recurring run of the same name in the experiment (default: refuse)")
             p.set_defaults(func=cmd_schedule)
 
+
+
+def _add_step_commands(sub) -> None:
+    """`fetch-weights` and `ingest`: one step alone."""
+    from components.training.config import TrainConfig
+    from pipelines.sam_finetune import PENN_FUDAN_URL
+
     p = sub.add_parser("fetch-weights", help="run the fetch-weights step alone; prints a JSON summary")
     p.add_argument("-m", "--model-type", "--model_type", dest="model_type",
                    default=TrainConfig.model_type, choices=MODEL_TYPES, help="which checkpoint of the catalogue")
@@ -196,7 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "what is missing or damaged (a plain re-run trusts the committed manifest)")
     _add_store_flags(p, local_default=False)
     p.set_defaults(func=cmd_ingest)
-    return parser
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -252,7 +239,8 @@ def cmd_run(args) -> int:
 def _connect(args):
     from pipelines import kfp_client
 
-    return kfp_client.connect(args.host, args.token or os.environ.get("KFP_TOKEN"), args.namespace)  # a bad --host is a UsageError (exit 2)
+    # A bad --host is a UsageError (exit 2).
+    return kfp_client.connect(args.host, args.token or os.environ.get("KFP_TOKEN"), args.namespace)
 
 
 def _target(args, conn=None):

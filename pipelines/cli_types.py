@@ -1,10 +1,12 @@
-"""argparse types of `sam-pipeline`'s flags: each turns a bad value into a one-line usage error."""
+"""argparse pieces of `sam-pipeline`: the flags' types (each turns a bad value into a one-line usage error),
+the flag groups several commands share, the help format."""
 from __future__ import annotations
 
 import argparse
 import re
 
 from components.errors import first_line
+from components.weights import MODEL_TYPES
 
 
 def _int_at_least(lo: int):
@@ -71,3 +73,37 @@ def package_version() -> str:
     except metadata.PackageNotFoundError:
         return "unknown (not installed: pip install -e .)"
 
+
+def _add_seed_flags(p: argparse.ArgumentParser) -> None:
+    # Names and defaults come from TrainConfig (the one place they are stated); the short flags are the seed's.
+    from components.training.config import TrainConfig
+
+    d = TrainConfig()
+    g = p.add_argument_group("training (the seed's flags)")
+    g.add_argument("-d", "--debug_with_one_example", action="store_true", default=d.debug_with_one_example,
+                   help="train on a single example")
+    g.add_argument("-c", "--checkpoint_name", default=d.checkpoint_name, help="checkpoints/<name>/{best,latest}.pt")
+    g.add_argument("-m", "--model_type", default=d.model_type, choices=MODEL_TYPES,
+                   help="vit_t is MobileSAM; vit_b and vit_h are SAM")
+    g.add_argument("-b", "--batch_size", type=_int_at_least(1), default=d.batch_size, help="images per iteration")
+    g.add_argument("-n", "--n_objects_per_batch", type=_int_at_least(1), default=d.n_objects_per_batch,
+                   help="instances sampled per iteration")
+    g.add_argument("-g", "--device", type=_device, default=d.device,
+                   help="cuda (falls back to cpu with a notice when there is no GPU) or cpu")
+    g.add_argument("-i", "--n_iterations", type=_int_at_least(1), default=d.n_iterations, help="training iterations")
+    g.add_argument("-s", "--n_sub_iteration", type=_int_at_least(1), default=d.n_sub_iteration,
+                   help="prompting rounds per iteration (1 + corrective rounds)")
+    g.add_argument("--lr", type=float, default=d.lr, help="learning rate (a finite number > 0)")
+    g.add_argument("--seed", type=int, default=d.seed, help="seeds the split and the prompt sampling (>= 0)")
+    g.add_argument("--val-every", dest="val_every", type=_int_at_least(1), default=d.val_every,
+                   help="validate every N iterations")
+
+
+def _add_store_flags(p: argparse.ArgumentParser, *, local_default: bool) -> None:
+    g = p.add_argument_group("object store")
+    g.add_argument("--s3-endpoint", default=None,
+                   help=("host:port of an S3 store (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY); "
+                         + ("default: an S3 server started on 127.0.0.1 for this run" if local_default
+                            else "default: S3_ENDPOINT")))
+    g.add_argument("--bucket", default="mlpipeline", help="bucket of the object store")
+    g.add_argument("--prefix", default="sam-pipeline/", help="key prefix of everything stored")

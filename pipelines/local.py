@@ -302,8 +302,8 @@ def remove_old_runs(pipeline_root: Path, keep: int = 5) -> None:
         pid = folder.name.rsplit("-", 1)[-1]
         return folder.name.startswith("run-") and pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid))
 
-    runs = sorted((p for p in pipeline_root.glob("*") if p.is_dir() and p.name.startswith(("run-", f"{PIPELINE_NAME}-"))),
-                  key=lambda p: p.stat().st_mtime)
+    runs = sorted((p for p in pipeline_root.glob("*")
+                   if p.is_dir() and p.name.startswith(("run-", f"{PIPELINE_NAME}-"))), key=lambda p: p.stat().st_mtime)
     for old in runs[:-keep] if keep else runs:
         if not running(old):
             shutil.rmtree(old, ignore_errors=True)
