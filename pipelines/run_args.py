@@ -224,7 +224,7 @@ def print_summary(summary: dict, *, margin: float, model_name: str, summary_json
         print(f"  registered {model_name} {r['version']}: {r['model_uri']}", file=out)
         copy = summary.get("registered_copy") or {}
         if copy.get("model"):
-            print(f"    (the embedded store is gone after the run; copy kept at {copy['model']})", file=out)
+            print(f"    (kept at {copy['model']}: the local store stops with the folder's last run)", file=out)
         elif copy.get("conflict"):
             print(f"    not kept: {copy['conflict']}", file=out)
     elif summary.get("skipped"):
