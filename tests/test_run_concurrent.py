@@ -54,3 +54,25 @@ def test_two_runs_at_once_in_one_folder_register_and_keep_v1_and_v2(tmp_path):
     registry = tmp_path / "local_outputs" / "registry" / "models" / "sam-demo"
     assert sorted(p.name for p in registry.iterdir() if p.is_dir()) == ["v1", "v2"]
     assert _server_gone(tmp_path), "the shared S3 server outlived the runs"
+
+
+@pytest.mark.slow
+def test_a_run_that_cannot_keep_its_model_exits_non_zero(tmp_path):
+    """A version folder appeared in the local registry while the folder's store ran without it (copied in by
+    hand): the run registers that number in the store, cannot keep it, and says so with a non-zero exit."""
+    from pipelines import local_store
+    from pipelines.local import make_demo_assets
+
+    make_demo_assets(tmp_path / "runs" / "demo", images=12)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SAM_MODELS": str(tmp_path / "models")}
+    root = tmp_path / "local_outputs"
+    with local_store.shared_store(root, bucket="mlpipeline", prefix="sam-pipeline/"):  # the store is running
+        planted = root / "registry" / "models" / "sam-demo" / "v1"
+        planted.mkdir(parents=True)
+        (planted / "model.pt").write_bytes(b"someone else's model")
+        done = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--demo", "-d", "-i", "1", "-g", "cpu"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 1, done.stdout + done.stderr
+    err = done.stderr.strip().splitlines()[-1]
+    assert err.startswith("sam-pipeline: error: registered sam-demo v1 but could not keep it: ") and str(planted) in err
+    assert (planted / "model.pt").read_bytes() == b"someone else's model"
