@@ -69,12 +69,14 @@ def models_dir() -> Path:
     return Path(os.environ.get("SAM_MODELS") or "~/.sam_models").expanduser()
 
 
-def writable_models_dir(cache_dir: str | Path | None = None) -> Path:
-    """The weights cache, created and writable, or one line saying which folder and how to move it."""
+def writable_models_dir(cache_dir: str | Path | None = None, *, create: bool = True) -> Path:
+    """The weights cache, writable (and created unless `create=False`), or one line saying which folder and
+    how to move it."""
     from components.files import writable_dir
 
     return writable_dir(Path(cache_dir).expanduser() if cache_dir else models_dir(),
-                        "the weights cache (checkpoints are kept there)", "set SAM_MODELS to a writable folder")
+                        "the weights cache (checkpoints are kept there)", "set SAM_MODELS to a writable folder",
+                        create=create)
 
 
 def _entry(model_type: str) -> Checkpoint:

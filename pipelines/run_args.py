@@ -87,15 +87,16 @@ def validate_run_params(params: dict, flag=run_flag) -> None:
 
 def check_writable(args) -> None:
     """Every folder a run writes to, proven writable before any work starts (otherwise an OSError traceback
-    here or one raw line from a task): the working folder, the pipeline root and the weights cache."""
+    here or one raw line from a task): the working folder, the pipeline root and the weights cache. Nothing
+    is created: a source found unreachable next must leave no trace."""
     from components.files import writable_dir
     from components.weights import writable_models_dir
 
     writable_dir(Path.cwd(), "a run keeps checkpoints/, data/ and runs/ in the working folder",
-                 "run sam-pipeline from a writable folder")
-    writable_models_dir()
+                 "run sam-pipeline from a writable folder", create=False)
+    writable_models_dir(create=False)
     writable_dir(args.pipeline_root, "a run keeps its task outputs, logs, records and the local registry there",
-                 "--pipeline-root moves it")
+                 "--pipeline-root moves it", create=False)
 
 
 def _cuda_or_cpu(device: str) -> str:
