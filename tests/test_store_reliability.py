@@ -251,7 +251,11 @@ def test_a_5xx_is_retried_longer_and_the_first_retry_is_said(store, serve_handle
 
 
 def test_a_web_page_is_not_retried(serve_handler, capfd):
+    import time
+
     endpoint = serve_handler(_WebPage)
+    started = time.monotonic()
     with pytest.raises(StorageError, match="not an S3 endpoint"):
         ObjectStore(S3Config(endpoint=endpoint, access_key="a", secret_key="b", region="us-east-1"), retries=4)
+    assert time.monotonic() - started < 2, "a web page was retried"  # four retries back off 7.5 s or more
     assert "retrying" not in capfd.readouterr().err
