@@ -38,7 +38,8 @@ def child(args) -> None:
     """One training run; prints its numbers as one JSON line."""
     from components.datasets.reader import SplitRefs, load_split
     from components.storage import ObjectStore, S3Config
-    from components.training import TrainConfig, train
+    from components.training.config import TrainConfig
+    from components.training.loop import train
 
     store = ObjectStore(S3Config.from_env(endpoint=args.endpoint, bucket=args.bucket, prefix=args.prefix))
     manifest = json.loads(Path(args.manifest).read_text())
@@ -63,7 +64,7 @@ def seed_dataset(store, n: int, work: Path, weights_sha256: str) -> Path:
 
     from components.datasets.ingest import ingest
     from components.datasets.synthetic import make_folder
-    from components.sam.embeddings import EMBEDDING_SHAPE, encode_bytes
+    from components.sam.embeddings import EMBEDDING_SHAPE, embedding_key, encode_bytes
 
     folder = make_folder(work / f"data-{n}", [f"img{i:05d}" for i in range(n)], seed=n, size=(48, 64))
     manifest = ingest(str(folder), "folder", f"bench-{n}", store, seed=0,
@@ -73,7 +74,7 @@ def seed_dataset(store, n: int, work: Path, weights_sha256: str) -> Path:
 
     def put(sha: str) -> None:
         emb = torch.from_numpy(rng.standard_normal(EMBEDDING_SHAPE, dtype=np.float32) * 0.1)
-        store.put_bytes(store.key("embeddings", weights_sha256, sha), encode_bytes(emb))
+        store.put_bytes(embedding_key(store, weights_sha256, "fp32", sha), encode_bytes(emb))  # train()'s CPU default
 
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(put, shas))

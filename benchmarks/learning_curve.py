@@ -29,7 +29,8 @@ def curve(args) -> tuple[list[dict], list[float]]:
     import torch
 
     from benchmarks.pedestrians import pedestrian_samples, random_vit_t
-    from components.training import TrainConfig, train
+    from components.training.config import TrainConfig
+    from components.training.loop import train
     from components.evaluate import score_model
     from components.hashing import sha256_file
     from components.s3server import embedded_s3

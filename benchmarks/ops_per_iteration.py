@@ -32,7 +32,9 @@ def top_level_aten_ops(events) -> int:
 def profiled_run(iterations: int, weights: Path, samples, workdir: Path) -> int:
     from torch.profiler import ProfilerActivity, profile
 
-    from components.training import TrainConfig, train
+    from components.training.config import TrainConfig
+
+    from components.training.loop import train
 
     cfg = TrainConfig(device="cpu", n_iterations=iterations, val_every=iterations, amp=True, amp_dtype="bf16",
                       checkpoint_dir=str(workdir / f"ckpt{iterations}"), resume=False, show_progress=False)

@@ -89,7 +89,8 @@ def run_ours(args) -> dict:
     import torch
 
     from benchmarks.pedestrians import pedestrian_samples
-    from components.training import Trainer, TrainConfig, prepare_items, resolve_amp
+    from components.training.config import TrainConfig, resolve_amp
+    from components.training.trainer import Trainer, prepare_items
     from components.sam.embeddings import EmbeddingCache
     from components.sam.model import build_sam
 

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from benchmarks.peer_microsam import SEED, _sync, torch_em_pair
 from benchmarks.pedestrians import pedestrian_samples
-from components.datasets.adapters import PENN_FUDAN
 from components.datasets.split import assign_splits
 from components.training.config import TrainConfig
 
@@ -33,10 +32,8 @@ SPLIT_SEED = 0  # ingest's default (`sam-pipeline run --split-seed`, the pipelin
 def seed_split(n_images: int, size: int) -> tuple[list, list]:
     """(train, val) samples as the product's ingest would split these images by default."""
     samples = pedestrian_samples(n_images, (size, size))
-    # The grouping the Penn-Fudan layout applies on ingest (FudanPed / PennPed), so both sources reach
-    # both splits; `_groups` is the one place that rule lives.
-    groups = PENN_FUDAN._groups([s.id for s in samples])
-    splits = assign_splits([(s.id, groups[s.id]) for s in samples], SPLIT_SEED)
+    # Ingest's rule: each image's split from its content hash (components/datasets/split.py).
+    splits = assign_splits([(s.id, s.image_sha256) for s in samples], SPLIT_SEED).splits
     # Membership, as the reader takes it (`reader.item_splits`): below 3 images val reuses train images.
     return [s for s in samples if "train" in splits[s.id]], [s for s in samples if "val" in splits[s.id]]
 
@@ -63,7 +60,7 @@ class _Timer:
 def run_ours(args) -> dict:
     import torch
 
-    from components.training import train
+    from components.training.loop import train
     from components.training.trainer import Trainer
 
     device = torch.device(args.device)

@@ -67,7 +67,9 @@ def run_case(args) -> dict:
     """One (mode, objects, dtype) case in this process; prints a JSON line."""
     import torch
 
-    from components.training import AmpSettings, Trainer, TrainConfig, prepare_items
+    from components.training.config import AmpSettings, TrainConfig
+
+    from components.training.trainer import Trainer, prepare_items
     from components.sam.embeddings import compute_embeddings
     from components.sam.model import build_sam
 

@@ -1,7 +1,8 @@
 """check-changes: has anything that decides the model changed since the registered champion was trained?
 
 A scheduled (nightly) run on unchanged data and settings must not retrain. What decides the model:
-  - the dataset version (its content hash: the files and how they are split),
+  - the dataset version (its content hash: the files and how they are split) and the rule that split it (said
+    apart, so a version made under another split rule reads as such: components/datasets/split.py),
   - the base weights (their sha256),
   - the training settings that shape the trajectory (`TrainConfig` minus `NOT_TRAJECTORY`). n_iterations is
     one of them: more iterations train a different model, so a run asking for more retrains.
@@ -15,15 +16,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from components.datasets.split import LEGACY_RULE
 from components.training.config import TrainConfig, trajectory_settings
 
 
-def trained_on(dataset_content_hash: str, weights_sha256: str, settings: dict) -> dict:
+def trained_on(dataset_content_hash: str, weights_sha256: str, settings: dict, split_rule: str) -> dict:
     """What a model was (or would be) trained from; `settings` are pipeline training settings (the rest of
     TrainConfig takes its defaults, as in a pipeline run)."""
     cfg = TrainConfig.from_params({k: v for k, v in settings.items() if v is not None})
-    return {"dataset_content_hash": dataset_content_hash, "weights_sha256": weights_sha256,
-            "training": trajectory_settings(cfg)}
+    return {"dataset_content_hash": dataset_content_hash, "split_rule": split_rule,
+            "weights_sha256": weights_sha256, "training": trajectory_settings(cfg)}
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,9 @@ def _differences(before: dict, now: dict) -> list[str]:
     for key, label in (("dataset_content_hash", "dataset content hash"), ("weights_sha256", "weights sha256")):
         if before.get(key) != now.get(key):
             out.append(f"{label} {str(before.get(key))[:12]} -> {str(now.get(key))[:12]}")
+    # Cards written before the rule was recorded were split by the old rule.
+    if before.get("split_rule", LEGACY_RULE) != now.get("split_rule", LEGACY_RULE):
+        out.append(f"split rule {before.get('split_rule', LEGACY_RULE)} -> {now.get('split_rule', LEGACY_RULE)}")
     old, new = before.get("training") or {}, now.get("training") or {}
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):

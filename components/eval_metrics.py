@@ -59,9 +59,34 @@ def candidate_metrics(metrics: dict, candidate: str) -> dict:
     return out
 
 
-def box_dice_line(metrics: dict) -> str:
-    """The one-line verdict every summary prints."""
+def _gain_text(metrics: dict, baseline: str) -> str | None:
+    parts = []
+    for prompt in PROMPTS:
+        key = f"gain_{prompt}_dice_vs_{baseline}"
+        if metrics.get(key) is None:
+            return None
+        parts.append(f"{prompt} {metrics[key]:+.4f} [{metrics.get(key + '_low', float('nan')):+.4f}, "
+                     f"{metrics.get(key + '_high', float('nan')):+.4f}]")
+    images = metrics.get(f"gain_vs_{baseline}_images")
+    return ", ".join(parts) + (f" ({images:g} images)" if images is not None else "")
+
+
+def verdict_lines(metrics: dict) -> list[str]:
+    """What every summary prints of an evaluation: the mean box Dice of each model, the gate's paired gains with
+    their 95 % intervals, and the verdict with its one reason (or reasons) once."""
     champion = metrics.get(CHAMPION_BOX_DICE)
-    return (f"box Dice: fine-tuned {metrics[FINETUNED_BOX_DICE]:.4f}, zero-shot {metrics[ZERO_SHOT_BOX_DICE]:.4f}"
-            + (f", champion {champion:.4f}" if champion is not None else "")
-            + f"; margin {metrics['margin']:g} -> passed={metrics['passed']}")
+    version = metrics.get("champion_version") or ""
+    line = f"box Dice: fine-tuned {metrics[FINETUNED_BOX_DICE]:.4f}, zero-shot {metrics[ZERO_SHOT_BOX_DICE]:.4f}"
+    if champion is not None:
+        line += f", champion {version} {champion:.4f}".replace("  ", " ")
+        if metrics.get("champion_excluded_images"):
+            line += (f" (on {metrics['champion_test_images']:g} of {metrics['test_images']:g} test images; "
+                     f"{metrics['champion_excluded_images']:g} left out: in its training or validation data)")
+    lines = [line]
+    for baseline, title in (("zero_shot", "zero-shot"), ("champion", f"champion {version}".strip())):
+        text = _gain_text(metrics, baseline)
+        if text:
+            lines.append(f"gain over {title}, 95 % interval: {text}")
+    verdict = metrics.get("verdict") or ("passed" if metrics.get("passed") else "not passed")
+    lines.append(f"margin {metrics.get('margin', 0):g}: {verdict}")
+    return lines

@@ -8,9 +8,10 @@ ambiguous, so of SAM's outputs 1-3 (the heads training fits for single points) i
 the highest predicted IoU, as SamPredictor users do. Per-instance Dice and IoU (higher is better) are
 computed at the original image resolution, in fp32 (training's validation too).
 
-The gate: fine-tuned box Dice > zero-shot box Dice + margin, and > champion box Dice + margin when a
-version is registered under the model name. Strictly greater: a tie (a byte-identical model scores the
-same) must not register a new version.
+The gate (components/gate.py) decides on paired per-image differences with a bootstrap interval. The champion
+is scored only on the test images it never trained or validated on (`champion_seen`: the image content hashes
+of its dataset version's train and val splits, components/card.py); zero-shot and fine-tuned are scored on the
+whole test split.
 """
 from __future__ import annotations
 
@@ -26,8 +27,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from components.coco_eval import box_prompted_ap
 from components.errors import UserError, first_line
 from components.eval_metrics import PROMPTS, STATS, CandidateScores, metric_key
+from components.gate import MIN_COMPARABLE_IMAGES, Verdict, decide
+from components.label_values import IGNORE
 from components.report import Report, overlay
 from components.sam.embeddings import EmbeddingCache
 from components.sam.metrics import dice_iou, summarize
@@ -109,8 +113,9 @@ def score_model(model, embeddings: Sequence[torch.Tensor], samples: Sequence, *,
         emb = emb.to(device)
         box_masks, _ = decode_prompts(model, emb, frame, masks_to_boxes(gt), None)
         pt_masks, _ = decode_prompts(model, emb, frame, None, centre_points(gt_t)[:, None, :])
-        box_dice, box_iou = dice_iou(box_masks, gt_t)
-        pt_dice, pt_iou = dice_iou(pt_masks, gt_t)
+        ignore = np.asarray(sample.mask) == IGNORE  # crowd regions count neither way
+        box_dice, box_iou = dice_iou(box_masks, gt_t, ignore)
+        pt_dice, pt_iou = dice_iou(pt_masks, gt_t, ignore)
         for j, inst in enumerate(ids.tolist()):
             rows.append({"image": sample.id, "instance": int(inst), "box_dice": float(box_dice[j]),
                          "box_iou": float(box_iou[j]), "point_dice": float(pt_dice[j]),
@@ -118,14 +123,6 @@ def score_model(model, embeddings: Sequence[torch.Tensor], samples: Sequence, *,
         if idx < keep_masks:
             kept[sample.id] = box_masks.numpy()
     return {"instances": rows, "masks": kept}
-
-
-def gate(finetuned: float, zero_shot: float, champion: float | None, margin: float) -> bool:
-    """Register only a model more than `margin` better than the zero-shot checkpoint and the champion
-    (strictly: at margin 0 an unchanged model ties and must not become a new version)."""
-    if not all(math.isfinite(v) for v in (finetuned, zero_shot) + ((champion,) if champion is not None else ())):
-        return False
-    return finetuned > zero_shot + margin and (champion is None or finetuned > champion + margin)
 
 
 def _aggregate(label: str, rows: list[dict]) -> dict:
@@ -146,80 +143,123 @@ def _per_image(rows: list[dict]) -> dict[str, dict]:
             for img, rs in by.items()}
 
 
+def _without(test_samples, seen: frozenset[str]):
+    """The test samples whose image is not in `seen` (content hashes), as the same kind of sequence."""
+    if hasattr(test_samples, "without"):  # a split in the store (reader.SplitRefs)
+        return test_samples.without(seen)
+    return [s for s in test_samples if s.image_sha256 not in seen]
+
+
 def evaluate(model_type: str, zero_shot_weights: str | Path, finetuned_weights: str | Path,
              test_samples: Sequence, *, champion_weights: str | Path | None = None,
-             champion_model_type: str | None = None, champion_name: str = "", margin: float = 0.0,
+             champion_model_type: str | None = None, champion_name: str = "",
+             champion_seen: frozenset[str] | None = frozenset(), margin: float = 0.0,
              device: str = "cpu", report_path: str | Path | None = None, history: dict | None = None,
-             store=None, zero_shot_sha256: str = "", refused: str | None = None) -> dict:
-    """Score every candidate on `test_samples`; returns the metrics and `passed`, writes the report.
-    `refused`: a reason registration is refused whatever the scores (the metrics and the report say it)."""
+             store=None, zero_shot_sha256: str = "", refused: tuple[str, ...] = (), champion_note: str = "") -> dict:
+    """Score every candidate on `test_samples` (the champion on those whose image is not in `champion_seen`;
+    None: what it saw is unknown, so it cannot be compared fairly); returns the metrics, the gate's intervals
+    and `passed`, writes the report. `refused`: reasons registration is refused whatever the scores."""
     from components.sam.device import resolve_device
 
     t0 = time.perf_counter()
-    streaming = hasattr(test_samples, "load")  # a split in the store (reader.SplitRefs): never all in memory
-    if streaming:
-        from components.training.data import stream_embeddings, stream_samples
-        samples = stream_samples(test_samples)
-    else:
-        samples = [s for s in test_samples if int(np.asarray(s.mask).max(initial=0)) > 0]
-    if not len(samples):
+    if not len(_annotated(test_samples)):
         raise EvaluationError("the test split has no annotated instance: nothing to evaluate")
     dev = resolve_device(device)
-    candidates = [Candidate("zero_shot", "zero-shot", Path(zero_shot_weights), model_type),
-                  Candidate("finetuned", "fine-tuned", Path(finetuned_weights), model_type)]
-    if champion_weights:
-        candidates.append(Candidate("champion", f"champion {champion_name}".strip(), Path(champion_weights),
-                                    champion_model_type or model_type))
-
-    embeddings: dict[str, list[torch.Tensor]] = {}  # by encoder fingerprint
+    title = f"champion {champion_name}".strip()
+    candidates = [(Candidate("zero_shot", "zero-shot", Path(zero_shot_weights), model_type), test_samples),
+                  (Candidate("finetuned", "fine-tuned", Path(finetuned_weights), model_type), test_samples)]
+    refused = tuple(refused)
+    if champion_weights and champion_seen is None:
+        refused += (f"{title} does not record the images it trained and validated on, so it cannot be compared "
+                    "fairly (register under a new --model-name to start a new line of versions)",)
+    elif champion_weights:
+        candidates.append((Candidate("champion", title, Path(champion_weights), champion_model_type or model_type),
+                           _without(test_samples, champion_seen)))
+    caches: dict[str, EmbeddingCache] = {}  # by encoder fingerprint: models that share it share embeddings
     results: dict[str, dict] = {}
-    keep = min(OVERLAY_IMAGES, len(samples)) if report_path else 0
-    for cand in candidates:
-        state = load_state_dict_file(cand.weights)
-        fp = encoder_fingerprint(state)
-        model = build_sam(cand.model_type, None, "cpu")
-        try:
-            load_strict(model, state, f"{cand.title} checkpoint {cand.weights}", cand.model_type)
-        except ValueError as e:
-            raise EvaluationError(str(e)) from None
-        model = model.to(dev).eval()
-        del state
-        if fp not in embeddings:
+    keep = OVERLAY_IMAGES if report_path else 0
+    for cand, subset in candidates:
+        samples = _annotated(subset)
+        if not len(samples):
+            results[cand.label] = {"instances": [], "masks": {}}
+            continue
+        model, fp = _load_candidate(cand, dev)
+        if fp not in caches:
             # The cache key must name the encoder: the zero-shot file's sha256 for its own encoder
             # (shared with finetune's cache), the fingerprint for any other.
-            key = zero_shot_sha256 if (cand.label == "zero_shot" and zero_shot_sha256) else fp
-            cache = EmbeddingCache(model, key, store)
-            embeddings[fp] = stream_embeddings(samples, cache, dev) if streaming else cache.get(samples)
-        results[cand.label] = score_model(model, embeddings[fp], samples, keep_masks=keep)
+            caches[fp] = EmbeddingCache(model, zero_shot_sha256 if cand.label == "zero_shot" and zero_shot_sha256
+                                        else fp, store)
+        embeddings = _embeddings(samples, caches[fp], dev)
+        results[cand.label] = score_model(model, embeddings, samples, keep_masks=min(keep, len(samples)))
+        results[cand.label]["coco"] = box_prompted_ap(model, embeddings, samples)  # COCO mask AP, box prompts
         del model
 
+    samples = _annotated(test_samples)
     metrics: dict = {}
     for label, res in results.items():
-        metrics.update(_aggregate(label, res["instances"]))
-    n_inst = len(results["zero_shot"]["instances"])
-    metrics.update({"test_images": len(samples), "test_instances": n_inst, "margin": float(margin),
-                    "champion_box_dice": metrics.get("champion_box_dice"),
-                    "champion_version": champion_name or None})
-    metrics["passed"] = gate(metrics["finetuned_box_dice"], metrics["zero_shot_box_dice"],
-                             metrics["champion_box_dice"], margin) and not refused
-    if refused:
-        metrics["refused"] = refused
+        if res["instances"]:
+            metrics.update(_aggregate(label, res["instances"]))
+            metrics.update({f"{label}_{k}": v for k, v in res["coco"].items()})  # e.g. finetuned_mask_ap
+    compared = len({r["image"] for r in results.get("champion", {}).get("instances", [])})
+    metrics.update({"test_images": len(samples), "test_instances": len(results["zero_shot"]["instances"]),
+                    "margin": float(margin), "champion_version": champion_name or None,
+                    "champion_box_dice": metrics.get("champion_box_dice")})
+    if "champion" in results:
+        metrics.update({"champion_test_images": compared, "champion_excluded_images": len(samples) - compared})
+    if champion_note:
+        metrics["champion_note"] = champion_note
+    verdict = decide(results["finetuned"]["instances"], results["zero_shot"]["instances"],
+                     results["champion"]["instances"] if "champion" in results else None, float(margin),
+                     champion_name=title, champion_excluded=len(samples) - compared, refused=refused)
+    metrics.update(verdict.metrics())
+    metrics["passed"] = verdict.passed
+    metrics["verdict"] = "passed" if verdict.passed else "not passed: " + "; ".join(verdict.reasons)
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
     if report_path:
-        write_report(report_path, metrics, results, samples, history, keep)
+        write_report(report_path, metrics, results, samples, history, min(keep, len(samples)), verdict)
     return metrics
 
 
-def write_report(path, metrics: dict, results: dict, samples: Sequence, history: dict | None, keep: int) -> None:
-    labels = [k for k in ("zero_shot", "finetuned", "champion") if k in results]
+def _annotated(test_samples):
+    """Evaluation's view of a split: a split in the store (reader.SplitRefs) is streamed, a window ahead;
+    in-memory samples without any instance are dropped (a SplitRefs made with annotated_only already is)."""
+    if hasattr(test_samples, "load"):
+        from components.training.data import stream_samples
+
+        return stream_samples(test_samples)
+    return [s for s in test_samples if int(np.asarray(s.mask).max(initial=0)) > 0]
+
+
+def _embeddings(samples, cache: EmbeddingCache, device):
+    if hasattr(samples, "split"):  # streamed (training.data.stream_samples)
+        from components.training.data import stream_embeddings
+
+        return stream_embeddings(samples, cache, device)
+    return cache.get(samples)
+
+
+def _load_candidate(cand: Candidate, device) -> tuple[torch.nn.Module, str]:
+    state = load_state_dict_file(cand.weights)
+    fp = encoder_fingerprint(state)
+    model = build_sam(cand.model_type, None, "cpu")
+    try:
+        load_strict(model, state, f"{cand.title} checkpoint {cand.weights}", cand.model_type)
+    except ValueError as e:
+        raise EvaluationError(str(e)) from None
+    return model.to(device).eval(), fp
+
+
+def write_report(path, metrics: dict, results: dict, samples: Sequence, history: dict | None, keep: int,
+                 verdict: Verdict) -> None:
+    labels = [k for k in ("zero_shot", "finetuned", "champion") if results.get(k, {}).get("instances")]
     titles = {"zero_shot": "zero-shot", "finetuned": "fine-tuned",
               "champion": f"champion {metrics.get('champion_version') or ''}".strip()}
     rep = Report("SAM evaluation: zero-shot vs fine-tuned")
-    verdict = "PASSED: the fine-tuned model will be registered" if metrics["passed"] else \
-        f"NOT PASSED: {metrics['refused']}" if metrics.get("refused") else \
-        "NOT PASSED: the fine-tuned model does not beat the bar and will not be registered"
-    rep.paragraph(f"{verdict} (margin {metrics['margin']:g}; {metrics['test_instances']} instances in "
+    rep.paragraph(("PASSED: the fine-tuned model will be registered" if verdict.passed else
+                   "NOT PASSED: " + "; ".join(verdict.reasons))
+                  + f" (margin {metrics['margin']:g}; {metrics['test_instances']} instances in "
                   f"{metrics['test_images']} test images; Dice and IoU per instance, higher is better).")
+    _gate_section(rep, metrics, verdict, titles)
     rep.heading("Summary")
     rows = []
     for label in labels:
@@ -244,11 +284,31 @@ def write_report(path, metrics: dict, results: dict, samples: Sequence, history:
     per = {label: _per_image(results[label]["instances"]) for label in labels}
     table = []
     for img, base in per["zero_shot"].items():
-        table.append([img, base["instances"]] + [per[label][img][k] for k in ("box_dice", "point_dice")
-                                                  for label in labels])
+        table.append([img, base["instances"]] + [per[label].get(img, {}).get(k, "left out")
+                                                  for k in ("box_dice", "point_dice") for label in labels])
     rep.table(["image", "instances"] + [f"{titles[label]} {k}" for k in ("box Dice", "point Dice")
                                         for label in labels], table, max_rows=200)
     rep.write(path)
+
+
+def _gate_section(rep: Report, metrics: dict, verdict: Verdict, titles: dict) -> None:
+    """The gate's intervals as a chart and a table, and what the champion was compared on."""
+    rep.heading("Is it better? Paired gain of the fine-tuned model, 95 % bootstrap interval over images")
+    rows = [(f"{prompt} Dice vs {titles[baseline]}", iv.mean, iv.low, iv.high)
+            for baseline, by_prompt in verdict.gains.items() for prompt, iv in by_prompt.items()]
+    rep.intervals(rows, {"0": 0.0, f"margin {metrics['margin']:g}": metrics["margin"]})
+    rep.table(["gain", "mean", "95 % low", "95 % high", "images", "instances"],
+              [[label, mean, low, high, iv.images, iv.instances] for (label, mean, low, high), iv in
+               zip(rows, [iv for by in verdict.gains.values() for iv in by.values()])])
+    rep.paragraph("Registers when the box gain's lower end is above the margin against zero-shot and the champion, "
+                  "and point prompts are not significantly worse (upper end not below 0); the champion needs at "
+                  f"least {MIN_COMPARABLE_IMAGES} test images it never saw (components/gate.py).", muted=True)
+    if "champion_test_images" in metrics:
+        rep.paragraph(f"{titles['champion']} was scored on {metrics['champion_test_images']} of "
+                      f"{metrics['test_images']} test images; {metrics['champion_excluded_images']} left out because "
+                      "they were in its training or validation data (zero-shot and fine-tuned are scored on all).")
+    if metrics.get("champion_note"):
+        rep.paragraph(metrics["champion_note"] + ".")
 
 
 def training_history(history_uri: str | None, store=None) -> dict | None:

@@ -27,14 +27,15 @@ def fetch_weights(model_type: str, url: str, sha256: str, s3_endpoint: str, buck
 
 
 def ingest_dataset(source: str, dataset_format: str, dataset_name: str, split_seed: int, verify_data: bool,
-                   s3_endpoint: str, bucket: str, prefix: str, dataset: Output[Dataset]):
+                   s3_endpoint: str, bucket: str, prefix: str, dataset: Output[Dataset], categories: str = ""):
     """Validate, split and upload a dataset version; the artifact is its manifest. `verify_data` re-hashes every
-    object already stored and repairs what is wrong (named like the pipeline parameter, as the others are)."""
+    object already stored and repairs what is wrong (named like the pipeline parameter, as the others are).
+    `categories`: COCO only, comma-separated names to keep (empty: all)."""
     from components.steps import ingest_step, publish
 
     publish(ingest_step(source=source, dataset_format=dataset_format, dataset_name=dataset_name,
                         split_seed=split_seed, s3_endpoint=s3_endpoint, bucket=bucket, prefix=prefix,
-                        out_manifest_path=dataset.path, verify=verify_data), dataset)
+                        out_manifest_path=dataset.path, verify=verify_data, categories=categories), dataset)
 
 
 def check_changes(dataset: Input[Dataset], weights_sha256: str, model_name: str, force_retrain: bool,
@@ -126,7 +127,7 @@ def register_model(model: Input[Model], weights: Input[Model], dataset: Input[Da
         model_path=model.path, metrics_json=metrics_json, model_name=model_name,
         model_registry_url=model_registry_url, run_id=run_id, s3_endpoint=s3_endpoint, bucket=bucket,
         prefix=prefix, model_metadata=dict(model.metadata), dataset_metadata=dict(dataset.metadata),
-        weights_metadata=dict(weights.metadata))
+        weights_metadata=dict(weights.metadata), manifest_path=dataset.path)
     print("registered", result["model_name"], result["version"], "at", result["model_uri"])
     outputs = NamedTuple("Outputs", [("version", str), ("model_uri", str)])
     return outputs(result["version"], result["model_uri"])

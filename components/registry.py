@@ -3,6 +3,7 @@
 Layout under the store's prefix:
     models/<name>/<version>/.claim             written first, create-only: whoever creates it owns the version
     models/<name>/<version>/model.pt           the fine-tuned state dict
+    models/<name>/<version>/<extra files>      e.g. training_data.json: the images it trained and validated on
     models/<name>/<version>/model_card.json    written after model.pt: a version is complete once its card exists
     models/<name>/latest                       {"version": ..., "model_uri": ..., "card_uri": ...}, moved last
 
@@ -19,12 +20,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.changes import trained_on
 from components.errors import UserError, first_line
-from components.eval_metrics import candidate_metrics
 from components.hashing import sha256_file
 from components.storage import ObjectStore
-from components.training.config import TrainConfig
 
 MODEL_FILE = "model.pt"
 CARD_FILE = "model_card.json"
@@ -50,7 +48,7 @@ class RegisteredVersion:
     card: dict
 
 
-def _check_name(kind: str, value: str) -> str:
+def check_name(kind: str, value: str) -> str:
     if not _NAME.match(value or "") or value == LATEST:
         raise RegistryError(f"invalid model {kind} {value!r}: use letters, digits, '.', '_', '-' "
                             f"(not {LATEST!r}), at most 128 characters")
@@ -92,7 +90,7 @@ class ObjectStoreRegistry:
 
     def _allocate(self, name: str, version: str | None) -> str:
         if version:
-            _check_name("version", version)
+            check_name("version", version)
             if version in self._taken(name) or not self._claim(name, version):
                 raise RegistryError(f"model {name!r} version {version!r} already exists at "
                                     f"{self.store.uri(self._key(name, version))}/; versions are immutable")
@@ -119,6 +117,11 @@ class ObjectStoreRegistry:
     def card(self, name: str, version: str) -> dict:
         return self.store.get_json(self._key(name, version, CARD_FILE))
 
+    def extra(self, name: str, version: str, filename: str) -> dict | None:
+        """One of the JSON files registered with a version, or None when it has none of that name."""
+        key = self._key(name, version, filename)
+        return self.store.get_json(key) if self.store.exists(key) else None
+
     def fetch(self, name: str, version: str, dest: str | Path) -> Path:
         """Download a complete version's model.pt (checked against its sha256) to dest."""
         if version == LATEST:
@@ -136,9 +139,11 @@ class ObjectStoreRegistry:
                                 f"({card['model']['sha256']})")
         return dest
 
-    def register(self, name: str, model_path: str | Path, card: dict, version: str | None = None) -> RegisteredVersion:
-        """Store model.pt, then its card, then move `latest`; refuses to touch an existing version."""
-        _check_name("name", name)
+    def register(self, name: str, model_path: str | Path, card: dict, version: str | None = None, *,
+                 extra: dict[str, dict] | None = None) -> RegisteredVersion:
+        """Store model.pt and the `extra` JSON files, then the card, then move `latest`; refuses to touch an
+        existing version."""
+        check_name("name", name)
         model_path = Path(model_path)
         if not model_path.is_file():
             raise RegistryError(f"{model_path}: no such model file to register")
@@ -156,6 +161,9 @@ class ObjectStoreRegistry:
                       "bytes": model_path.stat().st_size, "file": MODEL_FILE},
         }
         self.store.put_file(model_key, model_path, sha)
+        for filename, doc in (extra or {}).items():
+            check_name("file name", filename)
+            self.store.put_json(self._key(name, version, filename), doc)
         self.store.put_json(card_key, full_card)
         if self._may_move_latest(name, version):
             self.store.put_json(self._key(name, LATEST), {
@@ -239,52 +247,3 @@ def register_in_model_registry(url: str, registered: RegisteredVersion, *, autho
                        f"{_client_version()}; deploy the paired server: docs/kubernetes.md, Model Registry)")
         raise RegistryError(f"Kubeflow Model Registry at {url}: {detail}") from None
     return {"model_registry_url": url, "model_registry_version_id": getattr(mv, "id", None)}
-
-
-# -- the model card ---------------------------------------------------------------------------------
-
-def parse_metrics_json(text: str | dict | None, what: str = "metrics_json") -> dict:
-    if isinstance(text, dict):
-        return text
-    try:
-        value = json.loads(text or "{}")
-    except json.JSONDecodeError as e:
-        raise RegistryError(f"{what} is not valid JSON ({e.msg} at char {e.pos})") from None
-    if not isinstance(value, dict):
-        raise RegistryError(f"{what} must be a JSON object")
-    return value
-
-
-def _scalars(meta: dict) -> dict:
-    return {k: v for k, v in sorted(meta.items()) if isinstance(v, (str, int, float, bool)) and k != "display_name"}
-
-
-def build_card(metrics: dict, *, run_id: str, model_metadata: dict, dataset_metadata: dict,
-               weights_metadata: dict) -> dict:
-    """The model card: what was measured, on which data, from which weights, by which run."""
-    zero_shot = candidate_metrics(metrics, "zero_shot")
-    champion = candidate_metrics(metrics, "champion")
-    finetuned = candidate_metrics(metrics, "finetuned")
-    training = {k: v for k, v in model_metadata.items() if k not in {"history", "display_name", "config"}}
-    if isinstance(model_metadata.get("config"), dict):
-        # Read back through ML Metadata a bool is 0/1 and an int 3.0: the card states them as trained.
-        cfg = TrainConfig.from_params(model_metadata["config"])
-        training["config"] = {k: getattr(cfg, k) for k in model_metadata["config"]}
-    card = {
-        "run_id": run_id,
-        "metrics": finetuned or metrics,
-        "zero_shot": zero_shot,
-        "champion": champion or None,
-        "evaluation": {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))},
-        "dataset": _scalars(dataset_metadata),
-        "weights": _scalars(weights_metadata),
-        "training": training,
-        "model": {"model_type": model_metadata.get("model_type") or weights_metadata.get("model_type"),
-                  "format": "pytorch state_dict (segment_anything / mobile_sam Sam)"},
-    }
-    if isinstance(model_metadata.get("config"), dict):
-        # What the nightly check (components/changes.py) compares the next run with.
-        card["trained_on"] = trained_on(
-            model_metadata.get("dataset_content_hash") or dataset_metadata.get("content_hash"),
-            model_metadata.get("weights_sha256") or weights_metadata.get("sha256"), model_metadata["config"])
-    return card

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from components.label_values import instance_ids
+
 _PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
             (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
 _LINE_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
@@ -62,7 +64,7 @@ def overlay(image: np.ndarray, instances: np.ndarray | list[np.ndarray], alpha: 
     boolean masks. Where masks overlap, the later one wins."""
     out = image.astype(np.float32).copy()
     if isinstance(instances, np.ndarray) and instances.ndim == 2 and instances.dtype != bool:
-        masks = [instances == i for i in np.unique(instances) if i != 0]
+        masks = [instances == i for i in instance_ids(instances)]  # crowd (255) is not an instance
     else:
         masks = [np.asarray(m, dtype=bool) for m in instances]
     for i, mask in enumerate(masks):
@@ -144,6 +146,42 @@ def line_chart_svg(series: dict[str, tuple[list, list]], *, title: str = "", xla
     return "".join(parts)
 
 
+def interval_chart_svg(rows: list[tuple[str, float, float, float]], *, marks: dict[str, float],
+                       width: int = 560, row_height: int = 26) -> str:
+    """Inline SVG of intervals, one row each: (label, mean, low, high) as a dot on a bar, with a vertical line at
+    each of `marks` ({label: x}, e.g. 0 and the margin). Rows with a NaN are listed without a bar."""
+    finite = [r for r in rows if all(math.isfinite(v) for v in r[1:])]
+    xs = [v for r in finite for v in r[1:]] + list(marks.values())
+    ticks = _nice_ticks(min(xs), max(xs)) if xs else [0.0, 1.0]
+    left, right, top = 190, 16, 10
+    height = top + row_height * len(rows) + 34
+    pw = width - left - right
+
+    def sx(x):
+        return left + (x - ticks[0]) / ((ticks[-1] - ticks[0]) or 1) * pw
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" role="img" aria-label="gain intervals">']
+    bottom = top + row_height * len(rows)
+    for t in ticks:
+        parts.append(f'<line x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{top}" y2="{bottom}" stroke="#eee"/>'
+                     f'<text x="{sx(t):.1f}" y="{bottom + 14}" text-anchor="middle">{t:+g}</text>')
+    for i, (label, x) in enumerate(marks.items()):
+        parts.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{top}" y2="{bottom}" stroke="#999" '
+                     f'stroke-dasharray="{"4 3" if i else "none"}"/><text x="{sx(x) + 3:.1f}" y="{bottom + 28}">'
+                     f'{_esc(label)}</text>')
+    for i, (label, mean, low, high) in enumerate(rows):
+        y = top + row_height * i + row_height / 2
+        parts.append(f'<text x="{left - 8}" y="{y + 4:.1f}" text-anchor="end">{_esc(label)}</text>')
+        if all(math.isfinite(v) for v in (mean, low, high)):
+            colour = _LINE_COLOURS[i % len(_LINE_COLOURS)]
+            parts.append(f'<line x1="{sx(low):.1f}" x2="{sx(high):.1f}" y1="{y:.1f}" y2="{y:.1f}" '
+                         f'stroke="{colour}" stroke-width="3"/><circle cx="{sx(mean):.1f}" cy="{y:.1f}" r="4" '
+                         f'fill="{colour}"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def history_curves(history: dict) -> list[tuple[str, dict, str, str]]:
     """Pick loss and validation-Dice curves out of a training history of parallel lists.
 
@@ -201,6 +239,10 @@ class Report:
 
     def curves(self, title: str, series: dict[str, tuple[list, list]], xlabel: str = "", ylabel: str = "") -> "Report":
         self._body.append(line_chart_svg(series, title=title, xlabel=xlabel, ylabel=ylabel))
+        return self
+
+    def intervals(self, rows: list[tuple[str, float, float, float]], marks: dict[str, float]) -> "Report":
+        self._body.append(interval_chart_svg(rows, marks=marks))
         return self
 
     def history(self, history: dict | None) -> "Report":

@@ -104,13 +104,14 @@ def fetch_step(model_type: str, url: str, sha256: str, s3_endpoint: str, bucket:
 
 
 def ingest_step(source: str, dataset_format: str, dataset_name: str, split_seed: int, s3_endpoint: str,
-                bucket: str, prefix: str, out_manifest_path: str, verify: bool = False) -> dict:
-    """Ingest (`verify`: re-hash every stored object and repair what is wrong), write the manifest to the
-    Dataset artifact, return its metadata."""
+                bucket: str, prefix: str, out_manifest_path: str, verify: bool = False, categories: str = "") -> dict:
+    """Ingest (`verify`: re-hash every stored object and repair what is wrong; `categories`: COCO categories to
+    keep, comma-separated), write the manifest to the Dataset artifact, return its metadata."""
+    from components.datasets.coco import parse_categories
     from components.datasets.ingest import ingest
 
     result = ingest(source, dataset_format or "auto", dataset_name, connect(s3_endpoint, bucket, prefix),
-                    seed=int(split_seed), verify=bool(verify))
+                    seed=int(split_seed), verify=bool(verify), categories=parse_categories(categories))
     if verify:  # said where a person looks (a local run's console shows these lines), not only in the log
         print(f"sam-pipeline: verify-data: {result.verified} stored objects of {dataset_name} checked against "
               f"their sha256; {result.uploaded} missing or damaged re-uploaded", file=sys.stderr, flush=True)
@@ -129,10 +130,11 @@ def check_step(manifest_path: str, weights_sha256: str, model_name: str, force_r
     """Whether this run has anything new to train compared with the registered champion (components/changes.py):
     {"changed": bool, "reason": str}."""
     from components.changes import decide, trained_on
+    from components.datasets.split import split_rule
     from components.registry import ObjectStoreRegistry
 
     manifest = json.loads(Path(manifest_path).read_text())
-    now = trained_on(manifest["content_hash"], weights_sha256, settings)
+    now = trained_on(manifest["content_hash"], weights_sha256, settings, split_rule(manifest))
     decision = decide(ObjectStoreRegistry(connect(s3_endpoint, bucket, prefix)), model_name, now,
                       force=bool(force_retrain))
     print(("training: " if decision.changed else "skipping training: ") + decision.reason)
@@ -159,12 +161,12 @@ def shard_indices(shards: int) -> list[int]:
 def embed_step(weights_path: str, manifest_path: str, model_type: str, shard: int, shards: int, device: str,
                s3_endpoint: str, bucket: str, prefix: str, out_index_path: str) -> dict:
     """Compute the frozen encoder's embeddings of one shard of a dataset version's images into the store's
-    content-addressed cache (`embeddings/<weights_sha256>/<image_sha256>`), skipping those already there;
+    content-addressed cache (`embeddings/<weights_sha256>/<precision>/<image_sha256>`), skipping those already there;
     write the shard's index (its keys) and return its counts."""
     from components.datasets.reader import load_image_ref, load_manifest, shard_images
     from components.hashing import sha256_file
     from components.sam.device import resolve_device
-    from components.sam.embeddings import EmbeddingCache
+    from components.sam.embeddings import EmbeddingCache, encoder_batch
     from components.sam.model import build_sam
     from components.training.config import TrainConfig
 
@@ -175,8 +177,8 @@ def embed_step(weights_path: str, manifest_path: str, model_type: str, shard: in
     dev = resolve_device(device)
     model = build_sam(model_type, weights_path, dev) if refs else None
     # The batch finetune embeds with: the same kernels, so the same (fp16-rounded) embeddings.
-    cache = EmbeddingCache(model, weights_sha, store, batch_size=TrainConfig().embed_batch_size if dev.type == "cuda"
-                           else 1, amp=dev.type == "cuda")
+    cache = EmbeddingCache(model, weights_sha, store, batch_size=encoder_batch(dev, TrainConfig().embed_batch_size),
+                           amp=dev.type == "cuda")
     counts = cache.ensure([r["sha256"] for r in refs], lambda i: load_image_ref(store, manifest, refs[i]))
     index = {"format_version": 1, "weights_sha256": weights_sha, "dataset_content_hash": manifest["content_hash"],
              "shard": int(shard), "shards": int(shards), "keys": [cache.key(r["sha256"]) for r in refs]}
@@ -208,7 +210,8 @@ def finetune_step(weights_path: str, manifest_path: str, *, run_id: str = "", re
     user on a cluster, continues a run that was killed. A checkpoint of another run is never resumed."""
     from components.datasets.reader import SplitRefs, load_manifest
     from components.hashing import sha256_file
-    from components.training import TrainConfig, train
+    from components.training.config import TrainConfig
+    from components.training.loop import train
 
     cfg = TrainConfig.from_params(settings, checkpoint_dir=checkpoint_dir)
     cfg.validate()  # before anything is read or written: e.g. checkpoint_name must not leave checkpoint_dir
@@ -262,8 +265,10 @@ def evaluate_step(weights_path: str, model_path: str, manifest_path: str, model_
                   model_metadata: dict | None = None, allow_overlap: bool = False) -> dict:
     """Load the test split, find the champion, evaluate, write the report. `passed` (the registration gate)
     is also false when the splits overlap, unless `allow_overlap`: this is the one place of that rule."""
+    from components.card import champion_training_data
     from components.datasets.reader import SplitRefs, load_manifest
-    from components.eval_metrics import box_dice_line
+    from components.datasets.split import split_rule
+    from components.eval_metrics import verdict_lines
     from components.evaluate import EvaluationError, evaluate, training_history
     from components.hashing import sha256_file
     from components.registry import ObjectStoreRegistry
@@ -277,45 +282,66 @@ def evaluate_step(weights_path: str, model_path: str, manifest_path: str, model_
     pointer = registry.latest(model_name) if model_name else None
     history = training_history(read_metadata(model_metadata).get("history_uri"), store)
     overlap = _overlap_warning(manifest)
-    refused = None
+    refused = ()
     if overlap and not allow_overlap:
-        refused = f"{overlap}; registration refused (allow_overlap / run --allow-overlap to register)"
-        log.warning("WARNING: %s", refused)
+        refused = (f"{overlap} (allow_overlap / run --allow-overlap registers anyway)",)
     elif overlap:
         log.warning("WARNING: %s; registering anyway (allow_overlap)", overlap)
+    champion_data = None
     with tempfile.TemporaryDirectory() as tmp:
-        champion, champion_type = None, None
+        champion, champion_type, seen, note = None, None, frozenset(), ""
         if pointer is not None:
             champion = registry.fetch(model_name, pointer["version"], Path(tmp) / "champion.pt")
             champion_type = registry.card(model_name, pointer["version"]).get("model", {}).get("model_type")
+            champion_data = champion_training_data(registry, model_name, pointer["version"])
+            seen = None if champion_data is None else frozenset(champion_data["train"]) | set(champion_data["val"])
+            note = _rule_note(pointer["version"], champion_data, manifest)
             log.info("champion: %s %s (%s)", model_name, pointer["version"], pointer.get("model_uri"))
         metrics = evaluate(model_type, weights_path, model_path, test, champion_weights=champion,
-                           champion_model_type=champion_type,
-                           champion_name=pointer["version"] if pointer else "", margin=float(margin),
-                           device=device, report_path=out_report_path, history=history,
-                           store=store, zero_shot_sha256=sha256_file(weights_path), refused=refused)
-    metrics["dataset_content_hash"] = manifest.get("content_hash")
-    metrics["splits_overlap"] = bool(overlap)
-    print(box_dice_line(metrics))
-    if refused:
-        print("NOT PASSED:", refused)
+                           champion_model_type=champion_type, champion_name=pointer["version"] if pointer else "",
+                           champion_seen=seen, margin=float(margin), device=device, report_path=out_report_path,
+                           history=history, store=store, zero_shot_sha256=sha256_file(weights_path), refused=refused,
+                           champion_note=note)
+    metrics.update({"dataset_content_hash": manifest.get("content_hash"), "split_rule": split_rule(manifest),
+                    "splits_overlap": bool(overlap)})
+    if champion_data is not None:
+        # Which dataset version the champion was compared through, and whether another rule split it.
+        metrics.update({"champion_dataset_content_hash": champion_data.get("content_hash"),
+                        "champion_split_rule": champion_data.get("split_rule")})
+    for line in verdict_lines(metrics):
+        print(line)
     return metrics
+
+
+def _rule_note(version: str, champion_data: dict | None, manifest: dict) -> str:
+    """Said wherever two dataset versions split by different rules are compared (components/datasets/split.py)."""
+    from components.datasets.split import split_rule
+
+    if champion_data is None or champion_data.get("split_rule") == split_rule(manifest):
+        return ""
+    note = (f"champion {version} was trained on dataset version {str(champion_data.get('content_hash'))[:12]}, "
+            f"split by rule {champion_data.get('split_rule')}; this one is split by rule {split_rule(manifest)}: "
+            "the images it trained and validated on are left out by content, whichever rule placed them")
+    log.warning("NOTE: %s", note)
+    return note
 
 
 def register_step(model_path: str, metrics_json: str | dict, model_name: str, model_registry_url: str,
                   run_id: str, s3_endpoint: str, bucket: str, prefix: str, *, version: str = "",
                   model_metadata: dict | None = None, dataset_metadata: dict | None = None,
-                  weights_metadata: dict | None = None) -> dict:
-    """Register the fine-tuned model; returns the version, its uris and the Model Registry id if any."""
-    from components.registry import (ObjectStoreRegistry, build_card, parse_metrics_json,
-                                     register_in_model_registry)
+                  weights_metadata: dict | None = None, manifest_path: str = "") -> dict:
+    """Register the fine-tuned model with its card and, from the dataset version's manifest, the images it
+    trained and validated on (components/card.py); returns the version, its uris and the Model Registry id."""
+    from components.card import TRAINING_DATA_FILE, build_card, parse_metrics_json, training_data
+    from components.registry import ObjectStoreRegistry, register_in_model_registry
 
     metrics = parse_metrics_json(metrics_json)
     model_metadata = read_metadata(model_metadata)
     card = build_card(metrics, run_id=run_id, model_metadata=model_metadata,
                       dataset_metadata=read_metadata(dataset_metadata), weights_metadata=read_metadata(weights_metadata))
+    extra = {TRAINING_DATA_FILE: training_data(json.loads(Path(manifest_path).read_text()))} if manifest_path else {}
     registered = ObjectStoreRegistry(connect(s3_endpoint, bucket, prefix)).register(model_name, model_path, card,
-                                                                                    version or None)
+                                                                                    version or None, extra=extra)
     result = {"model_name": registered.name, "version": registered.version, "model_uri": registered.model_uri,
               "card_uri": registered.card_uri, "sha256": registered.card["model"]["sha256"]}
     if model_registry_url:

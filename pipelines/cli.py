@@ -1,4 +1,4 @@
-"""`sam-pipeline`: compile | run | submit | schedule | upload | fetch-weights | ingest.
+"""`sam-pipeline`: compile | run | submit | schedule | upload | fetch-weights | ingest | predict.
 
 A user-facing error (`components.errors.UserError`) ends the command with one line `sam-pipeline: error: ...`
 (or one line per problem) and a non-zero exit; any other exception is a bug and keeps its traceback.
@@ -31,7 +31,9 @@ class CLIError(UserError):
 
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", HelpFormatter)  # subcommands' parsers too
+        # Every parser, subcommands' too, and those asking for RawDescriptionHelpFormatter (predict's epilog):
+        # HelpFormatter keeps descriptions and epilogs as written and adds each flag's default.
+        kwargs["formatter_class"] = HelpFormatter
         super().__init__(*args, **kwargs)
 
     def error(self, message):  # one line instead of usage + error
@@ -69,14 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_run(sub) -> None:
     """`run`: the seed's flags, data and evaluation, the store, where outputs go."""
+    from components.datasets.adapters import FORMATS
     from pipelines.sam_finetune import PENN_FUDAN_URL
 
     p = sub.add_parser("run", help="run the whole pipeline here (kfp.local + an S3 server on 127.0.0.1)")
     _add_seed_flags(p)
     g = p.add_argument_group("data and evaluation")
     g.add_argument("--dataset-source", default=PENN_FUDAN_URL, help="URL, zip, folder or s3:// uri")
-    g.add_argument("--dataset-format", default="auto", choices=("auto", "penn-fudan", "folder"),
+    g.add_argument("--dataset-format", default="auto", choices=FORMATS,
                    help="folder: images/<stem>.png + masks/<stem>.png; auto tells them apart")
+    g.add_argument("--dataset-categories", default="", help="COCO: keep only these categories (comma-separated)")
     g.add_argument("--dataset-name", default=None,
                    help="name in the store (default: after the source: penn-fudan for Penn-Fudan, else the "
                         "folder's or zip's name)")
@@ -160,7 +164,9 @@ def _add_cluster_commands(sub) -> None:
 
 
 def _add_step_commands(sub) -> None:
-    """`fetch-weights` and `ingest`: one step alone."""
+    """`fetch-weights` and `ingest`: one step alone; `predict` (pipelines/cli_predict.py)."""
+    from components.datasets.adapters import FORMATS
+    from pipelines import cli_predict
     from components.training.config import TrainConfig
     from pipelines.sam_finetune import PENN_FUDAN_URL
 
@@ -174,8 +180,10 @@ def _add_step_commands(sub) -> None:
 
     p = sub.add_parser("ingest", help="run the ingest-dataset step alone; prints a JSON summary")
     p.add_argument("--source", default=PENN_FUDAN_URL, help="URL, zip, folder or s3:// uri")
-    p.add_argument("--format", dest="dataset_format", default="auto", choices=("auto", "penn-fudan", "folder"),
+    p.add_argument("--format", "--dataset-format", dest="dataset_format", default="auto", choices=FORMATS,
                    help="folder: images/<stem>.png + masks/<stem>.png; auto tells them apart")
+    p.add_argument("--categories", help="COCO: keep only these categories (comma-separated names)")
+    p.add_argument("--keep-empty", action="store_true", help="COCO: keep images without an instance")
     p.add_argument("--name", dest="dataset_name", default=None,
                    help="name in the store (default: after the source, as `run` names it)")
     p.add_argument("--split-seed", type=int, default=0, help="seeds the train/val/test split")
@@ -184,6 +192,7 @@ def _add_step_commands(sub) -> None:
                         "what is missing or damaged (a plain re-run trusts the committed manifest)")
     _add_store_flags(p, local_default=False)
     p.set_defaults(func=cmd_ingest)
+    cli_predict.add_parser(sub, _add_store_flags)
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -324,6 +333,7 @@ def cmd_fetch_weights(args) -> int:
 
 
 def cmd_ingest(args) -> int:
+    from components.datasets.coco import parse_categories
     from components.datasets.ingest import ingest
     from components.datasets.sources import name_from_source
 
@@ -338,7 +348,7 @@ def cmd_ingest(args) -> int:
                   file=sys.stderr)
         name = args.dataset_name or name_from_source(args.source, args.dataset_format)
         result = ingest(args.source, args.dataset_format, name, store, seed=args.split_seed,
-                        verify=args.verify)
+                        verify=args.verify, categories=parse_categories(args.categories), keep_empty=args.keep_empty)
         print(json.dumps(result.to_json(), indent=2, sort_keys=True))
     return 0
 

@@ -55,7 +55,7 @@ def _usage(name: str):
     return parse
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Every flag's help ends with its default; a default of None, False or "" (a flag that is off, a
     setting whose help says what happens without it) would only add noise and is left out."""
 

@@ -79,9 +79,9 @@ def gate_verdicts(run_dir: Path | None) -> dict[str, tuple[bool | None, str]]:
         return {}
     check = _read_outputs(run_dir / "check-changes").get("parameters", {})
     ev = _read_outputs(run_dir / "evaluate").get("parameters", {})
-    refused = json.loads(ev.get("metrics_json") or "{}").get("refused")
+    verdict = json.loads(ev.get("metrics_json") or "{}").get("verdict") or "not passed"
     return {"check-changes": (check.get("changed"), check.get("reason") or "nothing changed"),
-            "evaluate": (ev.get("passed"), refused or "the fine-tuned model did not beat the bar")}
+            "evaluate": (ev.get("passed"), verdict)}
 
 
 def _read_fan_out(graph: dict, name: str, run_dir: Path) -> dict:

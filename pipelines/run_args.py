@@ -25,7 +25,8 @@ def run_params(args) -> dict:
 
     return {
         **{name: getattr(args, name) for name in PIPELINE_SETTINGS}, "dataset_source": args.dataset_source,
-        "dataset_format": args.dataset_format, "dataset_name": args.dataset_name,
+        "dataset_format": args.dataset_format, "dataset_categories": args.dataset_categories or "",
+        "dataset_name": args.dataset_name,
         "weights_url": args.weights_url, "weights_sha256": args.weights_sha256, "bucket": args.bucket,
         "prefix": args.prefix, "margin": args.margin, "model_name": args.model_name,
         "model_registry_url": args.model_registry_url, "verify_data": args.verify_data,
@@ -64,7 +65,7 @@ def validate_run_params(params: dict, flag=run_flag) -> None:
     import math
 
     from components.datasets.ingest import check_name as check_dataset_name
-    from components.registry import _check_name as check_model_name
+    from components.registry import check_name as check_model_name
     from components.storage import check_bucket
     from components.training.config import TrainConfig
 
@@ -205,17 +206,18 @@ def failure_problems(summary: dict) -> list[str]:
 
 def print_summary(summary: dict, *, margin: float, model_name: str, summary_json: Path | None, out=None) -> None:
     """What a person reads at the end of a run: task states and times, the verdict, where things are."""
-    from components.eval_metrics import FINETUNED_BOX_DICE, box_dice_line
+    from components.eval_metrics import FINETUNED_BOX_DICE, verdict_lines
 
     out = out or sys.stdout
     print("\n== sam-pipeline run ==", file=out)
     for name, info in summary["tasks"].items():
         secs = f" {info['seconds']:.1f}s" if "seconds" in info else ""
         print(f"  {name:<15} {info['state']}{secs}", file=out)
-    if FINETUNED_BOX_DICE in summary.get("metrics", {}):
+    evaluated = FINETUNED_BOX_DICE in summary.get("metrics", {})
+    if evaluated:
         # The run's own margin and verdict stand in for an evaluation that did not record them.
-        print(f"  {box_dice_line({'margin': margin, 'passed': summary.get('passed'), **summary['metrics']})}",
-              file=out)
+        for line in verdict_lines({"margin": margin, "passed": summary.get("passed"), **summary["metrics"]}):
+            print(f"  {line}", file=out)
     for name, path in summary.get("checkpoints", {}).items():
         print(f"  checkpoint {name}: {path}", file=out)
     for task, path in summary.get("reports", {}).items():
@@ -231,9 +233,12 @@ def print_summary(summary: dict, *, margin: float, model_name: str, summary_json
     elif summary.get("skipped"):
         print(f"  skipped: {summary['skipped']} (--force retrains anyway)", file=out)
     elif summary["tasks"]["register-model"]["state"] == "SKIPPED":
-        print(f"  register-model skipped: {summary['tasks']['register-model']['reason']}", file=out)
+        # The verdict above already says why: the reason is said once.
+        print("  register-model skipped" + ("" if evaluated else f": {summary['tasks']['register-model']['reason']}"),
+              file=out)
     for warning in summary.get("warnings", []):
-        print(f"  WARNING: {warning}", file=out)
+        if not (evaluated and summary["metrics"].get("splits_overlap")):  # the verdict names the overlap
+            print(f"  WARNING: {warning}", file=out)
     print(f"  full log: {summary['log']}", file=out)
     if summary_json:
         print(f"  summary: {summary_json}", file=out)

@@ -85,6 +85,7 @@ def build_pipeline(placement: Placement | None = None):
         val_every: int = _TRAIN.val_every,
         dataset_source: str = PENN_FUDAN_URL,
         dataset_format: str = "auto",
+        dataset_categories: str = "",
         dataset_name: str = "penn-fudan",
         split_seed: int = 0,
         weights_url: str = "",
@@ -108,7 +109,7 @@ def build_pipeline(placement: Placement | None = None):
 
         dataset = c.ingest_dataset(source=dataset_source, dataset_format=dataset_format,
                                    dataset_name=dataset_name, split_seed=split_seed, verify_data=verify_data,
-                                   **store)
+                                   categories=dataset_categories, **store)
         # Not cached, although its output is content-addressed: the cache key is the source string, so a
         # scheduled run reading a fixed s3:// drop folder would never see new data. Ingest hashes first and
         # uploads nothing when the content is unchanged, so running it every time costs seconds.

@@ -47,7 +47,8 @@ def test_under_kfp_without_a_visible_driver(monkeypatch, tmp_path):
 
 def test_finetune_under_kfp_fails_before_training(monkeypatch, tmp_path):
     """The training entry point uses the same helper: no model is built, nothing is written."""
-    from components.training import TrainConfig, train
+    from components.training.config import TrainConfig
+    from components.training.loop import train
 
     monkeypatch.setenv("KFP_POD_NAME", "p")
     cfg = TrainConfig(device="cuda", checkpoint_dir=str(tmp_path / "ck"), show_progress=False)

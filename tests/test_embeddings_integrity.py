@@ -20,7 +20,7 @@ def test_damaged_embedding_object_is_recomputed_with_a_warning(store, random_vit
     model = build_sam("vit_t", weights)
     (sample,) = make_samples(1, seed=3, size=(64, 80))
     good = EmbeddingCache(model, weights_sha, store).get([sample])[0]
-    key = store.key("embeddings", weights_sha, image_key(sample))
+    key = EmbeddingCache(model, weights_sha, store).key(image_key(sample))
     recorded = store.stat(key).sha256
     # Bit rot that still decodes: a well-formed tensor of the right shape, full of NaN, under the
     # original object's recorded sha256. Unchecked, it would turn training into NaN.
@@ -59,3 +59,20 @@ def test_embedding_on_cpu_leaves_the_model_as_it_was():
     with pytest.raises(RuntimeError), _conv_layout(model.image_encoder, torch.device("cpu")):
         raise RuntimeError("an encoder failure")
     assert all(v.stride() == before[k][1] for k, v in model.state_dict().items())
+
+
+def test_embeddings_of_another_precision_never_share_a_key(store, random_vit_t, monkeypatch):
+    """fp32, bf16 and fp16 encoders give different bytes (and bf16 embeddings train worse): the precision is in
+    the key, so a bf16 embedding never stands in for an fp32 one."""
+    from components.sam import embeddings
+
+    model = build_sam("vit_t", random_vit_t[0])
+    assert embeddings.encoder_precision(torch.device("cuda"), None) == "fp16"
+    assert embeddings.encoder_precision(torch.device("cuda"), False) == "fp32"
+    assert embeddings.encoder_precision(torch.device("cpu"), None) == "fp32"
+    monkeypatch.setattr(embeddings, "cpu_has_native_bf16", lambda: False)  # bf16 emulated: AMP stays fp32
+    keys = {EmbeddingCache(model, random_vit_t[1], store, amp=amp).key("a" * 64) for amp in (None, False, True)}
+    monkeypatch.setattr(embeddings, "cpu_has_native_bf16", lambda: True)  # a CPU with AMX / AVX512-BF16
+    bf16 = EmbeddingCache(model, random_vit_t[1], store, amp=True)
+    assert bf16.precision == "bf16" and bf16.key("a" * 64) not in keys and len(keys) == 1
+    assert bf16.key("a" * 64).endswith(f"/embeddings/{random_vit_t[1]}/bf16/{'a' * 64}")

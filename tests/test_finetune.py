@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from components.datasets.synthetic import make_samples
-from components.training import TrainConfig, Trainer, prepare_items, resolve_amp, train
+from components.training.config import TrainConfig, resolve_amp
+from components.training.loop import train
+from components.training.trainer import Trainer, prepare_items
 from components.sam.embeddings import EmbeddingCache, decode_bytes, image_key
 from components.sam.model import build_sam, decode, load_trainable_state_dict
 
@@ -48,7 +50,7 @@ def test_embedding_cache_round_trips_through_the_store(emb_store, random_vit_t, 
     cache = EmbeddingCache(model, random_vit_t[1], emb_store)
     got = cache.get(samples[:2] + samples[:1])
     assert cache.stats == {"memory": 1, "store": 2, "computed": 0, "encode_seconds": 0.0}
-    key = emb_store.key("embeddings", random_vit_t[1], image_key(samples[0]))
+    key = cache.key(image_key(samples[0]))
     raw = emb_store.get_bytes(key)
     assert len(raw) < 256 * 64 * 64 * 2 + 4096  # stored as fp16
     torch.testing.assert_close(decode_bytes(raw), got[0])

@@ -8,12 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from components.changes import decide, trained_on
-from components.registry import ObjectStoreRegistry, build_card
+from components.card import build_card
+from components.changes import decide
+from components.changes import trained_on as _trained_on
+from components.datasets.split import LEGACY_RULE, SPLIT_RULE
+from components.registry import ObjectStoreRegistry
 
 SETTINGS = {"debug_with_one_example": True, "checkpoint_name": "a", "model_type": "vit_t", "batch_size": 1,
             "n_objects_per_batch": 4, "device": "cpu", "n_iterations": 3, "n_sub_iteration": 2, "lr": 1e-5,
             "seed": 0, "val_every": 3}
+
+
+def trained_on(content_hash: str, weights: str, settings: dict, rule: str = SPLIT_RULE) -> dict:
+    return _trained_on(content_hash, weights, settings, rule)
 
 
 def _register(store, tmp_path, settings: dict, *, content_hash="d" * 64, weights="w" * 64) -> str:
@@ -26,7 +33,8 @@ def _register(store, tmp_path, settings: dict, *, content_hash="d" * 64, weights
     card = build_card({"finetuned_box_dice": 0.5, "zero_shot_box_dice": 0.4}, run_id="r1",
                       model_metadata={"config": from_mlmd, "dataset_content_hash": content_hash,
                                       "weights_sha256": weights, "model_type": "vit_t"},
-                      dataset_metadata={"content_hash": content_hash}, weights_metadata={"sha256": weights})
+                      dataset_metadata={"content_hash": content_hash, "split_rule": SPLIT_RULE},
+                      weights_metadata={"sha256": weights})
     return ObjectStoreRegistry(store).register("m", model, card).version
 
 
@@ -46,7 +54,10 @@ def test_unchanged_inputs_skip_and_any_change_that_shapes_the_model_trains(store
     for now, expected in ((trained_on("e" * 64, "w" * 64, SETTINGS), "dataset content hash dddddddddddd -> eeee"),
                           (trained_on("d" * 64, "x" * 64, SETTINGS), "weights sha256 wwwwwwwwwwww -> xxxx"),
                           (trained_on("d" * 64, "w" * 64, {**SETTINGS, "n_iterations": 4}), "n_iterations 3 -> 4"),
-                          (trained_on("d" * 64, "w" * 64, {**SETTINGS, "lr": 2e-5}), "lr 1e-05 -> 2e-05")):
+                          (trained_on("d" * 64, "w" * 64, {**SETTINGS, "lr": 2e-5}), "lr 1e-05 -> 2e-05"),
+                          # A dataset version made under another split rule says so.
+                          (trained_on("d" * 64, "w" * 64, SETTINGS, LEGACY_RULE),
+                           f"split rule {SPLIT_RULE} -> {LEGACY_RULE}")):
         decision = decide(reg, "m", now)
         assert decision.changed and decision.reason.startswith("changed since m v1: "), decision.reason
         assert expected in decision.reason
@@ -137,16 +148,21 @@ def test_nightly_runs_register_then_skip_then_train_on_changed_data(sources, htt
                       "register-model": "SKIPPED"}
     assert summary["tasks"]["check-changes"]["parameters"]["reason"].startswith(
         "changed since sam-nightly v1: dataset content hash")
-    assert "registration refused" in summary["tasks"]["register-model"]["reason"]
+    verdict = summary["metrics"]["verdict"]
+    assert verdict.startswith("not passed: the splits of one overlap") and verdict in summary["tasks"][
+        "register-model"]["reason"]
+    # One test image cannot be compared with v1 either: both reasons, each said once.
+    assert "only 1 test image(s) can be compared with champion v1" in verdict
     assert summary["passed"] is False and summary["metrics"]["splits_overlap"] is True
-    assert "WARNING: the splits of one overlap" in out
+    assert out.count("the splits of one overlap") == 1 and "WARNING" not in out
     # The evaluation report gives the same verdict as the gate, with the reason.
     assert "NOT PASSED: the splits of one overlap" in Path(summary["reports"]["evaluate"]).read_text()
     assert ObjectStoreRegistry(store).versions("sam-nightly") == ["v1"]
 
-    summary, states, _ = run(*one, "--allow-overlap")
+    # --allow-overlap lifts the overlap refusal; a new line of versions has no champion to compare with.
+    summary, states, _ = run(*one, "--allow-overlap", "--model-name", "sam-one")
     assert states == dict.fromkeys(("check-changes", *STAGES), "SUCCEEDED")
-    assert summary["registered"]["version"] == "v2"
+    assert summary["registered"]["version"] == "v1"
 
 
 def test_run_flags_become_pipeline_parameters():

@@ -56,7 +56,12 @@ def test_run_end_to_end_then_gate_skips_register(pipeline_sources, http_server, 
     assert {"best", "latest"} <= set(summary["checkpoints"])
     assert (tmp_path / "checkpoints" / "sam_instance_seg" / "best.pt").is_file()
     html = (tmp_path / summary["reports"]["evaluate"]).read_text()
-    assert "data:image/png;base64," in html and "<svg" in html
+    assert "data:image/png;base64," in html and "<svg" in html and "95 % bootstrap interval" in html
+    # The gate's intervals: on the KFP Metrics artifact (what the UI shows), in the summary and on the card.
+    logged = summary["tasks"]["evaluate"]["artifacts"]["metrics"]["metadata"]
+    for key in ("gain_box_dice_vs_zero_shot", "gain_point_dice_vs_zero_shot"):
+        assert logged[f"{key}_low"] <= logged[key] <= logged[f"{key}_high"] and logged[key] == m[key]
+    assert "gain over zero-shot, 95 % interval: box " in log and "margin -1: passed" in log
 
     # The registered version loads with the official MobileSAM builder.
     from mobile_sam import sam_model_registry
@@ -70,6 +75,11 @@ def test_run_end_to_end_then_gate_skips_register(pipeline_sources, http_server, 
     assert card["training"]["config"]["n_iterations"] == 3 and card["training"]["config"]["device"] == "cpu"
     assert card["zero_shot"]["box_dice"] == m["zero_shot_box_dice"]
     assert card["metrics"]["box_dice"] == m["finetuned_box_dice"]
+    assert card["gate"]["gain_box_dice_vs_zero_shot_low"] == m["gain_box_dice_vs_zero_shot_low"]
+    assert card["trained_on"]["split_rule"] == summary["dataset"]["split_rule"]
+    # What the champion may never be scored on: its dataset version's train and val images, by content.
+    seen = reg.extra("sam-e2e", "v1", "training_data.json")
+    assert seen["content_hash"] == summary["dataset"]["content_hash"] and seen["train"] and seen["val"]
     path = reg.fetch("sam-e2e", "latest", tmp_path / "registered.pt")
     sam_model_registry["vit_t"](checkpoint=str(path))
 

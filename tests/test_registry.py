@@ -9,7 +9,8 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from components.registry import ObjectStoreRegistry, RegistryError, build_card
+from components.card import build_card
+from components.registry import ObjectStoreRegistry, RegistryError
 from components.steps import register_step
 from helpers import JSONHandler
 

@@ -7,7 +7,7 @@ import math
 import pytest
 from kfp_launcher_rules import check_executor_output, check_run
 
-from components.registry import build_card
+from components.card import build_card
 from components.steps import artifact_metadata, publish, read_metadata
 
 

@@ -9,7 +9,9 @@ from dataclasses import replace
 
 import pytest
 
-from components.training import TrainConfig, train
+from components.training.config import TrainConfig
+
+from components.training.loop import train
 from components.training.data import StreamingItems
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

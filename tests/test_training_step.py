@@ -10,7 +10,8 @@ import torch
 
 from components.datasets.synthetic import make_samples
 from components.sam.model import build_sam
-from components.training import TrainConfig, Trainer, prepare_items, resolve_amp
+from components.training.config import TrainConfig, resolve_amp
+from components.training.trainer import Trainer, prepare_items
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

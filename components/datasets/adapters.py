@@ -20,6 +20,10 @@ class Pair:
     group: str
     image_path: Path
     mask_path: Path
+    # Set when the mask was rendered from annotations (COCO): where they are ("<json>: image id N (<file>)"),
+    # and the category of instances 1..N.
+    annotated_in: str = ""
+    categories: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -49,8 +53,9 @@ class Layout:
                 return c
         return None
 
-    def pairs(self, top: Path) -> tuple[list[Pair], list[str]]:
-        """Pairs and layout problems (each naming its file relative to `top`)."""
+    def pairs(self, top: Path, work: Path | None = None) -> tuple[list[Pair], list[str]]:
+        """Pairs and layout problems (each naming its file relative to `top`); `work` is unused (the
+        COCO adapter renders its masks there)."""
         root = self.find_root(top)
         if root is None:
             return [], [f"expected {self.expected()}; found {_listing(top)}"]
@@ -82,19 +87,22 @@ class Layout:
         for name in sorted(set(mask_files) - claimed):
             problems.append(f"{_rel(mask_files[name], top)}: mask without image "
                             f"(no {self.images_dir}/<stem>.png for it)")
-        groups = self._groups([stem for stem, _, _ in found])
+        groups = group_by_prefix([stem for stem, _, _ in found], self.always_group_by_prefix)
         return [Pair(stem, groups[stem], img, mask) for stem, img, mask in found], problems
 
-    def _groups(self, stems: list[str]) -> dict[str, str]:
-        prefix = {s: (m.group(0) if (m := re.match(r"[A-Za-z]+", s)) else "") for s in stems}
-        if self.always_group_by_prefix:
-            return prefix
-        sizes: dict[str, int] = {}
-        for g in prefix.values():
-            sizes[g] = sizes.get(g, 0) + 1
-        if len(sizes) > 1 and all(n >= _MIN_GROUP for n in sizes.values()) and "" not in sizes:
-            return prefix
-        return {s: "all" for s in stems}
+
+def group_by_prefix(stems: list[str], always: bool = False) -> dict[str, str]:
+    """Split groups: the letters an id starts with ("FudanPed00001" -> "FudanPed"), when every such group
+    is large enough to reach all three splits (or `always`); otherwise one group, "all"."""
+    prefix = {s: (m.group(0) if (m := re.match(r"[A-Za-z]+", s)) else "") for s in stems}
+    if always:
+        return prefix
+    sizes: dict[str, int] = {}
+    for g in prefix.values():
+        sizes[g] = sizes.get(g, 0) + 1
+    if len(sizes) > 1 and all(n >= _MIN_GROUP for n in sizes.values()) and "" not in sizes:
+        return prefix
+    return {s: "all" for s in stems}
 
 
 PENN_FUDAN = Layout("penn-fudan", "PNGImages", "PedMasks", ("_mask",), root_name="PennFudanPed",
@@ -104,18 +112,28 @@ LAYOUTS = {layout.name: layout for layout in (PENN_FUDAN, FOLDER)}
 ALIASES = {"pennfudan": "penn-fudan", "penn_fudan": "penn-fudan", "images-masks": "folder"}
 
 
-def get_layout(fmt: str, top: Path) -> tuple[Layout | None, list[str]]:
-    """The layout for `fmt` ("auto" tries Penn-Fudan first), or None and the problem."""
+FORMATS = ("auto", *LAYOUTS, "coco")
+
+
+def get_layout(fmt: str, top: Path, *, categories: list[str] | None = None,
+               keep_empty: bool = False):
+    """The layout for `fmt` ("auto" tries Penn-Fudan, then images+masks, then COCO), or None and the
+    problem. `categories` and `keep_empty` are the COCO adapter's options (an error for the others)."""
+    from components.datasets.coco import CocoLayout
+
     fmt = ALIASES.get(fmt.lower(), fmt.lower())
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown dataset format {fmt!r}; choose {', '.join(FORMATS)}")
+    coco = CocoLayout(categories, keep_empty)
+    chosen = coco if fmt == "coco" else LAYOUTS.get(fmt)
     if fmt == "auto":
-        for layout in LAYOUTS.values():
-            if layout.find_root(top) is not None:
-                return layout, []
-        return None, ["not a known dataset layout: expected " +
-                      " or ".join(f"[{lay.expected()}]" for lay in LAYOUTS.values()) + f"; found {_listing(top)}"]
-    if fmt not in LAYOUTS:
-        raise ValueError(f"unknown dataset format {fmt!r}; choose auto, {', '.join(LAYOUTS)}")
-    return LAYOUTS[fmt], []
+        chosen = next((lay for lay in (*LAYOUTS.values(), coco) if lay.find_root(top) is not None), None)
+        if chosen is None:
+            return None, ["not a known dataset layout: expected " + " or ".join(
+                f"[{lay.expected()}]" for lay in (*LAYOUTS.values(), coco)) + f"; found {_listing(top)}"]
+    if chosen is not coco and (categories or keep_empty):
+        return None, [f"{chosen.name} layout: --categories and --keep-empty apply to COCO datasets only"]
+    return chosen, []
 
 
 def _entries(folder: Path) -> list[Path]:

@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from components.datasets.adapters import get_layout
-from components.datasets.sources import clean_stale_work_dirs, open_source
-from components.datasets.split import SPLITS, assign_splits, check_fractions, content_hash, overlapping
+from components.datasets.sources import WORK_PREFIX, clean_stale_work_dirs, open_source
+from components.datasets.split import (SPLIT_RULE, SPLITS, assign_splits, check_fractions, content_hash, overlapping,
+                                       split_rule)
 from components.datasets.validate import DatasetError, Item, validate
 from components.errors import UserError
+from components.label_values import IGNORE
 from components.storage import ObjectStore, S3Config, StorageError
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
@@ -49,31 +53,44 @@ class Prepared:
     seed: int
     fractions: dict[str, float]
     content_hash: str
+    filled: dict[str, list[str]] = field(default_factory=dict)  # split -> ids moved there (split.py)
+    categories: list[dict] | None = None  # the category table of a layout that names them (COCO)
 
 
 @contextlib.contextmanager
 def prepare(source: str, fmt: str = "auto", *, store: ObjectStore | None = None, seed: int = 0,
             fractions: dict | None = None, cache_dir: Path | None = None, workers: int = 4,
-            max_pixels: int | None = None) -> Iterator[Prepared]:
+            max_pixels: int | None = None, categories: list[str] | None = None,
+            keep_empty: bool = False) -> Iterator[Prepared]:
     """Fetch, validate and split a dataset; the files stay readable inside the `with` block, and a
-    downloaded zip enters the data cache only when the block ends without an error."""
+    downloaded zip enters the data cache only when the block ends without an error.
+    categories, keep_empty: COCO only: the categories to keep (default all), and whether images with no
+    instance are kept (default dropped)."""
     fractions = check_fractions(fractions)
-    with open_source(source, store, cache_dir) as local:
-        layout, problems = get_layout(fmt, local.root)
+    with open_source(source, store, cache_dir) as local, \
+            tempfile.TemporaryDirectory(prefix=f"{WORK_PREFIX}{os.getpid()}-") as work:
+        layout, problems = get_layout(fmt, local.root, categories=categories, keep_empty=keep_empty)
         pairs = []
         if layout is not None:
-            pairs, problems = layout.pairs(local.root)
+            # Masks rendered from annotations (COCO) go to `work`, removed with it.
+            pairs, problems = layout.pairs(local.root, Path(work))
         items = validate(pairs, local.root, local.label, problems, workers=workers, max_pixels=max_pixels)
-        splits = assign_splits([(it.id, it.group) for it in items], seed, fractions)
+        assignment = assign_splits([(it.id, it.image_sha256) for it in items], seed, fractions)
         for it in items:
-            it.splits = splits[it.id]
+            it.splits = assignment.splits[it.id]
             it.split = it.splits[0]
         items.sort(key=lambda it: it.id)
         files = [(f"images/{it.image_path.name}", it.image_sha256) for it in items]
         files += [(f"masks/{it.mask_path.name}", it.mask_sha256) for it in items]
+        table = getattr(layout, "categories", None)
+        # Categories are not in the mask files: the hash must cover them, or a relabelled dataset would
+        # find the old manifest committed under the same hash.
+        labels = None if table is None else {
+            "categories": table, "items": {it.id: list(it.categories or ()) for it in items}}
         # Only a run that gets through (validated and, for ingest, committed) fills the data cache: open_source
         # moves a downloaded zip there when this block ends without an error.
-        yield Prepared(str(source), layout.name, items, seed, fractions, content_hash(files, seed, fractions))
+        yield Prepared(str(source), layout.name, items, seed, fractions, content_hash(files, seed, fractions, labels),
+                       assignment.filled, table)
 
 
 def split_totals(items: list[dict]) -> dict:
@@ -97,13 +114,16 @@ def build_manifest(prep: Prepared, name: str, store: ObjectStore) -> dict:
         }
         if len(it.splits) > 1:
             entry["splits"] = it.splits
+        if it.categories is not None:
+            entry["categories"] = list(it.categories)  # of instances 1..N
         items.append(entry)
+    extra = {} if prep.categories is None else {"categories": prep.categories, "ignore_id": IGNORE}
     return {
         "format_version": 1, "name": name, "content_hash": prep.content_hash, "source": prep.source,
         "layout": prep.layout, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "bucket": store.config.bucket, "root": root,
-        "split": {"seed": prep.seed, "fractions": prep.fractions, "stratify": "group"},
-        "items": items, "totals": split_totals(items), "splits_overlap": bool(overlapping(items)),
+        "split": {"rule": SPLIT_RULE, "seed": prep.seed, "fractions": prep.fractions, "filled": prep.filled},
+        "items": items, "totals": split_totals(items), "splits_overlap": bool(overlapping(items)), **extra,
     }
 
 
@@ -122,7 +142,8 @@ class IngestResult:
         totals = self.manifest["totals"]
         out = {"dataset": self.name, "dataset_uri": self.dataset_uri, "manifest_uri": self.manifest_uri,
                "content_hash": self.content_hash, "images": totals["images"], "instances": totals["instances"],
-               "splits": totals["splits"], "uploaded": self.uploaded, "skipped": self.skipped}
+               "splits": totals["splits"], "split_rule": split_rule(self.manifest), "uploaded": self.uploaded,
+               "skipped": self.skipped}
         if self.verified is not None:
             out["verified"] = self.verified
         # From the items, not the manifest's own flag: manifests committed before the flag existed lack it.
@@ -132,17 +153,18 @@ class IngestResult:
 
 def ingest(source: str, fmt: str = "auto", name: str = "penn-fudan", store: ObjectStore | None = None,
            seed: int = 0, fractions: dict | None = None, *, workers: int = 8,
-           cache_dir: Path | None = None, verify: bool = False, max_pixels: int | None = None) -> IngestResult:
+           cache_dir: Path | None = None, verify: bool = False, max_pixels: int | None = None,
+           categories: list[str] | None = None, keep_empty: bool = False) -> IngestResult:
     """Validate `source` completely, then upload what is missing and commit the manifest.
 
     verify: re-check every object of an existing manifest against its sha256 (download and hash) and
     re-upload what is wrong. max_pixels: the largest image accepted (default: SAM_MAX_IMAGE_PIXELS or
-    100 megapixels)."""
+    100 megapixels). categories, keep_empty: COCO options (see `prepare`)."""
     check_name(name)
     store = store or ObjectStore(S3Config.from_env())
     clean_stale_work_dirs()
     with prepare(source, fmt, store=store, seed=seed, fractions=fractions, cache_dir=cache_dir,
-                 max_pixels=max_pixels) as prep:
+                 max_pixels=max_pixels, categories=categories, keep_empty=keep_empty) as prep:
         manifest_key = store.key("datasets", name, prep.content_hash, "manifest.json")
         n_objects = 2 * len(prep.items)
         manifest = None

@@ -114,6 +114,12 @@ class SplitRefs:
     def __len__(self) -> int:
         return len(self.items)
 
+    def without(self, image_shas: frozenset[str]) -> "SplitRefs":
+        """The same split less the items whose image content hash is in `image_shas`."""
+        out = object.__new__(SplitRefs)
+        out.__dict__.update(self.__dict__, items=[it for it in self.items if it["image"]["sha256"] not in image_shas])
+        return out
+
     def image_sha256(self, i: int) -> str:
         return self.items[i]["image"]["sha256"]
 

@@ -13,6 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from components.datasets.adapters import Pair, _rel
 from components.errors import UserError, first_line
 from components.hashing import sha256_file
+from components.label_values import IGNORE, instance_ids
 
 # Modes PIL turns into RGB faithfully; 16-bit and float images would be silently mangled.
 _RGB_READABLE = {"RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr"}
@@ -89,6 +90,7 @@ class Item:
     width: int
     height: int
     instances: int
+    categories: tuple[str, ...] | None = None  # per instance 1..N, for layouts that name them (COCO)
     split: str = ""
     splits: list[str] = field(default_factory=list)
 
@@ -117,16 +119,13 @@ def check_pair(pair: Pair, top: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> t
                                 "with 0 = background and 1..N = instances")
             else:
                 values = np.unique(np.asarray(m))
-                instances = int((values != 0).sum())
-                if instances == 0:
-                    problems.append(f"{mask_name}: mask has no instance (every pixel is 0 = background)")
-                elif values[0] != 0:
-                    # An all-foreground mask is almost always an inverted one (255 = background).
-                    problems.append(f"{mask_name}: mask has no background pixel (0 = background); "
-                                    "is it inverted?")
+                instances = len(instance_ids(values))
+                if not pair.annotated_in:  # rendered masks may be empty or all object: the adapter decided
+                    problems += _mask_content_problems(mask_name, values, instances)
             if size is not None and m.size != size:
-                problems.append(f"{img_name}: image is {size[0]}x{size[1]} but its mask {mask_name} "
-                                f"is {m.size[0]}x{m.size[1]}")
+                problems.append(f"{img_name}: image is {size[0]}x{size[1]} but "
+                                + (f"{pair.annotated_in} says {m.size[0]}x{m.size[1]}" if pair.annotated_in
+                                   else f"its mask {mask_name} is {m.size[0]}x{m.size[1]}"))
     except _TooLarge as e:
         problems.append(str(e))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
@@ -136,7 +135,19 @@ def check_pair(pair: Pair, top: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> t
     return Item(pair.id, pair.group, pair.image_path, pair.mask_path,
                 sha256_file(pair.image_path), sha256_file(pair.mask_path),
                 pair.image_path.stat().st_size, pair.mask_path.stat().st_size,
-                size[0], size[1], instances), []
+                size[0], size[1], instances, pair.categories if pair.annotated_in else None), []
+
+
+def _mask_content_problems(mask_name: str, values: np.ndarray, instances: int) -> list[str]:
+    if values[0] != 0:
+        # An all-foreground mask is almost always an inverted one (255 = background).
+        return [f"{mask_name}: mask has no background pixel (0 = background); is it inverted?"]
+    if instances == 0 and IGNORE in values:
+        return [f"{mask_name}: mask has no instance, only 0 = background and {IGNORE} = ignore; a binary "
+                f"mask must mark its object with 1 ({IGNORE} is reserved for regions to leave out)"]
+    if instances == 0:
+        return [f"{mask_name}: mask has no instance (every pixel is 0 = background)"]
+    return []
 
 
 def validate(pairs: list[Pair], top: Path, source: str, problems: list[str] | None = None,

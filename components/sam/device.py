@@ -81,3 +81,11 @@ def resolve_device(name: str, *, notice: bool = True) -> torch.device:
         warnings.warn(f"device {name!r} requested but CUDA is not available; running on cpu", stacklevel=2)
         log.warning("CUDA is not available; falling back to cpu")
     return torch.device("cpu")
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`. On CUDA through pinned memory with a non-blocking copy, so the copy overlaps
+    the kernels already queued and Python goes on queueing the next ones."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

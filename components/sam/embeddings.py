@@ -1,7 +1,9 @@
 """Image embeddings of the frozen encoder, computed once per (weights, image) and cached.
 
-The cache key is `embeddings/<weights_sha>/<image_sha>` in the object store, so a retried, re-run or
-scheduled pipeline skips the encoder when neither the checkpoint nor the image changed. Each object
+The cache key is `embeddings/<weights_sha>/<precision>/<image_sha>` in the object store, so a retried, re-run
+or scheduled pipeline skips the encoder when neither the checkpoint, the image nor the precision the encoder
+ran in changed (fp32, bf16 and fp16 encoders give different bytes, and bf16 embeddings measurably train worse:
+they must never stand in for fp32 ones). Each object
 carries its sha256 (as every object the store writes does) and is checked on read: a damaged or
 unreadable one is recomputed with a warning and written again, never trained on. Objects are
 fp16 tensors (half the bytes). In memory they are float32, but always rounded through fp16 first:
@@ -68,14 +70,31 @@ def cpu_has_native_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def _autocast(device: torch.device, amp: bool):
-    # The encoder is frozen and its output is stored in fp16 anyway, so reduced precision costs little:
-    # fp16 on CUDA; bf16 on a CPU with native bf16 (about 3x faster than fp32 for TinyViT there).
+def encoder_precision(device: torch.device, amp: bool | None) -> str:
+    """The precision the encoder runs in: fp16 on CUDA with AMP (the default there); bf16 on a CPU with native
+    bf16 when AMP is asked for (about 3x faster than fp32 for TinyViT there); fp32 otherwise."""
+    amp = device.type == "cuda" if amp is None else amp
     if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
+        return "fp16"
     if amp and device.type == "cpu" and cpu_has_native_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
+        return "bf16"
+    return "fp32"
+
+
+def _autocast(precision: str, device: torch.device):
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def encoder_batch(device: torch.device, configured: int) -> int:
+    """Images per encoder call: the configured batch on CUDA; one on a CPU, where TinyViT is faster one image at a
+    time (measured: 2 images took 2.8 s at batch 1, 4.0 s at batch 2)."""
+    return max(1, int(configured)) if device.type == "cuda" else 1
+
+
+def embedding_key(store, weights_sha256: str, precision: str, image_sha256: str) -> str:
+    """Where the embedding of one image under one encoder and precision lives in the store."""
+    return store.key("embeddings", weights_sha256, precision, image_sha256)
 
 
 @contextmanager
@@ -102,7 +121,7 @@ def compute_embeddings(model: nn.Module, images: Sequence[np.ndarray], *, batch_
     Resize and normalise run in a thread pool (PIL and torch release the GIL) while the encoder works;
     on CUDA the batch goes through pinned memory with a non-blocking copy."""
     device = next(model.parameters()).device
-    amp = device.type == "cuda" if amp is None else amp
+    precision = encoder_precision(device, amp)
     batch_size = max(1, batch_size)
     out = []
     starts = range(0, len(images), batch_size)
@@ -119,7 +138,7 @@ def compute_embeddings(model: nn.Module, images: Sequence[np.ndarray], *, batch_
                 batch = batch.pin_memory().to(device, non_blocking=True)
             else:
                 batch = batch.to(device, memory_format=torch.channels_last)
-            with _autocast(device, amp):
+            with _autocast(precision, device):
                 emb = model.image_encoder(batch)
             out.append(emb.to(torch.float16).float().contiguous())
     if not out:
@@ -139,16 +158,49 @@ class EmbeddingCache:
         self.store = store
         self.batch_size = batch_size
         self.amp = amp
+        device = next(model.parameters()).device if model is not None else torch.device("cpu")
+        self.precision = encoder_precision(device, amp)
         self._memory: dict[str, torch.Tensor] = {}
         self.stats = {"memory": 0, "store": 0, "computed": 0, "encode_seconds": 0.0}
 
     def key(self, image_sha: str) -> str:
-        return self.store.key("embeddings", self.weights_sha256, image_sha)
+        return embedding_key(self.store, self.weights_sha256, self.precision, image_sha)
 
     def from_store(self, sha: str) -> torch.Tensor | None:
-        """The stored embedding of one image (CPU float32), or None when absent or damaged; not kept in
-        memory (the streaming readers hold only what their prefetch window allows)."""
-        return self._from_store(sha)
+        """The stored embedding of one image (CPU float32), or None when absent or damaged (recomputed by the
+        caller, with a warning here); not kept in memory (the streaming readers hold only what their prefetch
+        window allows)."""
+        if self.store is None:
+            return None
+        key = self.key(sha)
+        if self.store.stat(key) is None:
+            return None
+        try:
+            return decode_bytes(self.store.get_bytes(key), what=self.store.uri(key))
+        except (IntegrityError, ValueError) as e:
+            log.warning("recomputing a damaged cached embedding: %s", e)
+            return None
+
+    def stored_or_computed(self, sha: str, image_of: Callable[[], np.ndarray], what: str) -> torch.Tensor:
+        """One image's embedding from the store; recomputed (and stored again) if it went missing or was damaged
+        after `ensure()` checked for it."""
+        emb = self.from_store(sha)
+        if emb is None:
+            log.warning("embedding of %s missing from the store; computing it", what)
+            emb = self._compute_and_store([(sha, image_of())])[0].cpu()
+        return emb
+
+    def _compute_and_store(self, pending: list[tuple[str, np.ndarray]]) -> torch.Tensor:
+        """The one place the encoder runs for the cache: embeddings of (sha, image) pairs, each written to the
+        store (when there is one) as soon as its batch is done, so a pod killed mid-way keeps what it made."""
+        t0 = time.perf_counter()
+        embs = compute_embeddings(self.model, [im for _, im in pending], batch_size=self.batch_size, amp=self.amp)
+        self.stats["encode_seconds"] += time.perf_counter() - t0
+        self.stats["computed"] += len(pending)
+        if self.store is not None:
+            for (sha, _), emb in zip(pending, embs):
+                self.store.put_bytes(self.key(sha), encode_bytes(emb))
+        return embs
 
     def ensure(self, shas: Sequence[str], image_of: Callable[[int], np.ndarray]) -> dict:
         """Make sure the store holds the embedding of every image (`image_of(i)` loads the i-th), computing
@@ -162,17 +214,10 @@ class EmbeddingCache:
 
         def flush():
             nonlocal computed
-            if not pending:
-                return
-            t0 = time.perf_counter()
-            embs = compute_embeddings(self.model, [im for _, im in pending], batch_size=self.batch_size,
-                                      amp=self.amp)
-            self.stats["encode_seconds"] += time.perf_counter() - t0
-            for (sha, _), emb in zip(pending, embs):
-                self.store.put_bytes(self.key(sha), encode_bytes(emb))
-            computed += len(pending)
-            self.stats["computed"] += len(pending)
-            pending.clear()
+            if pending:
+                self._compute_and_store(pending)
+                computed += len(pending)
+                pending.clear()
 
         for i, sha in enumerate(shas):
             if sha in seen:
@@ -192,18 +237,6 @@ class EmbeddingCache:
         # A stat is enough for the embed step's skip; a damaged object is caught (and recomputed) on read.
         return self.store.stat(self.key(sha)) is not None
 
-    def _from_store(self, sha: str) -> torch.Tensor | None:
-        if self.store is None:
-            return None
-        key = self.key(sha)
-        if self.store.stat(key) is None:
-            return None
-        try:
-            return decode_bytes(self.store.get_bytes(key), what=self.store.uri(key))
-        except (IntegrityError, ValueError) as e:
-            log.warning("recomputing a damaged cached embedding: %s", e)
-            return None
-
     def get(self, samples: Sequence) -> list[torch.Tensor]:
         """One (256, 64, 64) float32 embedding per sample (objects with .image and .image_sha256)."""
         device = next(self.model.parameters()).device
@@ -215,23 +248,15 @@ class EmbeddingCache:
                 continue
             if sha in missing:
                 continue
-            emb = self._from_store(sha)
+            emb = self.from_store(sha)
             if emb is not None:
                 self._memory[sha] = emb.to(device)
                 self.stats["store"] += 1
             else:
                 missing[sha] = s.image
         items = list(missing.items())
-        # Chunk by batch so a pod killed mid-way keeps what it already uploaded.
         for start in range(0, len(items), max(1, self.batch_size)):
             chunk = items[start:start + self.batch_size]
-            t0 = time.perf_counter()
-            embs = compute_embeddings(self.model, [im for _, im in chunk], batch_size=self.batch_size,
-                                      amp=self.amp)
-            self.stats["encode_seconds"] += time.perf_counter() - t0
-            self.stats["computed"] += len(chunk)
-            for (sha, _), emb in zip(chunk, embs):
+            for (sha, _), emb in zip(chunk, self._compute_and_store(chunk)):
                 self._memory[sha] = emb
-                if self.store is not None:
-                    self.store.put_bytes(self.key(sha), encode_bytes(emb))
         return [self._memory[sha] for sha in shas]

@@ -44,8 +44,8 @@ def sam_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor,
 
 
 def multi_output_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
-                      ambiguous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """All four outputs (N, 4, H, W), (N, 4) against (N, H, W) targets -> ((N,) loss, (N, 4) Dice loss).
+                      ambiguous: torch.Tensor) -> torch.Tensor:
+    """All four outputs (N, 4, H, W), (N, 4) against (N, H, W) targets -> (N,) loss.
 
     Unambiguous prompts: Dice + IoU-MSE of output 0. A single point (ambiguous): the Dice loss of the
     best of outputs 1-3 (SAM's recipe: only the mask closest to the truth is pushed, so the three heads
@@ -55,4 +55,4 @@ def multi_output_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torc
     mse = (iou_pred.float() - actual_iou(logits, target.unsqueeze(1), valid.unsqueeze(1))) ** 2
     single = dice[:, 0] + mse[:, 0]
     multi = dice[:, MULTIMASK].amin(dim=1) + mse[:, MULTIMASK].mean(dim=1)
-    return torch.where(ambiguous, multi, single), dice.detach()
+    return torch.where(ambiguous, multi, single)

@@ -5,12 +5,16 @@ import numpy as np
 import torch
 
 
-def dice_iou(pred, gt) -> tuple[torch.Tensor, torch.Tensor]:
+def dice_iou(pred, gt, ignore=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, H, W) binary prediction and ground truth -> ((N,) Dice, (N,) IoU) as float64.
 
-    An object with both masks empty scores 1.0 (nothing to find, nothing found).
+    An object with both masks empty scores 1.0 (nothing to find, nothing found). `ignore` (H, W): pixels
+    that count neither way (crowd regions, label_values.IGNORE): a prediction spilling there is no error.
     """
-    pred = torch.as_tensor(pred).bool().flatten(1)
+    pred = torch.as_tensor(pred).bool()
+    if ignore is not None:
+        pred = pred & ~torch.as_tensor(np.asarray(ignore)).bool()
+    pred = pred.flatten(1)
     gt = torch.as_tensor(gt).bool().flatten(1)
     if pred.shape != gt.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and ground truth {tuple(gt.shape)} differ in shape")

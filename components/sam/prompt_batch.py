@@ -108,16 +108,14 @@ def decode_groups(model: nn.Module, embeddings: torch.Tensor, image_index: torch
     return low, iou
 
 
-def choose_output(iou_pred: torch.Tensor, ambiguous: torch.Tensor, loss: torch.Tensor | None = None
-                  ) -> torch.Tensor:
-    """(N, 4) predicted IoU, (N,) ambiguous -> (N,) index of the output each object is scored on.
+def choose_output(iou_pred: torch.Tensor, ambiguous: torch.Tensor) -> torch.Tensor:
+    """(N, 4) predicted IoU, (N,) ambiguous -> (N,) index of the output an object is taken as.
 
-    Unambiguous prompts: output 0. Ambiguous ones: among outputs 1-3, the lowest `loss` (N, 4) when the
-    ground truth is known (training, as in SAM's recipe and micro-sam), otherwise the highest predicted
-    IoU (inference, as SamPredictor users do); training also fits the IoU head on all three, which is
-    what makes the inference choice meaningful."""
-    score = -loss[:, MULTIMASK] if loss is not None else iou_pred[:, MULTIMASK]
-    best = score.argmax(dim=1) + MULTIMASK.start
+    Unambiguous prompts: output 0. Ambiguous ones: among outputs 1-3, the highest predicted IoU, as SamPredictor
+    users do at inference. Training's next prompting round builds on the same choice (micro-sam's trainer does
+    too, `SamTrainer._get_best_masks`), so the corrective clicks it learns from are the ones a user would give
+    after seeing that mask; the loss itself still pushes the best of the three (losses.multi_output_loss)."""
+    best = iou_pred[:, MULTIMASK].argmax(dim=1) + MULTIMASK.start
     return torch.where(ambiguous, best, torch.zeros_like(best))
 
 

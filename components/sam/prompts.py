@@ -10,14 +10,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from components.label_values import instance_ids
+
 
 def instance_masks(label_mask: np.ndarray, ids=None) -> tuple[np.ndarray, np.ndarray]:
-    """HxW instance-id mask (0 = background) -> (ids, N x H x W bool masks), ids ascending."""
+    """HxW instance-id mask (0 = background, 255 = ignore) -> (ids, N x H x W bool masks), ids ascending."""
     if label_mask.ndim != 2:
         raise ValueError(f"expected an HxW instance mask, got shape {label_mask.shape}")
     if ids is None:
-        ids = np.unique(label_mask)
-        ids = ids[ids != 0]
+        ids = instance_ids(label_mask)
     ids = np.asarray(ids)
     return ids, label_mask[None, :, :] == ids[:, None, None]
 

@@ -1,16 +1,3 @@
-"""Fine-tuning SAM: settings (config), one iteration and validation (trainer), checkpoints, and the loop.
-
-Names resolve on first use so that `components.training.config` (TrainConfig) imports without torch.
-"""
-from importlib import import_module
-
-_WHERE = {"TrainConfig": "config", "AmpSettings": "config", "resolve_amp": "config",
-          "Item": "trainer", "Trainer": "trainer", "prepare_items": "trainer",
-          "TrainResult": "loop", "train": "loop"}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
+"""Fine-tuning SAM: settings (config.py, torch-free: the CLI and the light register-model image read it), one
+iteration and validation (trainer.py), checkpoints (checkpoints.py), the stream of items (data.py) and the loop
+(loop.py). Import what you need from its module."""

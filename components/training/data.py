@@ -17,7 +17,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from components.sam.embeddings import EmbeddingCache, compute_embeddings, encode_bytes
+from components.sam.device import to_device
+from components.sam.embeddings import EmbeddingCache
 from components.training.trainer import Item, prepare_items
 
 log = logging.getLogger(__name__)
@@ -101,31 +102,13 @@ class StreamingItems:
         self._recent.clear()
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        # Pinned host memory lets the copy run asynchronously, overlapping the current iteration.
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def _stored_or_computed(cache: EmbeddingCache, sample) -> torch.Tensor:
-    """The sample's embedding from the store; recomputed (and stored again) if it went missing or was
-    damaged after `ensure()` checked for it, as `EmbeddingCache.get` does."""
-    emb = cache.from_store(sample.image_sha256)
-    if emb is None:
-        log.warning("embedding of %s missing from the store; computing it", sample.id)
-        emb = compute_embeddings(cache.model, [sample.image], batch_size=1, amp=cache.amp)[0].cpu()
-        cache.store.put_bytes(cache.key(sample.image_sha256), encode_bytes(emb))
-    return emb
-
-
 def split_loader(split, cache: EmbeddingCache, device: torch.device) -> Callable[[int], Item]:
     """`load(i)` for a `reader.SplitRefs`: image and mask from the store's local copy, embedding from the
     store (recomputed by the frozen encoder, as `EmbeddingCache.get` would, if it went missing or damaged)."""
     def load(i: int) -> Item:
         sample = split.load(i)
-        emb = _stored_or_computed(cache, sample)
-        items = prepare_items([sample], [_to_device(emb, device)], device)
+        emb = cache.stored_or_computed(sample.image_sha256, lambda: sample.image, sample.id)
+        items = prepare_items([sample], [to_device(emb, device)], device)
         if not items:
             raise ValueError(f"sample {sample.id} has no instance although the manifest counts some")
         return items[0]
@@ -164,7 +147,7 @@ def stream_embeddings(samples: _Samples, cache: EmbeddingCache, device: torch.de
     cache.ensure([split.image_sha256(i) for i in range(len(split))], lambda i: split.load(i).image)
 
     def load(i: int) -> torch.Tensor:
-        emb = cache.from_store(split.image_sha256(i))
-        return _to_device(emb if emb is not None else _stored_or_computed(cache, split.load(i)), device)
+        return to_device(cache.stored_or_computed(split.image_sha256(i), lambda: split.load(i).image,
+                                                  split.items[i]["id"]), device)
 
     return StreamingItems(len(split), load, **kwargs)

@@ -27,6 +27,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from components.label_values import IGNORE
+from components.sam.device import to_device
 from components.sam.losses import multi_output_loss
 from components.sam.metrics import dice_iou
 from components.sam.model import decode, load_trainable_state_dict, set_trainable, trainable_state_dict, \
@@ -54,6 +56,7 @@ class Item:
     target_low: torch.Tensor  # (K, 256, 256) soft targets in the logits' frame, 0 in the padding
     valid: torch.Tensor  # (256, 256) bool: the part of the logits that maps back onto the image
     masks: torch.Tensor  # (K, H, W) bool at original size (metrics)
+    ignore: torch.Tensor | None = None  # (H, W) bool: crowd regions (label_values.IGNORE), scored neither way
 
 
 def prepare_items(samples: Sequence, embeddings: list[torch.Tensor], device: torch.device) -> list[Item]:
@@ -71,10 +74,16 @@ def prepare_items(samples: Sequence, embeddings: list[torch.Tensor], device: tor
         frame = Frame.for_size(*mask.shape)
         masks_t = torch.from_numpy(masks)
         target, valid = masks_to_low_res(masks_t, frame)
+        ignore = torch.from_numpy(mask == IGNORE) if (mask == IGNORE).any() else None
+        if ignore is not None:
+            # A low-res pixel touching a crowd region is left out of the loss (and of corrective clicks):
+            # its target says neither object nor background.
+            valid = valid & ~(masks_to_low_res(ignore[None], frame)[0][0] > 0)
+            target = target * valid
         items.append(Item(
             id=s.id, frame=frame, embedding=emb, boxes=masks_to_boxes(masks),
             flat_idx=[np.flatnonzero(m) for m in masks],
-            target_low=target.to(device), valid=valid.to(device), masks=masks_t,
+            target_low=target.to(device), valid=valid.to(device), masks=masks_t, ignore=ignore,
         ))
     return items
 
@@ -207,22 +216,17 @@ class Trainer:
                      valid=valids[0] if one else torch.cat(valids))
 
     def _t(self, a: np.ndarray, dtype=torch.float32) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
-        if self.device.type == "cuda":
-            # Pinned memory makes the copy asynchronous, so Python can queue the next kernels meanwhile.
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
+        return to_device(torch.from_numpy(np.ascontiguousarray(a)).to(dtype), self.device)
 
     # one iteration ----------------------------------------------------------------------------
     def round_loss(self, b: Batch, coords: torch.Tensor, labels: torch.Tensor, mask_input: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One prompting round, one decoder call: ((N,) loss per object, (N, 4, 256, 256) logits, (N,) the
-        output each object was scored on, which is also what the next round builds on)."""
+        output the next round builds on: the one inference would pick, see prompt_batch.choose_output)."""
         ambiguous = is_ambiguous(labels)
         with self.amp.autocast(self.device):
             low, iou = decode_groups(self.model, b.embeddings, b.image_index, coords, labels, mask_input, b.groups)
-        per_obj, dice = multi_output_loss(low, iou, b.target, b.valid, ambiguous)
-        return per_obj, low, choose_output(iou.detach(), ambiguous, dice)
+        return multi_output_loss(low, iou, b.target, b.valid, ambiguous), low, choose_output(iou.detach(), ambiguous)
 
     def corrections(self, b: Batch, coords: torch.Tensor, labels: torch.Tensor, chosen: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -287,7 +291,7 @@ class Trainer:
         for item in self.val_items:
             for start in range(0, len(item.boxes), chunk):
                 d = decode(self.model, item.embedding, item.frame, boxes=item.boxes[start:start + chunk])
-                dice, iou = dice_iou(d.masks[:, 0].cpu(), item.masks[start:start + chunk])
+                dice, iou = dice_iou(d.masks[:, 0].cpu(), item.masks[start:start + chunk], item.ignore)
                 dices.append(dice)
                 ious.append(iou)
         dice = torch.cat(dices) if dices else torch.zeros(0)
