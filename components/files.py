@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from components.errors import UserError
+
 
 class Discard(Exception):
     """Raised inside `atomic_path` to drop what was written without replacing the target (and without an
@@ -37,3 +39,32 @@ def atomic_path(path: str | Path, suffix: str = "", tag: str = "part") -> Iterat
         pass
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class UnwritableError(UserError):
+    """A folder this program must write to cannot be written to."""
+
+
+def writable_dir(path: str | Path, what: str, fix: str, *, create: bool = True) -> Path:
+    """`path` created if needed (`create=False`: its nearest existing folder, left as it is) and proven
+    writable (a file created and removed in it), or one line naming the folder, why it cannot be written,
+    what needs it and the setting that moves it (`fix`). Being root does not help on a read-only filesystem
+    or where a file stands in for the folder."""
+    path = Path(path).absolute()
+    probe_in = path
+    try:
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        else:  # a check before anything starts: write nothing that stays
+            while not probe_in.exists() and probe_in != probe_in.parent:
+                probe_in = probe_in.parent
+            if not probe_in.is_dir():
+                raise NotADirectoryError(f"{probe_in} is a file")
+        probe = unique_temp(probe_in / "write-test", tag="probe")
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        bad = probe_in if not create else path
+        reason = "a file, not a folder" if bad.exists() and not bad.is_dir() else (e.strerror or str(e))
+        raise UnwritableError(f"cannot write to {bad} ({reason}): {what}; {fix}") from None
+    return path

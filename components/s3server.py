@@ -21,23 +21,36 @@ from components.storage import S3Config
 ANON_KEYS = ("sam-local", "sam-local-secret")
 WATCHDOG_SECONDS = 1.0
 
-# The server process: moto's server plus a watchdog thread that ends it when its parent is gone. A SIGKILLed
-# parent runs no cleanup; without this, each killed `sam-pipeline run` left a 150-300 MB server behind. The
-# watchdog compares getppid() with the pid it was started under (a dead parent's children are re-parented),
-# so it works where PR_SET_PDEATHSIG does not exist; on Linux the kernel's signal (see `_die_with_parent`)
-# is the faster of the two. Self-contained on purpose: the child imports nothing of this package.
+# The server process: moto's server plus a watchdog thread that ends it when nobody needs it any more. A
+# SIGKILLed parent runs no cleanup; without this, each killed `sam-pipeline run` left a 150-300 MB server behind.
+# "pid:<parent>": the server belongs to one process; the watchdog compares getppid() with it (a dead parent's
+# children are re-parented), so it works where PR_SET_PDEATHSIG does not exist; on Linux the kernel's signal
+# (see `_die_with_parent`) is the faster of the two. "lease:<file>": the server is shared by the runs of one
+# working folder (pipelines/local_store.py); each holds a shared flock on the file while it runs, and the kernel
+# drops a killed run's lock, so the server ends once it can take the lock exclusively. Self-contained on
+# purpose: the child imports nothing of this package.
 _SERVER = """
-import os, sys, threading, time
-parent, every = int(sys.argv[1]), float(sys.argv[2])
-def watch():
+import fcntl, os, sys, threading, time
+owner, every = sys.argv[1], float(sys.argv[2])
+def watch_parent(parent):
     while os.getppid() == parent:
         time.sleep(every)
     os._exit(0)
-threading.Thread(target=watch, daemon=True, name="parent-watchdog").start()
+def watch_lease(path):
+    with open(path, "a") as lease:
+        while True:
+            time.sleep(every)
+            try:
+                fcntl.flock(lease, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue
+            os._exit(0)  # still holding the lock: a run arriving now waits, then starts a new server
+kind, _, arg = owner.partition(":")
+target = watch_parent if kind == "pid" else watch_lease
+threading.Thread(target=target, args=(int(arg) if kind == "pid" else arg,), daemon=True, name="watchdog").start()
 from moto.server import main
 main(sys.argv[3:])
 """
-
 
 def _die_with_parent():
     """A preexec_fn asking Linux to SIGTERM the child when the thread that started it dies (prctl(2),
@@ -86,35 +99,68 @@ def _create_user(url: str) -> tuple[str, str]:
     return key["AccessKeyId"], key["SecretAccessKey"]
 
 
-@contextlib.contextmanager
-def embedded_s3(auth: bool = False, *, bucket: str = "mlpipeline", prefix: str = "sam-pipeline/",
-                log_path: str | None = None) -> Iterator[S3Config]:
-    """Start moto's S3 server on 127.0.0.1:<free port>; yield a config that reaches it."""
-    port = free_port()
+def _server_env(auth: bool) -> dict:
     env = dict(os.environ)
     # A run's stores must not leak into each other through AWS settings of the host.
     for var in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
         env.pop(var, None)
     if auth:
         env["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    # Own session: a Ctrl-C in the terminal reaches the run, which then stops the server in order.
+    return env
+
+
+def start_server(owner: str, *, auth: bool = False, log=subprocess.DEVNULL) -> tuple[subprocess.Popen, str]:
+    """Start a server owned by `owner` ("pid:<pid>" or "lease:<file>", see `_SERVER`); (process, url) once it
+    answers. Own session: a Ctrl-C in the terminal reaches the run, which then stops the server in order. A
+    lease-owned server must outlive the run that started it, so it does not get the parent-death signal."""
+    port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-c", _SERVER, str(os.getpid()), str(WATCHDOG_SECONDS), "-H", "127.0.0.1", "-p", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent())
+        [sys.executable, "-c", _SERVER, owner, str(WATCHDOG_SECONDS), "-H", "127.0.0.1", "-p", str(port)],
+        env=_server_env(auth), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=_die_with_parent() if owner.startswith("pid:") else None)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_until_up(url, proc)
-        access, secret = _create_user(url) if auth else ANON_KEYS
-        yield S3Config(endpoint=f"127.0.0.1:{port}", bucket=bucket, prefix=prefix,
-                       access_key=access, secret_key=secret, secure=False, region="us-east-1")
-    finally:
-        proc.terminate()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, url
+
+
+def is_up(endpoint: str) -> bool:
+    """Whether a server of ours answers at host:port."""
+    try:
+        urllib.request.urlopen(f"http://{endpoint}/moto-api/", timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def local_config(endpoint: str, *, bucket: str = "mlpipeline", prefix: str = "sam-pipeline/",
+                 keys: tuple[str, str] = ANON_KEYS) -> S3Config:
+    return S3Config(endpoint=endpoint, bucket=bucket, prefix=prefix, access_key=keys[0], secret_key=keys[1],
+                    secure=False, region="us-east-1")
+
+
+@contextlib.contextmanager
+def embedded_s3(auth: bool = False, *, bucket: str = "mlpipeline", prefix: str = "sam-pipeline/",
+                log_path: str | None = None) -> Iterator[S3Config]:
+    """Start moto's S3 server on 127.0.0.1:<free port> for this process; yield a config that reaches it."""
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    try:
+        proc, url = start_server(f"pid:{os.getpid()}", auth=auth, log=log)
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            keys = _create_user(url) if auth else ANON_KEYS
+            yield local_config(url.removeprefix("http://"), bucket=bucket, prefix=prefix, keys=keys)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    finally:
         if log is not subprocess.DEVNULL:
             log.close()
 

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -112,6 +113,9 @@ def ingest_step(source: str, dataset_format: str, dataset_name: str, split_seed:
 
     result = ingest(source, dataset_format or "auto", dataset_name, connect(s3_endpoint, bucket, prefix),
                     seed=int(split_seed), verify=bool(verify), categories=parse_categories(categories))
+    if verify:  # said where a person looks (a local run's console shows these lines), not only in the log
+        print(f"sam-pipeline: verify-data: {result.verified} stored objects of {dataset_name} checked against "
+              f"their sha256; {result.uploaded} missing or damaged re-uploaded", file=sys.stderr, flush=True)
     out = Path(out_manifest_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result.manifest, indent=2, sort_keys=True))

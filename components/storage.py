@@ -10,6 +10,7 @@ import io
 import json
 import os
 import random
+import sys
 import time
 import urllib3
 from xml.etree.ElementTree import ParseError
@@ -36,6 +37,17 @@ class StorageError(UserError, RuntimeError):
 
 class IntegrityError(StorageError):
     """An object whose bytes no longer match the sha256 recorded when it was written."""
+
+
+def _refused(e: BaseException) -> bool:
+    """Whether nothing listens at the endpoint (ECONNREFUSED anywhere in urllib3's chain of reasons)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ConnectionRefusedError):
+            return True
+        e = getattr(e, "reason", None) or e.__cause__ or e.__context__
+    return False
 
 
 def _status_of(e: Exception) -> int:
@@ -149,10 +161,11 @@ class ObjectStore:
     # -- retries and error translation ---------------------------------------------------------
     def _call(self, what: str, fn, *args, **kwargs):
         """The one retry mechanism: throttling, 5xx, non-S3 answers and connection errors are retried
-        with jittered exponential backoff; what is still failing after `retries` becomes one line."""
-        delay = 0.5
+        with jittered exponential backoff; what is still failing after `retries` becomes one line. A
+        refused connection (nothing listens there) is retried once only, and the first retry of each
+        call is said at once on stderr (the run's console shows it), not only after every retry failed."""
+        delay, limit = 0.5, self.retries
         for attempt in range(self.retries + 1):
-            last = attempt == self.retries
             try:
                 return fn(*args, **kwargs)
             except S3Error as e:
@@ -165,32 +178,38 @@ class ObjectStore:
                 # 501 Not Implemented is an answer, not an outage.
                 if e.code not in _TRANSIENT_CODES and (status < 500 or status == 501):
                     raise  # callers translate what they expect (NoSuchKey, PreconditionFailed, ...)
-                if last:
-                    raise StorageError(
-                        f"object store at {self._scheme()}://{self.config.endpoint} keeps failing "
-                        f"({e.code}, HTTP {status or '?'}) while trying to {what}; try again later") from None
+                failure = (f"object store at {self._scheme()}://{self.config.endpoint} keeps failing "
+                           f"({e.code}, HTTP {status or '?'}) while trying to {what}; try again later")
             except (InvalidResponseError, ServerError, ParseError) as e:
                 # A 5xx without an S3 error body (a proxy or load balancer in front of the store, a
                 # crashed request handler), or an answer that is not S3 at all (a web page).
-                if last:
-                    status = _status_of(e)
-                    if status >= 500:
-                        raise StorageError(
-                            f"object store at {self._scheme()}://{self.config.endpoint} keeps failing "
-                            f"(HTTP {status}) while trying to {what}; try again later") from None
-                    raise StorageError(
-                        f"{self._scheme()}://{self.config.endpoint} is not an S3 endpoint (it answered "
-                        f"HTTP {status or '2xx'} with something that is not S3 XML) while trying to {what}; "
-                        "check --s3-endpoint / S3_ENDPOINT") from None
+                status = _status_of(e)
+                limit = limit if status >= 500 else 0  # a web page does not turn into S3 by asking again
+                failure = (f"object store at {self._scheme()}://{self.config.endpoint} keeps failing "
+                           f"(HTTP {status}) while trying to {what}; try again later") if status >= 500 else (
+                    f"{self._scheme()}://{self.config.endpoint} is not an S3 endpoint (it answered "
+                    f"HTTP {status or '2xx'} with something that is not S3 XML) while trying to {what}; "
+                    "check --s3-endpoint / S3_ENDPOINT")
             except (urllib3.exceptions.HTTPError, OSError) as e:
-                if last:
-                    raise StorageError(
-                        f"object store at {self._scheme()}://{self.config.endpoint} is unreachable "
-                        f"({type(e).__name__}) while trying to {what}; set --s3-endpoint / S3_ENDPOINT"
-                    ) from None
+                refused = _refused(e)
+                limit = min(limit, 1) if refused else limit
+                failure = (f"object store at {self._scheme()}://{self.config.endpoint} is unreachable "
+                           f"({'connection refused' if refused else type(e).__name__}) while trying to {what}; "
+                           "set --s3-endpoint / S3_ENDPOINT")
+            if attempt >= limit:
+                raise StorageError(failure) from None
+            if attempt == 0:
+                print(f"sam-pipeline: retrying: {failure.split(';')[0]} (up to {limit} more tries)",
+                      file=sys.stderr, flush=True)
             # Jittered exponential backoff, so parallel uploads do not retry in lockstep.
             time.sleep(delay * (1 + random.random()))
             delay *= 2
+
+    def _repair_hint(self, key: str) -> str:
+        """How a damaged object is repaired: a dataset's files are re-checked and re-uploaded from the source."""
+        if key.startswith(self.config.prefix + "datasets/"):
+            return "; `sam-pipeline run --verify-data` (or `ingest --verify`) re-checks the dataset and repairs it"
+        return ""
 
     def _scheme(self) -> str:
         return "https" if self.config.secure else "http"
@@ -261,7 +280,7 @@ class ObjectStore:
             raise
         if recorded and sha256_bytes(data) != recorded:
             raise IntegrityError(f"{self.uri(key)}: sha256 mismatch after download (expected {recorded}, "
-                                 f"got {sha256_bytes(data)})")
+                                 f"got {sha256_bytes(data)}){self._repair_hint(key)}")
         return data
 
     def put_bytes_if_absent(self, key: str, data: bytes,
@@ -331,7 +350,7 @@ class ObjectStore:
                 actual = sha256_file(tmp)
                 if actual != info.sha256:
                     raise IntegrityError(f"{self.uri(key)}: sha256 mismatch after download "
-                                       f"(expected {info.sha256}, got {actual})")
+                                         f"(expected {info.sha256}, got {actual}){self._repair_hint(key)}")
         return info
 
     def list(self, prefix: str) -> list[str]:

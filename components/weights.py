@@ -69,6 +69,16 @@ def models_dir() -> Path:
     return Path(os.environ.get("SAM_MODELS") or "~/.sam_models").expanduser()
 
 
+def writable_models_dir(cache_dir: str | Path | None = None, *, create: bool = True) -> Path:
+    """The weights cache, writable (and created unless `create=False`), or one line saying which folder and
+    how to move it."""
+    from components.files import writable_dir
+
+    return writable_dir(Path(cache_dir).expanduser() if cache_dir else models_dir(),
+                        "the weights cache (checkpoints are kept there)", "set SAM_MODELS to a writable folder",
+                        create=create)
+
+
 def _entry(model_type: str) -> Checkpoint:
     try:
         return CATALOGUE[model_type]
@@ -162,8 +172,7 @@ def fetch_weights(model_type: str, url: str | None = None, sha256: str | None = 
     url = url or entry.url
     pinned = sha256.lower() if sha256 else (entry.sha256 if url == entry.url else None)
     size = entry.bytes if pinned == entry.sha256 else None
-    cache_dir = Path(cache_dir).expanduser() if cache_dir else models_dir()
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = writable_models_dir(cache_dir)
     index = _SourceIndex(cache_dir)
     known = pinned or index.get(url)
 

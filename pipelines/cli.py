@@ -9,13 +9,14 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
 from components.errors import UserError, first_line
 from components.weights import MODEL_TYPES
 from pipelines import compile_flags, pending
+from pipelines.cli_types import (HelpFormatter, _add_seed_flags, _add_store_flags, _int_at_least, _key_value, _usage,
+                                 package_version)
 from pipelines.run_args import EXIT_USAGE
 
 EXIT_FAILURE = 1
@@ -30,110 +31,57 @@ class CLIError(UserError):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        # Every parser, subcommands' too, and those asking for RawDescriptionHelpFormatter (predict's epilog):
+        # HelpFormatter keeps descriptions and epilogs as written and adds each flag's default.
+        kwargs["formatter_class"] = HelpFormatter
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line instead of usage + error
         raise CLIError(f"{message} (see `{self.prog} --help`)", EXIT_USAGE)
 
 
-# -- argument types -------------------------------------------------------------------------------
-
-def _int_at_least(lo: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"{value} must be >= {lo}")
-        return value
-    return parse
-
-
-def _device(text: str) -> str:
-    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:N, mps)")
-    return text
-
-
-def _key_value(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{text!r} is not key=value")
-    return key.strip(), value
-
-
-def _usage(name: str):
-    """An argparse type from a kfp_client parser, so its message becomes a one-line usage error."""
-    def parse(text: str):
-        from pipelines import kfp_client
-
-        try:
-            return getattr(kfp_client, name)(text)
-        except kfp_client.UsageError as e:
-            raise argparse.ArgumentTypeError(first_line(e)) from None
-    parse.__name__ = name
-    return parse
-
-
 # -- parser ---------------------------------------------------------------------------------------
 
-def _add_seed_flags(p: argparse.ArgumentParser) -> None:
-    # Names and defaults come from TrainConfig (the one place they are stated); the short flags are the seed's.
-    from components.training.config import TrainConfig
-
-    d = TrainConfig()
-    g = p.add_argument_group("training (the seed's flags)")
-    g.add_argument("-d", "--debug_with_one_example", action="store_true", default=d.debug_with_one_example,
-                   help="train on a single example")
-    g.add_argument("-c", "--checkpoint_name", default=d.checkpoint_name, help="checkpoints/<name>/{best,latest}.pt")
-    g.add_argument("-m", "--model_type", default=d.model_type, choices=MODEL_TYPES)
-    g.add_argument("-b", "--batch_size", type=_int_at_least(1), default=d.batch_size)
-    g.add_argument("-n", "--n_objects_per_batch", type=_int_at_least(1), default=d.n_objects_per_batch)
-    g.add_argument("-g", "--device", type=_device, default=d.device,
-                   help="cuda (falls back to cpu with a notice when there is no GPU) or cpu")
-    g.add_argument("-i", "--n_iterations", type=_int_at_least(1), default=d.n_iterations)
-    g.add_argument("-s", "--n_sub_iteration", type=_int_at_least(1), default=d.n_sub_iteration)
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--val-every", dest="val_every", type=_int_at_least(1), default=d.val_every,
-                   help="validate every N iterations")
-
-
-def _add_store_flags(p: argparse.ArgumentParser, *, local_default: bool) -> None:
-    g = p.add_argument_group("object store")
-    g.add_argument("--s3-endpoint", default=None,
-                   help=("host:port of an S3 store (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY); "
-                         + ("default: an S3 server started on 127.0.0.1 for this run" if local_default
-                            else "default: S3_ENDPOINT")))
-    g.add_argument("--bucket", default="mlpipeline")
-    g.add_argument("--prefix", default="sam-pipeline/")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from components.training.config import TrainConfig
-    from components.datasets.adapters import FORMATS
-    from pipelines import cli_predict
-    from pipelines.sam_finetune import DEFAULT_YAML, PENN_FUDAN_URL
+    from pipelines.sam_finetune import DEFAULT_YAML
 
     parser = _Parser(prog="sam-pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("compile", help="write the pipeline YAML (committed as pipelines/sam_finetune.yaml)")
-    p.add_argument("-o", "--output", type=Path, default=DEFAULT_YAML)
+    p.add_argument("-o", "--output", type=Path, default=DEFAULT_YAML, help="where the YAML goes")
     compile_flags.add_flags(p, retries_type=_int_at_least(0), key_value_type=_key_value)
     p.set_defaults(func=cmd_compile)
+
+    _add_run(sub)
+    _add_cluster_commands(sub)
+    _add_step_commands(sub)
+    return parser
+
+
+def _add_run(sub) -> None:
+    """`run`: the seed's flags, data and evaluation, the store, where outputs go."""
+    from components.datasets.adapters import FORMATS
+    from pipelines.sam_finetune import PENN_FUDAN_URL
 
     p = sub.add_parser("run", help="run the whole pipeline here (kfp.local + an S3 server on 127.0.0.1)")
     _add_seed_flags(p)
     g = p.add_argument_group("data and evaluation")
     g.add_argument("--dataset-source", default=PENN_FUDAN_URL, help="URL, zip, folder or s3:// uri")
-    g.add_argument("--dataset-format", default="auto", choices=FORMATS)
+    g.add_argument("--dataset-format", default="auto", choices=FORMATS,
+                   help="folder: images/<stem>.png + masks/<stem>.png; auto tells them apart")
     g.add_argument("--dataset-categories", default="", help="COCO: keep only these categories (comma-separated)")
-    g.add_argument("--dataset-name", default="penn-fudan")
+    g.add_argument("--dataset-name", default=None,
+                   help="name in the store (default: after the source: penn-fudan for Penn-Fudan, else the "
+                        "folder's or zip's name)")
     g.add_argument("--weights-url", default="", help="checkpoint URL or local file (default: the catalogue)")
     g.add_argument("--weights-sha256", default="", help="expected sha256 of --weights-url")
     g.add_argument("--margin", type=float, default=0.0,
                    help="register only if fine-tuned box Dice > zero-shot (and champion) + margin")
-    g.add_argument("--model-name", default="sam-pennfudan")
+    g.add_argument("--model-name", default=None,
+                   help="registered model name (default: sam-<dataset name>; sam-pennfudan for Penn-Fudan)")
     g.add_argument("--model-registry-url", default="", help="also register in Kubeflow Model Registry")
     g.add_argument("--verify-data", action="store_true",
                    help="re-check every stored object of the dataset against its sha256 and repair what is wrong")
@@ -145,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the last killed or failed run of this checkpoint name from its latest.pt")
     g.add_argument("--demo", action="store_true",
                    help="offline: a synthetic Penn-Fudan-like dataset and a random vit_t checkpoint")
-    g.add_argument("--demo-images", type=_int_at_least(6), default=12)
+    g.add_argument("--demo-images", type=_int_at_least(6), default=12, help="images of --demo's dataset")
     g.add_argument("--embed-shards", type=_int_at_least(1), default=1, help="embed tasks before finetune")
     _add_store_flags(p, local_default=True)
     g = p.add_argument_group("output")
@@ -159,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "to a file under --pipeline-root)")
     p.set_defaults(func=cmd_run)
 
+
+
+def _add_cluster_commands(sub) -> None:
+    """`submit`, `schedule` and `upload`: a KFP cluster's commands."""
+    from pipelines.sam_finetune import DEFAULT_YAML
+
     for name, helptext in (("submit", "create a run on a KFP cluster (compiled package or uploaded version)"),
                            ("schedule", "create a recurring run (max concurrency 1, no catch-up)"),
                            ("upload", "upload the compiled package as a new pipeline version (KFP UI: Pipelines)")):
@@ -166,19 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
         p.add_argument("--package", type=Path, default=DEFAULT_YAML, help="compiled pipeline YAML")
         p.add_argument("--namespace", default=None, help="multi-user deployments")
-        p.add_argument("--token", default=os.environ.get("KFP_TOKEN"), help="bearer token (or KFP_TOKEN)")
+        # Read at connect time, not as the default: --help must never print a secret.
+        p.add_argument("--token", default=None, help="bearer token (default: KFP_TOKEN)")
         if name == "upload":
             p.add_argument("--pipeline", default="sam-finetune", help="pipeline name in the UI")
             p.add_argument("--version", default=None,
                            help="version name (default: <package version>-<git commit>[-dirty])")
-            p.add_argument("--description", default="Fine-tune MobileSAM and register it if it beats the champion")
+            p.add_argument("--description", default="Fine-tune MobileSAM and register it if it beats the champion",
+                           help="the version's description in the UI")
             p.set_defaults(func=cmd_upload)
             continue
         p.add_argument("--pipeline", default=None, metavar="NAME",
                        help="run an uploaded pipeline instead of --package")
         p.add_argument("--pipeline-version", default=None, metavar="V",
                        help="with --pipeline: this version (default: the newest)")
-        p.add_argument("--experiment", default="sam-pipeline")
+        p.add_argument("--experiment", default="sam-pipeline", help="KFP experiment the run goes to")
         p.add_argument("-p", "--param", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                        help="pipeline parameter (repeatable)")
         if name == "submit":
@@ -197,33 +153,43 @@ def build_parser() -> argparse.ArgumentParser:
             when.add_argument("--cron", type=_usage("validate_cron"),
                               help="6 fields: second minute hour day-of-month month day-of-week")
             when.add_argument("--every", type=_usage("parse_interval"), help="interval, e.g. 24h")
-            p.add_argument("--name", default="sam-finetune-scheduled")
+            p.add_argument("--name", default="sam-finetune-scheduled", help="the recurring run's name")
             p.add_argument("--replace", action="store_true",
                            help="replace a recurring run of the same name in the experiment (default: refuse)")
             p.set_defaults(func=cmd_schedule)
 
+
+
+def _add_step_commands(sub) -> None:
+    """`fetch-weights` and `ingest`: one step alone; `predict` (pipelines/cli_predict.py)."""
+    from components.datasets.adapters import FORMATS
+    from pipelines import cli_predict
+    from components.training.config import TrainConfig
+    from pipelines.sam_finetune import PENN_FUDAN_URL
+
     p = sub.add_parser("fetch-weights", help="run the fetch-weights step alone; prints a JSON summary")
     p.add_argument("-m", "--model-type", "--model_type", dest="model_type",
-                   default=TrainConfig.model_type, choices=MODEL_TYPES)
-    p.add_argument("--url", default=None)
-    p.add_argument("--sha256", default=None)
+                   default=TrainConfig.model_type, choices=MODEL_TYPES, help="which checkpoint of the catalogue")
+    p.add_argument("--url", default=None, help="a mirror URL or a local file (default: the catalogue's URL)")
+    p.add_argument("--sha256", default=None, help="expected sha256 of --url (default: the catalogue's)")
     _add_store_flags(p, local_default=False)
     p.set_defaults(func=cmd_fetch_weights)
 
     p = sub.add_parser("ingest", help="run the ingest-dataset step alone; prints a JSON summary")
     p.add_argument("--source", default=PENN_FUDAN_URL, help="URL, zip, folder or s3:// uri")
-    p.add_argument("--format", "--dataset-format", dest="dataset_format", default="auto", choices=FORMATS)
+    p.add_argument("--format", "--dataset-format", dest="dataset_format", default="auto", choices=FORMATS,
+                   help="folder: images/<stem>.png + masks/<stem>.png; auto tells them apart")
     p.add_argument("--categories", help="COCO: keep only these categories (comma-separated names)")
     p.add_argument("--keep-empty", action="store_true", help="COCO: keep images without an instance")
-    p.add_argument("--name", dest="dataset_name", default="penn-fudan")
-    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--name", dest="dataset_name", default=None,
+                   help="name in the store (default: after the source, as `run` names it)")
+    p.add_argument("--split-seed", type=int, default=0, help="seeds the train/val/test split")
     p.add_argument("--verify", action="store_true",
                    help="download and hash every object of an already ingested version and re-upload "
                         "what is missing or damaged (a plain re-run trusts the committed manifest)")
     _add_store_flags(p, local_default=False)
     p.set_defaults(func=cmd_ingest)
     cli_predict.add_parser(sub, _add_store_flags)
-    return parser
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -239,15 +205,20 @@ def cmd_compile(args) -> int:
 def cmd_run(args) -> int:
     from pipelines import local, local_runs, run_args
 
+    run_args.fill_names(args)
     run_args.validate_run_params(run_args.run_params(args))
+    run_args.check_writable(args)
     run_args.prepare_inputs(args)
     run_id = run_args.choose_run_id(args)
-    with local_runs.recorded(args.pipeline_root, run_id, args.checkpoint_name) as outcome, \
-            run_args.sigterm_unwinds():  # a SIGTERM stops the run's S3 server and tasks like Ctrl-C does
-        summary = local.run_local({**run_args.run_params(args), "resume_run_id": run_id},
-                                  pipeline_root=args.pipeline_root, s3_endpoint=args.s3_endpoint,
-                                  retries=args.retries, verbose=args.verbose)
-        outcome["state"] = local_runs.SUCCEEDED if summary["succeeded"] else local_runs.FAILED
+    try:
+        with local_runs.recorded(args.pipeline_root, run_id, args.checkpoint_name) as outcome, \
+                run_args.sigterm_unwinds():  # a SIGTERM stops the run's S3 server and tasks like Ctrl-C does
+            summary = local.run_local({**run_args.run_params(args), "resume_run_id": run_id},
+                                      pipeline_root=args.pipeline_root, s3_endpoint=args.s3_endpoint,
+                                      retries=args.retries, verbose=args.verbose)
+            outcome["state"] = local_runs.SUCCEEDED if summary["succeeded"] else local_runs.FAILED
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the record says failed, so --resume finds this run
+        raise CLIError(run_args.interrupted_line(args, run_id), 130) from None
     summary["checkpoints"] = local.find_checkpoints(args.checkpoint_name)
     local.remove_old_runs(args.pipeline_root, keep=args.keep_runs)
     if args.summary_json:
@@ -255,20 +226,26 @@ def cmd_run(args) -> int:
         args.summary_json.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
     run_args.print_summary(summary, margin=args.margin, model_name=args.model_name, summary_json=args.summary_json)
     if not summary["succeeded"]:
-        raise CLIError(run_args.failure_line(summary, args.summary_json))
+        error = CLIError(run_args.failure_line(summary, args.summary_json))
+        error.problems = run_args.failure_problems(summary)  # a dataset's problems, as `ingest` prints them
+        raise error
+    if (summary.get("registered_copy") or {}).get("conflict"):  # registered, but the model will be lost
+        raise CLIError(f"registered {args.model_name} {summary['registered']['version']} but could not keep it: "
+                       f"{summary['registered_copy']['conflict']}")
     return 0
 
 
 def _connect(args):
     from pipelines import kfp_client
 
-    return kfp_client.connect(args.host, args.token, args.namespace)  # a bad --host is a UsageError (exit 2)
+    # A bad --host is a UsageError (exit 2).
+    return kfp_client.connect(args.host, args.token or os.environ.get("KFP_TOKEN"), args.namespace)
 
 
 def _target(args, conn=None):
     """(package or None, (pipeline id, version id) or None, typed params, declared params) for submit/schedule;
     a local package is checked before any network call (conn=None), an uploaded version needs the server."""
-    from pipelines import kfp_client
+    from pipelines import kfp_client, run_args
 
     if args.pipeline_version and not args.pipeline:
         raise CLIError("--pipeline-version needs --pipeline NAME", EXIT_USAGE)
@@ -280,7 +257,9 @@ def _target(args, conn=None):
     else:
         spec, package, ref, source = kfp_client.load_package(args.package), args.package, None, args.package.name
     declared = kfp_client.declared_parameters(spec)
-    return package, ref, kfp_client.typed_params(args.param, declared, source), declared
+    params = kfp_client.typed_params(args.param, declared, source)
+    run_args.validate_run_params(params, flag=lambda key: f"-p {key}")  # what `run` would refuse is not sent
+    return package, ref, params, declared
 
 
 def cmd_upload(args) -> int:
@@ -347,6 +326,7 @@ def cmd_fetch_weights(args) -> int:
 def cmd_ingest(args) -> int:
     from components.datasets.coco import parse_categories
     from components.datasets.ingest import ingest
+    from components.datasets.sources import name_from_source
 
     store = _store_or_none(args)
     with contextlib.ExitStack() as stack:
@@ -357,7 +337,8 @@ def cmd_ingest(args) -> int:
             store = ObjectStore(stack.enter_context(embedded_s3(prefix=args.prefix, bucket=args.bucket)))
             print("sam-pipeline: no --s3-endpoint/S3_ENDPOINT: ingesting into a temporary local store",
                   file=sys.stderr)
-        result = ingest(args.source, args.dataset_format, args.dataset_name, store, seed=args.split_seed,
+        name = args.dataset_name or name_from_source(args.source, args.dataset_format)
+        result = ingest(args.source, args.dataset_format, name, store, seed=args.split_seed,
                         verify=args.verify, categories=parse_categories(args.categories), keep_empty=args.keep_empty)
         print(json.dumps(result.to_json(), indent=2, sort_keys=True))
     return 0

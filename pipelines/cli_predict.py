@@ -67,11 +67,11 @@ def _registry_store(args):
         yield connect(endpoint, args.bucket, args.prefix)
         return
     from components.s3server import embedded_s3
-    from pipelines.local import _seed_registry
+    from pipelines.local_store import seed_registry
 
     with embedded_s3(bucket=args.bucket, prefix=args.prefix) as cfg:
         store = ObjectStore(cfg)
-        _seed_registry(store, args.pipeline_root / "registry")
+        seed_registry(store, args.pipeline_root / "registry")
         yield store
 
 

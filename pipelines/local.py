@@ -21,7 +21,6 @@ import warnings
 from pathlib import Path
 
 from components.errors import UserError
-from components.files import unique_temp
 from components.kfp_components import TASKS  # in topological order
 from pipelines.local_console import Console, Events
 from pipelines.local_tasks import gate_verdicts, task_graph, task_states
@@ -133,16 +132,16 @@ def _environ(values: dict):
 
 
 @contextlib.contextmanager
-def object_store(endpoint: str | None):
-    """The run's store: the given endpoint (credentials from the environment) or an embedded one."""
+def object_store(endpoint: str | None, pipeline_root: Path, bucket: str, prefix: str):
+    """The run's store: the given endpoint (credentials from the environment) or the S3 server this working
+    folder's runs share (pipelines/local_store.py)."""
     from components.storage import S3Config
+    from pipelines.local_store import shared_store
 
     if endpoint:
         yield S3Config.from_env(endpoint=endpoint), False
         return
-    from components.s3server import embedded_s3
-
-    with embedded_s3() as cfg:
+    with shared_store(pipeline_root, bucket=bucket, prefix=prefix) as cfg:
         yield cfg, True
 
 
@@ -150,134 +149,119 @@ def run_local(params: dict, *, pipeline_root: Path, s3_endpoint: str | None = No
               verbose: bool = False, out=None) -> dict:
     """Run the pipeline with kfp.local; returns the summary (task states, metrics, uris). Never raises for a
     failed task: the summary says which one failed. The console shows task starts and finishes and a progress
-    line; the whole stream goes to the log file named in the summary (`verbose`: to the console too)."""
-    from kfp import local
+    line; the whole stream goes to the log file named in the summary (`verbose`: to the console too).
 
+    The run's outputs go to a folder of its own, `<pipeline_root>/run-<time>-<pid>/` (kfp.local's pipeline root
+    for this run alone), so runs started at once in one folder never read each other's task states."""
     from components.storage import ObjectStore
+    from pipelines.local_store import keep_registered
+    from pipelines.local_tmp import scratch
 
     out = out or sys.stdout
     pipeline_root = pipeline_root.resolve()
-    pipeline_root.mkdir(parents=True, exist_ok=True)
-    log_path = pipeline_root / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    log_path.parent.mkdir(exist_ok=True)
+    stem = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    own = pipeline_root / stem
+    log_path = pipeline_root / "logs" / f"{stem}.log"
+    for folder in (own, log_path.parent):
+        folder.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    with object_store(s3_endpoint) as (cfg, embedded), open(log_path, "w") as log:
+    bucket, prefix = params.get("bucket") or "mlpipeline", params.get("prefix") or "sam-pipeline/"
+    with object_store(s3_endpoint, pipeline_root, bucket, prefix) as (cfg, embedded), open(log_path, "w") as log, \
+            scratch() as tmp:
         params = {**params, "s3_endpoint": cfg.endpoint, "bucket": params.get("bucket") or cfg.bucket,
                   "prefix": params.get("prefix") or cfg.prefix}
-        registry = pipeline_root / "registry"
-        if embedded:  # the champion gate and version numbers see the earlier local runs' registrations
-            store = ObjectStore(dataclasses.replace(cfg, bucket=params["bucket"], prefix=params["prefix"]))
-            _seed_registry(store, registry)
-        env = {"AWS_ACCESS_KEY_ID": cfg.access_key, "AWS_SECRET_ACCESS_KEY": cfg.secret_key,
-               "AWS_REGION": cfg.region or os.environ.get("AWS_REGION"),
-               "S3_SECURE": "true" if cfg.secure else None}
         # A local retry re-runs at once: the cluster's 60 s backoff would only make a failing run slow.
         pipeline = build_pipeline(dataclasses.replace(Placement(), finetune_retries=retries, retry_backoff="0s"))
-        before = {p.name for p in pipeline_root.glob(f"{PIPELINE_NAME}-*")}
+        env = {"AWS_ACCESS_KEY_ID": cfg.access_key, "AWS_SECRET_ACCESS_KEY": cfg.secret_key,
+               "AWS_REGION": cfg.region or os.environ.get("AWS_REGION"),
+               "S3_SECURE": "true" if cfg.secure else None,
+               # the tasks' temporary files (kfp's ephemeral_component.py folders too) go where the run cleans up
+               "TMPDIR": str(tmp / "tmp")}
         console = Console(out, log, verbose=verbose)
-        events = Events(console)
         print(f"sam-pipeline: full log in {log_path}", file=out, flush=True)
-        root = logging.getLogger()
-        root.addFilter(events)
-        # kfp.local's own handler exists only while a task runs; between tasks its records (skips, clean-up)
-        # go to the log file through this one, and logging's implicit basicConfig cannot print them here.
-        to_log = logging.StreamHandler(log)
-        root.addHandler(to_log)
-        level = root.level
-        # kfp.local logs skips with logging.info outside its own logger context; let them reach the filter
-        # (with no handler of ours attached, nothing extra is printed).
-        root.setLevel(min(level, logging.INFO) if level else logging.INFO)
-        try:
-            with _environ(env), warnings.catch_warnings(), contextlib.redirect_stdout(console):
-                # Expected locally: our images are not "python" images, and GPU/resource settings only
-                # apply in a cluster. The same code runs in both places; the noise would hide real warnings.
-                warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
-                warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
-                _fix_kfp_local_conditions()
-                local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
-                           raise_on_error=False)
-                pipeline(**params)
-        finally:
-            root.removeFilter(events)
-            root.removeHandler(to_log)
-            root.setLevel(level)
-            console.write("\n")
-        new = sorted(p for p in pipeline_root.glob(f"{PIPELINE_NAME}-*") if p.name not in before)
-        run_dir = new[-1] if new else None
-        tasks = task_states(task_graph(pipeline), run_dir, gates=gate_verdicts(run_dir))
-        for name, seconds in events.seconds().items():
-            if name in tasks:
-                tasks[name]["seconds"] = seconds
-        for name, info in tasks.items():
-            if info["state"] == "FAILED":
-                info["error"] = console.error_line(name)
-        summary = {
-            "pipeline": PIPELINE_NAME,
-            "succeeded": all(tasks[t]["state"] in ("SUCCEEDED", "SKIPPED") for t in TASKS),
-            "seconds": round(time.time() - started, 1),
-            "run_dir": str(run_dir) if run_dir else None,
-            "log": str(log_path),
-            "parameters": {k: v for k, v in params.items()},
-            "object_store": {"endpoint": cfg.endpoint, "bucket": cfg.bucket, "prefix": params["prefix"],
-                             "embedded": embedded},
-            "tasks": tasks,
-        }
-        summary.update(_digest(summary))
-        if tasks["check-changes"].get("parameters", {}).get("changed") is False:
-            summary["skipped"] = tasks["check-changes"]["parameters"].get("reason")
-        if summary["dataset"].get("splits_overlap"):
-            summary["warnings"] = [f"the splits of {summary['dataset'].get('dataset')} overlap: images serve more "
-                                   "than one of train/val/test, so the evaluation scores images the model was "
-                                   "trained on" + ("" if params.get("allow_overlap")
-                                                   else "; registration refused (--allow-overlap registers anyway)")]
-        # KFP names an HTML artifact after its output ("report"); a .html copy opens in a browser.
-        for task, path in list(summary["reports"].items()):
-            if run_dir is not None and Path(path).is_file():
-                copy = run_dir / f"{task}-report.html"
-                shutil.copyfile(path, copy)
-                summary["reports"][task] = str(copy)
+        events = _execute(pipeline, params, own, tmp / "workspace", env, console)
+        run_dir = next(iter(sorted(own.glob(f"{PIPELINE_NAME}-*"))), None)
+        summary = _summarise(pipeline, run_dir, events, console, params, cfg, embedded)
+        summary.update(seconds=round(time.time() - started, 1), log=str(log_path))
         if embedded and summary["registered"]:
-            # The embedded store disappears with the run: keep the registered version on local disk.
-            summary["registered_copy"] = _keep_registered(store, summary["registered"], registry)
+            # The shared store stops with the last run: keep the registered version on local disk.
+            store = ObjectStore(dataclasses.replace(cfg, bucket=params["bucket"], prefix=params["prefix"]))
+            summary["registered_copy"] = keep_registered(store, summary["registered"], pipeline_root / "registry")
     return summary
 
 
-def _seed_registry(store, registry: Path) -> None:
-    """Put the local registry's versions (kept by earlier runs) into this run's embedded store."""
-    for path in sorted(registry.rglob("*")) if registry.is_dir() else ():
-        parts = path.relative_to(registry).parts
-        if path.is_file() and not any(p.startswith(".") for p in parts):  # not a copy still being written
-            store.put_file(store.key(*parts), path)
+def _execute(pipeline, params: dict, own: Path, workspace: Path, env: dict, console: Console) -> Events:
+    """Run the pipeline through kfp.local into `own`, its records going to the console; returns the events."""
+    from kfp import local
 
-
-def _keep_registered(store, registered: dict, registry: Path) -> dict:
-    """Copy the new version's folder (model, card, whatever the registry keeps there) and the model's own
-    objects beside the version folders (the `latest` pointer the champion gate reads) into the local registry.
-    A version folder already there came from another run in this folder at the same time: not overwritten."""
-    _, key = store.parse_uri(registered["model_uri"])
-    version_key = key.rsplit("/", 1)[0]
-    model_key = version_key.rsplit("/", 1)[0]
-    folder = registry / version_key[len(store.config.prefix):]
-    conflict = {"conflict": f"{folder} already exists (another local run registered the same version at the "
-                            f"same time); this run's model is {registered['model_uri']} in the gone store"}
-    if folder.exists():
-        return conflict
-    tmp = unique_temp(folder)  # hidden: _seed_registry skips it; unique: two runs may copy at once
+    events = Events(console)
+    root = logging.getLogger()
+    root.addFilter(events)
+    # kfp.local's own handler exists only while a task runs; between tasks its records (skips, clean-up)
+    # go to the log file through this one, and logging's implicit basicConfig cannot print them here.
+    to_log = logging.StreamHandler(console.log)
+    root.addHandler(to_log)
+    level = root.level
+    # kfp.local logs skips with logging.info outside its own logger context; let them reach the filter
+    # (with no handler of ours attached, nothing extra is printed).
+    root.setLevel(min(level, logging.INFO) if level else logging.INFO)
+    workspace.mkdir(parents=True, exist_ok=True)
     try:
-        for obj in store.list(version_key + "/"):
-            store.get_file(obj, tmp / obj[len(version_key) + 1:])
-        try:
-            os.rename(tmp, folder)  # the version appears complete or not at all
-        except OSError:
-            if folder.exists():  # the other run's copy landed while this one was copying
-                return conflict
-            raise
+        with _environ(env), warnings.catch_warnings(), contextlib.redirect_stdout(console):
+            # Expected locally: our images are not "python" images, and GPU/resource settings only
+            # apply in a cluster. The same code runs in both places; the noise would hide real warnings.
+            warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
+            warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
+            _fix_kfp_local_conditions()
+            # Our own workspace: kfp.local's default is a kfp-workspace-* in the system temp folder, left
+            # behind when the run is killed.
+            local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(own),
+                       workspace_root=str(workspace), raise_on_error=False)
+            pipeline(**params)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-copied stays behind, whatever failed
-    for obj in store.list(model_key + "/"):
-        if "/" not in obj[len(model_key) + 1:]:  # get_file replaces atomically
-            store.get_file(obj, folder.parent / obj[len(model_key) + 1:])
-    return {"model": str(folder / "model.pt"), "card": str(folder / "model_card.json")}
+        root.removeFilter(events)
+        root.removeHandler(to_log)
+        root.setLevel(level)
+        console.write("\n")
+    return events
+
+
+def _summarise(pipeline, run_dir: Path | None, events: Events, console: Console, params: dict, cfg,
+               embedded: bool) -> dict:
+    """The summary of the run whose task folders are in `run_dir`."""
+    tasks = task_states(task_graph(pipeline), run_dir, gates=gate_verdicts(run_dir))
+    for name, seconds in events.seconds().items():
+        if name in tasks:
+            tasks[name]["seconds"] = seconds
+    for name, info in tasks.items():
+        if info["state"] == "FAILED":
+            info["error"] = console.error_line(name)
+            if problems := console.problem_lines(name):
+                info["problems"] = problems
+    summary = {
+        "pipeline": PIPELINE_NAME,
+        "succeeded": all(tasks[t]["state"] in ("SUCCEEDED", "SKIPPED") for t in TASKS),
+        "run_dir": str(run_dir) if run_dir else None,
+        "parameters": dict(params),
+        "object_store": {"endpoint": cfg.endpoint, "bucket": cfg.bucket, "prefix": params["prefix"],
+                         "embedded": embedded},
+        "tasks": tasks,
+    }
+    summary.update(_digest(summary))
+    if tasks["check-changes"].get("parameters", {}).get("changed") is False:
+        summary["skipped"] = tasks["check-changes"]["parameters"].get("reason")
+    if summary["dataset"].get("splits_overlap"):
+        summary["warnings"] = [f"the splits of {summary['dataset'].get('dataset')} overlap: images serve more "
+                               "than one of train/val/test, so the evaluation scores images the model was "
+                               "trained on" + ("" if params.get("allow_overlap")
+                                               else "; registration refused (--allow-overlap registers anyway)")]
+    # KFP names an HTML artifact after its output ("report"); a .html copy opens in a browser.
+    for task, path in list(summary["reports"].items()):
+        if run_dir is not None and Path(path).is_file():
+            copy = run_dir / f"{task}-report.html"
+            shutil.copyfile(path, copy)
+            summary["reports"][task] = str(copy)
+    return summary
 
 
 def _digest(summary: dict) -> dict:
@@ -309,11 +293,20 @@ def find_checkpoints(checkpoint_name: str, root: Path = Path("checkpoints")) -> 
 
 
 def remove_old_runs(pipeline_root: Path, keep: int = 5) -> None:
-    """kfp.local keeps every run's artifacts (checkpoints included); keep only the most recent ones, and as
-    many run logs. The registry is never pruned."""
-    runs = sorted(pipeline_root.glob(f"{PIPELINE_NAME}-*"))
+    """kfp.local keeps every run's artifacts (checkpoints included); keep only the most recent runs' folders
+    (`run-<time>-<pid>`, and `sam-finetune-*` of older versions), and as many run logs. A folder whose run is
+    still going (another run in this folder) is never removed. The registry is never pruned."""
+    from pipelines.local_tmp import _alive
+
+    def running(folder: Path) -> bool:
+        pid = folder.name.rsplit("-", 1)[-1]
+        return folder.name.startswith("run-") and pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid))
+
+    runs = sorted((p for p in pipeline_root.glob("*")
+                   if p.is_dir() and p.name.startswith(("run-", f"{PIPELINE_NAME}-"))), key=lambda p: p.stat().st_mtime)
     for old in runs[:-keep] if keep else runs:
-        shutil.rmtree(old, ignore_errors=True)
+        if not running(old):
+            shutil.rmtree(old, ignore_errors=True)
     logs = sorted((pipeline_root / "logs").glob("run-*.log"), key=lambda p: p.stat().st_mtime)
     for old in logs[:-keep] if keep else logs:
         old.unlink(missing_ok=True)

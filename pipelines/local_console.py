@@ -19,8 +19,11 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _PROGRESS = re.compile(r"\d+%\|.*\|\s*\d+/\d+|\|\s*\d+/\d+ \[")
 # The last line of a Python traceback: "package.module.SomeError: message".
 _ERROR_LINE = re.compile(r"^\s*(?:[\w]+\.)*(\w*(?:Error|Exception|Exit|Interrupt)\w*): (.+)$")
+# kfp.local's own lines after a task's traceback, which are not part of the error's message.
+_KFP_LINE = re.compile(r"^\[KFP Executor|^\d{2}:\d{2}:\d{2}\.\d+ - |^Traceback|^\s*File ")
 _START = re.compile(r"Executing task '?([\w-]+)'?")
 _FINISH = re.compile(r"Task '?([\w-]+)'? finished with status (\w+)")
+_SAID_AT_ONCE = ("sam-pipeline: retrying:", "sam-pipeline: verify-data:")  # a task's own lines for the console
 _TAIL_LINES = 400  # per task, enough to hold a traceback
 
 
@@ -70,6 +73,8 @@ class Console(io.TextIOBase):
         self.tails.setdefault(self.task, collections.deque(maxlen=_TAIL_LINES)).append(line)
         if _PROGRESS.search(line):
             self._progress(line)
+        elif line.startswith(_SAID_AT_ONCE):  # e.g. the object store being retried: not only in the log
+            self._say(f"  {self.task}: {line.removeprefix('sam-pipeline: ')}")
 
     def _progress(self, line: str) -> None:
         now = time.monotonic()
@@ -118,6 +123,18 @@ class Console(io.TextIOBase):
             if m := _ERROR_LINE.match(line):
                 return f"{m.group(1)}: {m.group(2)}"
         return None
+
+    def problem_lines(self, task: str, cap: int = 10) -> list[str]:
+        """The lines a multi-line error carries after its first (a dataset's problems, each naming its file),
+        at most `cap` of them and then how many more: what the step alone would print (cli._report)."""
+        tail = list(self.tails.get(task, ()))
+        for i in range(len(tail) - 1, -1, -1):
+            if _ERROR_LINE.match(tail[i]):
+                if not tail[i].endswith(":"):  # a one-line error: nothing follows that belongs to it
+                    return []
+                rest = [line for line in tail[i + 1:] if not _KFP_LINE.match(line)]
+                return rest[:cap] + ([f"... and {len(rest) - cap} more (see the log)"] if len(rest) > cap else [])
+        return []
 
     def seconds(self, task: str, finished: float) -> float | None:
         return round(finished - self.started[task], 2) if task in self.started else None

@@ -34,10 +34,33 @@ def run_params(args) -> dict:
     }
 
 
-def validate_run_params(params: dict) -> None:
-    """Every pipeline argument checked before any work starts (a NaN would otherwise surface only after
-    fetch, ingest and finetune, or crash KFP's protobuf serialisation). The rules live with their owners:
-    TrainConfig.validate, the registry's and the dataset's name rules, the store's bucket rule."""
+_RUN_FLAGS = {"dataset_name": "--dataset-name", "model_name": "--model-name"}
+
+
+def run_flag(key: str) -> str:
+    """How `run` spells a pipeline parameter's flag."""
+    return _RUN_FLAGS.get(key, f"--{key}")
+
+
+def fill_names(args) -> None:
+    """The dataset and model names a run uses unless given: after its source (`--demo`: the synthetic
+    dataset and `sam-demo`); Penn-Fudan keeps `sam-pennfudan`, the pipeline's own default."""
+    from components.datasets.sources import name_from_source
+
+    if args.dataset_name is None:
+        args.dataset_name = ("synthetic-penn-fudan" if args.demo
+                             else name_from_source(args.dataset_source, args.dataset_format))
+    if args.model_name is None:
+        args.model_name = ("sam-demo" if args.demo else "sam-pennfudan" if args.dataset_name == "penn-fudan"
+                           else f"sam-{args.dataset_name}")
+
+
+def validate_run_params(params: dict, flag=run_flag) -> None:
+    """Every pipeline argument present in `params` checked before any work starts (a NaN would otherwise
+    surface only after fetch, ingest and finetune, or crash KFP's protobuf serialisation; NaN is not even
+    JSON). `run` checks all of them; `submit`/`schedule` the `-p` values they send (`flag`: how the caller
+    names a parameter in its message). The rules live with their owners: TrainConfig.validate, the
+    registry's and the dataset's name rules, the store's bucket rule."""
     import dataclasses
     import math
 
@@ -48,19 +71,33 @@ def validate_run_params(params: dict) -> None:
 
     for key, value in params.items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise RunArgsError(f"--{key} {value}: must be a finite number")
+            raise RunArgsError(f"{flag(key)} {value}: must be a finite number")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
         TrainConfig(**{k: v for k, v in params.items() if k in fields}).validate()
     except UserError as e:  # TrainConfig.validate's one-line report of every bad setting
         raise RunArgsError(first_line(e)) from None
-    for flag, check in (("--dataset-name", lambda: check_dataset_name(params["dataset_name"])),
-                        ("--model-name", lambda: check_model_name("name", params["model_name"])),
-                        ("--bucket", lambda: check_bucket(params["bucket"]))):
+    for key, check in (("dataset_name", check_dataset_name), ("model_name", lambda v: check_model_name("name", v)),
+                       ("bucket", check_bucket)):
         try:
-            check()
+            if key in params:
+                check(params[key])
         except UserError as e:
-            raise RunArgsError(f"{flag}: {first_line(e)}") from None
+            raise RunArgsError(f"{flag(key)}: {first_line(e)}") from None
+
+
+def check_writable(args) -> None:
+    """Every folder a run writes to, proven writable before any work starts (otherwise an OSError traceback
+    here or one raw line from a task): the working folder, the pipeline root and the weights cache. Nothing
+    is created: a source found unreachable next must leave no trace."""
+    from components.files import writable_dir
+    from components.weights import writable_models_dir
+
+    writable_dir(Path.cwd(), "a run keeps checkpoints/, data/ and runs/ in the working folder",
+                 "run sam-pipeline from a writable folder", create=False)
+    writable_models_dir(create=False)
+    writable_dir(args.pipeline_root, "a run keeps its task outputs, logs, records and the local registry there",
+                 "--pipeline-root moves it", create=False)
 
 
 def _cuda_or_cpu(device: str) -> str:
@@ -87,9 +124,6 @@ def prepare_inputs(args) -> None:
         assets = local.make_demo_assets(Path("runs/demo"), images=args.demo_images)
         args.dataset_source, args.weights_url, args.weights_sha256 = (
             assets["dataset_source"], assets["weights_url"], assets["weights_sha256"])
-        args.dataset_name = "synthetic-penn-fudan"
-        if args.model_name == "sam-pennfudan":
-            args.model_name = "sam-demo"
     if not cache_path(args.dataset_source).is_file():  # a dataset cached by an earlier run works offline
         local.check_reachable(args.dataset_source, "dataset")
     if args.weights_url:
@@ -140,12 +174,34 @@ def sigterm_unwinds():
         signal.signal(signal.SIGTERM, previous)
 
 
+def interrupted_line(args, run_id: str) -> str:
+    """What an interrupted run ends with: where training stopped, and the command that continues it."""
+    from components.training.config import TrainConfig
+    from pipelines import local_runs
+
+    at = local_runs.stopped_at(args.checkpoint_name, run_id)
+    name = "" if args.checkpoint_name == TrainConfig.checkpoint_name else f" -c {args.checkpoint_name}"
+    where = f" at iteration {at}" if at is not None else ""
+    return (f"interrupted{where}; `sam-pipeline run --resume{name}` (with the same flags) continues this run"
+            + (f" from checkpoints/{args.checkpoint_name}/latest.pt" if at is not None else ""))
+
+
 def failure_line(summary: dict, summary_json: Path | None) -> str:
     """The one line a failed run ends with: the first failed task, its error, where the log is."""
     failed = [t for t, i in summary["tasks"].items() if i["state"] == "FAILED"] or ["an unknown task"]
     error = summary["tasks"].get(failed[0], {}).get("error")
+    problems = summary["tasks"].get(failed[0], {}).get("problems", [])
+    if error and len(problems) == 1:  # one problem stays on the line; more follow it (failure_problems)
+        error = f"{error} {problems[0]}"
     return (f"pipeline failed at {', '.join(failed)}" + (f" ({error})" if error else "")
             + f"; full log in {summary['log']}" + (f"; summary in {summary_json}" if summary_json else ""))
+
+
+def failure_problems(summary: dict) -> list[str]:
+    """The problems the first failed task's error listed (a dataset's, each naming its file), or []."""
+    failed = [i for i in summary["tasks"].values() if i["state"] == "FAILED"]
+    problems = failed[0].get("problems", []) if failed else []
+    return problems if len(problems) > 1 else []  # a single one is on failure_line's line
 
 
 def print_summary(summary: dict, *, margin: float, model_name: str, summary_json: Path | None, out=None) -> None:
@@ -171,7 +227,7 @@ def print_summary(summary: dict, *, margin: float, model_name: str, summary_json
         print(f"  registered {model_name} {r['version']}: {r['model_uri']}", file=out)
         copy = summary.get("registered_copy") or {}
         if copy.get("model"):
-            print(f"    (the embedded store is gone after the run; copy kept at {copy['model']})", file=out)
+            print(f"    (kept at {copy['model']}: the local store stops with the folder's last run)", file=out)
         elif copy.get("conflict"):
             print(f"    not kept: {copy['conflict']}", file=out)
     elif summary.get("skipped"):

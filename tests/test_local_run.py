@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import local, local_tasks
+from pipelines import local, local_store, local_tasks
 from pipelines.local_console import Console, Events
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,7 +169,7 @@ def test_verbose_console_passes_everything_through():
 # -- one registry for all local runs in a folder -----------------------------------------------------
 
 def test_local_runs_share_the_registry_with_proper_versions(s3, tmp_path):
-    """Each local run has its own embedded store: the local registry folder is what carries versions over."""
+    """A store started later (the shared one stops with the last run) gets the local registry folder's versions."""
     import dataclasses
     import uuid
 
@@ -181,11 +181,11 @@ def test_local_runs_share_the_registry_with_proper_versions(s3, tmp_path):
     kept = []
     for run in range(2):
         store = ObjectStore(dataclasses.replace(s3, prefix=f"run-{uuid.uuid4().hex[:8]}/"))  # a fresh store
-        local._seed_registry(store, registry)
+        local_store.seed_registry(store, registry)
         reg = ObjectStoreRegistry(store)
         model.write_bytes(f"weights of run {run}".encode())
         version = reg.register("sam-local", model, {"metrics": {"box_dice": 0.5 + run / 10}})
-        kept.append(local._keep_registered(store, {"version": version.version, "model_uri": version.model_uri},
+        kept.append(local_store.keep_registered(store, {"version": version.version, "model_uri": version.model_uri},
                                            registry))
     assert [Path(k["model"]).parent.name for k in kept] == ["v1", "v2"]
     assert [Path(k["model"]).read_bytes() for k in kept] == [b"weights of run 0", b"weights of run 1"]
@@ -195,7 +195,7 @@ def test_local_runs_share_the_registry_with_proper_versions(s3, tmp_path):
     assert sorted(p.parent.name for p in registry.rglob(".claim")) == ["v1", "v2"]
     # A third run's store sees v2 as the champion and numbers on.
     store = ObjectStore(dataclasses.replace(s3, prefix=f"run-{uuid.uuid4().hex[:8]}/"))
-    local._seed_registry(store, registry)
+    local_store.seed_registry(store, registry)
     reg = ObjectStoreRegistry(store)
     assert reg.latest("sam-local")["version"] == "v2" and reg.next_version("sam-local") == "v3"
 
@@ -224,7 +224,7 @@ def test_a_version_copied_by_another_run_meanwhile_is_a_conflict_not_a_crash(s3,
         return real_get_file(key, dest)
 
     store.get_file = get_file_while_the_other_run_lands
-    kept = local._keep_registered(store, {"version": version.version, "model_uri": version.model_uri}, registry)
+    kept = local_store.keep_registered(store, {"version": version.version, "model_uri": version.model_uri}, registry)
     assert "conflict" in kept and str(other) in kept["conflict"]
     assert (other / "model.pt").read_bytes() == b"the other run's weights"
     assert not [p for p in registry.rglob(".*") if ".part" in p.name]
@@ -361,3 +361,23 @@ def test_old_runs_and_their_logs_are_pruned_but_not_the_registry(tmp_path):
     assert len(list(tmp_path.glob(f"{PIPELINE_NAME}-*"))) == 5
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [f"run-2026010{i}.log" for i in range(3, 8)]
     assert (tmp_path / "registry" / "models" / "m" / "v1").is_dir()
+
+
+def test_runs_in_one_folder_share_one_server_that_ends_with_the_last(tmp_path):
+    """The shared store: a second run finds the first's server; another server on the recorded port (a port
+    reused after the folder's server ended) is not taken for it; the server ends once no run holds it."""
+    from components import s3server
+
+    root = tmp_path / "out"
+    with local_store.shared_store(root, bucket="mlpipeline", prefix="p/") as first:
+        with local_store.shared_store(root, bucket="mlpipeline", prefix="p/") as second:
+            assert second.endpoint == first.endpoint
+    deadline = time.monotonic() + 30
+    while s3server.is_up(first.endpoint) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert not s3server.is_up(first.endpoint), "the shared server outlived its last run"
+    with s3server.embedded_s3() as stranger:  # a server of someone else, where server.json points
+        doc = json.loads((root / "store" / "server.json").read_text())
+        (root / "store" / "server.json").write_text(json.dumps({**doc, "endpoint": stranger.endpoint}))
+        with local_store.shared_store(root, bucket="mlpipeline", prefix="p/") as third:
+            assert third.endpoint != stranger.endpoint

@@ -223,3 +223,39 @@ def test_xml_5xx_with_an_unknown_code_is_retried_then_one_line(store, serve_hand
     with pytest.raises(StorageError, match=r"keeps failing \(BackendFailure, HTTP 500\)") as e:
         flaky.put_bytes(flaky.key("c"), b"no")
     assert "\n" not in str(e.value)
+
+
+def test_a_refused_connection_gives_up_after_one_retry_and_says_so_at_once(capfd):
+    import time
+
+    from components.s3server import free_port
+
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="connection refused") as e:
+        ObjectStore(S3Config(endpoint=f"127.0.0.1:{free_port()}", access_key="a", secret_key="b"), retries=4)
+    assert time.monotonic() - started < 3, "a refused connection was retried like a 5xx"
+    err = capfd.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("sam-pipeline: retrying: object store at") and "refused" in err[0]
+    assert "\n" not in str(e.value)
+
+
+def test_a_5xx_is_retried_longer_and_the_first_retry_is_said(store, serve_handler, capfd):
+    host, port = store.config.endpoint.split(":")
+    handler = type("Down", (_FlakyProxy,), {"upstream": (host, int(port)), "failures": 10**6, "status": 503})
+    with pytest.raises(StorageError, match="503"):
+        ObjectStore(replace(store.config, endpoint=serve_handler(handler)), retries=2)
+    assert handler.failures == 10**6 - 3  # every try of the bucket check reached the proxy
+    # (the proxy's own threads may print a broken pipe's traceback here too: not ours)
+    err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("sam-pipeline")]
+    assert len(err) == 1 and "retrying" in err[0] and "HTTP 503" in err[0] and "up to 2 more tries" in err[0]
+
+
+def test_a_web_page_is_not_retried(serve_handler, capfd):
+    import time
+
+    endpoint = serve_handler(_WebPage)
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="not an S3 endpoint"):
+        ObjectStore(S3Config(endpoint=endpoint, access_key="a", secret_key="b", region="us-east-1"), retries=4)
+    assert time.monotonic() - started < 2, "a web page was retried"  # four retries back off 7.5 s or more
+    assert "retrying" not in capfd.readouterr().err

@@ -40,6 +40,19 @@ class LocalSource:
     label: str  # how messages name the source
 
 
+def name_from_source(source: str, dataset_format: str = "auto") -> str:
+    """The dataset name a source gets unless one is given: `penn-fudan` for Penn-Fudan (its format, its URL
+    or a PennFudanPed zip/folder), otherwise the folder's or zip's own name in the store's name alphabet
+    (`./My Data/` -> `my-data`, `s3://b/drops/cells/` -> `cells`)."""
+    import re
+
+    stem = PurePosixPath(urlparse(source).path.rstrip("/")).name.removesuffix(".zip")
+    if dataset_format == "penn-fudan" or source == PENNFUDAN_URL or stem.lower().startswith("pennfudan"):
+        return "penn-fudan"
+    name = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")
+    return name or "dataset"
+
+
 def cache_path(url: str, cache_dir: Path | None = None) -> Path:
     cache_dir = cache_dir or data_dir()
     name = PurePosixPath(urlparse(url).path).name or "dataset.zip"
@@ -77,11 +90,32 @@ def clean_stale_work_dirs(now: float | None = None) -> list[Path]:
     return removed
 
 
+def clean_stale_downloads(cache_dir: Path | None = None) -> list[Path]:
+    """Remove the partial downloads (`.<name>.unverified-<pid>-…`) of killed processes from the data cache,
+    and the cache folder itself when that leaves it empty: a killed run runs no clean-up of its own."""
+    cache_dir = cache_dir or data_dir()
+    removed = []
+    for part in cache_dir.glob(".*.unverified-*") if cache_dir.is_dir() else ():
+        pid = part.name.rsplit(".unverified-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            part.unlink(missing_ok=True)
+            removed.append(part)
+    if removed:
+        _remove_if_empty(cache_dir)
+    return removed
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty (another download landed), or already gone
+        folder.rmdir()
+
+
 @contextlib.contextmanager
 def open_source(source: str, store: ObjectStore | None = None, cache_dir: Path | None = None) -> Iterator[LocalSource]:
     """The source's files in a local folder for the `with` block; a downloaded zip enters the data cache
     only when the block ends without an error (the dataset validated and, for ingest, was committed)."""
     source = str(source)
+    clean_stale_downloads(cache_dir)
     # The pid in the name lets a later ingest recognise this folder as stale if this one is killed.
     with tempfile.TemporaryDirectory(prefix=f"{WORK_PREFIX}{os.getpid()}-") as tmp, \
             contextlib.ExitStack() as cache_entry:
@@ -110,6 +144,8 @@ def _from_url(url: str, work: Path, cache_dir: Path | None, cache_entry: context
             return LocalSource(_unzip(cached, work / "unzipped", url), url)
         except DatasetError:
             cached.unlink()  # a damaged cache entry is fetched again, never used
+    if not cached.parent.exists():  # made for this download: not left behind empty when it fails
+        cache_entry.callback(_remove_if_empty, cached.parent)  # runs after atomic_path's own clean-up
     # Beside the cache entry (same filesystem, so the move is an atomic rename), hidden from lookups.
     pending = cache_entry.enter_context(atomic_path(cached, tag="unverified"))
     try:

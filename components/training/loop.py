@@ -127,7 +127,9 @@ def train(cfg: TrainConfig, weights_path: str | Path, train_samples: Sequence, v
     t_train = time.perf_counter()
     bar = tqdm(range(start, cfg.n_iterations), initial=start, total=cfg.n_iterations, desc="finetune",
                disable=not cfg.show_progress, dynamic_ncols=True)
-    last_dice = best["dice"] if best["dice"] > -math.inf else float("nan")
+    # The bar names its numbers: the training loss, and the validation split's per-instance box Dice (the
+    # summary's "box Dice" is the test split's), shown once a validation has given one.
+    last_dice = history["val_dice"][-1] if history["val_dice"] else None
     for it in bar:
         iteration = it + 1
         loss = trainer.train_step(iteration)
@@ -148,7 +150,10 @@ def train(cfg: TrainConfig, weights_path: str | Path, train_samples: Sequence, v
                      "best_val_dice": best["dice"], "best_iteration": best["iteration"], "history": history,
                      "model_type": cfg.model_type, **identity, **trainer.state()}
             checkpoints.save(state, improved)
-        bar.set_postfix(loss=f"{loss:.4f}", dice=f"{last_dice:.3f}")
+        shown = {"train loss": f"{loss:.4f}"}
+        if last_dice is not None and math.isfinite(last_dice):
+            shown["val box Dice"] = f"{last_dice:.3f}"
+        bar.set_postfix(shown)
     bar.close()
     for items in (train_items, val_items):
         if hasattr(items, "close"):  # a stream's loader threads
