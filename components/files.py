@@ -68,3 +68,16 @@ def writable_dir(path: str | Path, what: str, fix: str, *, create: bool = True) 
         reason = "a file, not a folder" if bad.exists() and not bad.is_dir() else (e.strerror or str(e))
         raise UnwritableError(f"cannot write to {bad} ({reason}): {what}; {fix}") from None
     return path
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (signal 0 only asks); one of another user's counts as alive."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -296,11 +296,11 @@ def remove_old_runs(pipeline_root: Path, keep: int = 5) -> None:
     """kfp.local keeps every run's artifacts (checkpoints included); keep only the most recent runs' folders
     (`run-<time>-<pid>`, and `sam-finetune-*` of older versions), and as many run logs. A folder whose run is
     still going (another run in this folder) is never removed. The registry is never pruned."""
-    from pipelines.local_tmp import _alive
+    from components.files import pid_alive
 
     def running(folder: Path) -> bool:
         pid = folder.name.rsplit("-", 1)[-1]
-        return folder.name.startswith("run-") and pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid))
+        return folder.name.startswith("run-") and pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid))
 
     runs = sorted((p for p in pipeline_root.glob("*")
                    if p.is_dir() and p.name.startswith(("run-", f"{PIPELINE_NAME}-"))), key=lambda p: p.stat().st_mtime)

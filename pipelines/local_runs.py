@@ -17,7 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
-from components.files import atomic_path
+from components.files import atomic_path, pid_alive
 
 RUNNING, SUCCEEDED, FAILED = "running", "succeeded", "failed"
 
@@ -55,16 +55,6 @@ def recorded(pipeline_root: Path, run_id: str, checkpoint_name: str):
         record(pipeline_root, run_id, checkpoint_name, outcome["state"])
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def unfinished(pipeline_root: Path, checkpoint_name: str) -> dict | None:
     """The most recently started run of this checkpoint name that failed or was killed, or None."""
     found = []
@@ -77,7 +67,7 @@ def unfinished(pipeline_root: Path, checkpoint_name: str) -> dict | None:
             continue  # a record being replaced, or damaged: not one to resume
         if doc.get("checkpoint_name") != checkpoint_name or doc.get("state") == SUCCEEDED:
             continue
-        if doc.get("state") == RUNNING and int(doc.get("pid", 0)) != os.getpid() and _alive(int(doc.get("pid", 0))):
+        if doc.get("state") == RUNNING and int(doc.get("pid", 0)) != os.getpid() and pid_alive(int(doc.get("pid", 0))):
             continue  # still going in another process
         found.append(doc)
     return max(found, key=lambda d: d.get("started", 0), default=None)

@@ -14,17 +14,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from components.files import pid_alive
+
 PREFIX = "sam-pipeline-run-"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale(temp_root: Path | None = None) -> list[Path]:
@@ -33,7 +25,7 @@ def remove_stale(temp_root: Path | None = None) -> list[Path]:
     removed = []
     for folder in temp_root.glob(f"{PREFIX}*"):
         pid = folder.name[len(PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed

@@ -12,6 +12,19 @@ import yaml
 from components.hashing import sha256_file
 
 
+def wait_until(condition, limit: float, every: float = 0.2) -> bool:
+    """Poll `condition()` until it is true (True) or `limit` seconds have passed (False): for a process or a
+    server that ends on its own."""
+    import time
+
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(every)
+    return False
+
+
 def make_random_vit_t_checkpoint(path: str | Path, seed: int = 0) -> str:
     """A randomly initialised state dict of the real MobileSAM vit_t architecture (same keys and shapes
     as mobile_sam.pt, so every loader accepts it); returns its sha256."""

@@ -2,10 +2,8 @@
 except for load_split, which reads from the embedded S3 server)."""
 from __future__ import annotations
 
-import os
 import re
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest

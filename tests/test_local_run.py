@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -247,12 +246,9 @@ def _alive(pid: int) -> bool:
 
 
 def _wait_gone(pid: int, limit: float = 60.0) -> bool:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            return True
-        time.sleep(0.2)
-    return False
+    from helpers import wait_until
+
+    return wait_until(lambda: not _alive(pid), limit)
 
 
 def _start_parent(script: str, cwd: Path) -> tuple[subprocess.Popen, int]:
@@ -372,10 +368,10 @@ def test_runs_in_one_folder_share_one_server_that_ends_with_the_last(tmp_path):
     with local_store.shared_store(root, bucket="mlpipeline", prefix="p/") as first:
         with local_store.shared_store(root, bucket="mlpipeline", prefix="p/") as second:
             assert second.endpoint == first.endpoint
-    deadline = time.monotonic() + 30
-    while s3server.is_up(first.endpoint) and time.monotonic() < deadline:
-        time.sleep(0.3)
-    assert not s3server.is_up(first.endpoint), "the shared server outlived its last run"
+    from helpers import wait_until
+
+    assert wait_until(lambda: not s3server.is_up(first.endpoint), 30, every=0.3), \
+        "the shared server outlived its last run"
     with s3server.embedded_s3() as stranger:  # a server of someone else, where server.json points
         doc = json.loads((root / "store" / "server.json").read_text())
         (root / "store" / "server.json").write_text(json.dumps({**doc, "endpoint": stranger.endpoint}))

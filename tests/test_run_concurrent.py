@@ -6,10 +6,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,12 +18,7 @@ def _server_gone(folder: Path, limit: float = 30.0) -> bool:
     from components.s3server import is_up
 
     endpoint = json.loads((folder / "local_outputs" / "store" / "server.json").read_text())["endpoint"]
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if not is_up(endpoint):
-            return True
-        time.sleep(0.5)
-    return False
+    return wait_until(lambda: not is_up(endpoint), limit, every=0.5)
 
 
 @pytest.mark.slow

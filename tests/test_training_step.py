@@ -4,7 +4,6 @@ gradients of the official prompt encoder and mask decoder; single points train S
 and evaluation scores the head training selects; batches never hold an image twice."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

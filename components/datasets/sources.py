@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 from components.datasets.validate import DatasetError
 from components.download import DownloadError, download
-from components.files import atomic_path
+from components.files import atomic_path, pid_alive
 from components.storage import ObjectStore, StorageError
 
 PENNFUDAN_URL = "https://www.cis.upenn.edu/~jshi/ped_html/PennFudanPed.zip"
@@ -62,23 +62,13 @@ def cache_path(url: str, cache_dir: Path | None = None) -> Path:
     return cache_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
 def clean_stale_work_dirs(now: float | None = None) -> list[Path]:
     """Remove `sam-ingest-<pid>-*` work folders that a killed ingest left in the temp folder."""
     now = time.time() if now is None else now
     removed = []
     for folder in Path(tempfile.gettempdir()).glob(f"{WORK_PREFIX}*"):
         pid = folder.name[len(WORK_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+        if not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
             continue
         try:
             if now - folder.stat().st_mtime < STALE_AFTER_S:
@@ -97,7 +87,7 @@ def clean_stale_downloads(cache_dir: Path | None = None) -> list[Path]:
     removed = []
     for part in cache_dir.glob(".*.unverified-*") if cache_dir.is_dir() else ():
         pid = part.name.rsplit(".unverified-", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             part.unlink(missing_ok=True)
             removed.append(part)
     if removed:
