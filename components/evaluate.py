@@ -157,47 +157,59 @@ def evaluate(model_type: str, zero_shot_weights: str | Path, finetuned_weights: 
     elif champion_weights:
         candidates.append((Candidate("champion", title, Path(champion_weights), champion_model_type or model_type),
                            _without(test_samples, champion_seen)))
-    caches: dict[str, EmbeddingCache] = {}  # by encoder fingerprint: models that share it share embeddings
-    results: dict[str, dict] = {}
     keep = OVERLAY_IMAGES if report_path else 0
-    for cand, subset in candidates:
-        samples = _annotated(subset)
-        if not len(samples):
-            results[cand.label] = {"instances": [], "masks": {}}
-            continue
-        model, fp = _load_candidate(cand, dev)
-        if fp not in caches:
-            # The cache key must name the encoder: the zero-shot file's sha256 for its own encoder
-            # (shared with finetune's cache), the fingerprint for any other.
-            caches[fp] = EmbeddingCache(model, zero_shot_sha256 if cand.label == "zero_shot" and zero_shot_sha256
-                                        else fp, store)
-        embeddings = _embeddings(samples, caches[fp], dev)
-        results[cand.label] = score_model(model, embeddings, samples, keep_masks=min(keep, len(samples)))
-        del model
-
+    results = _score_candidates(candidates, dev, store, zero_shot_sha256, keep)
     samples = _annotated(test_samples)
-    metrics: dict = {}
-    for label, res in results.items():
-        if res["instances"]:
-            metrics.update(_aggregate(label, res["instances"]))
-            metrics.update({f"{label}_{k}": v for k, v in res["coco"].items()})  # e.g. finetuned_mask_ap
-    compared = len({r["image"] for r in results.get("champion", {}).get("instances", [])})
-    metrics.update({"test_images": len(samples), "test_instances": len(results["zero_shot"]["instances"]),
-                    "margin": float(margin), "champion_version": champion_name or None,
-                    "champion_box_dice": metrics.get("champion_box_dice")})
-    if "champion" in results:
-        metrics.update({"champion_test_images": compared, "champion_excluded_images": len(samples) - compared})
-    if champion_note:
-        metrics["champion_note"] = champion_note
+    metrics = _metrics(results, len(samples), float(margin), champion_name, champion_note)
     verdict = decide(results["finetuned"]["instances"], results["zero_shot"]["instances"],
                      results["champion"]["instances"] if "champion" in results else None, float(margin),
-                     champion_name=title, champion_excluded=len(samples) - compared, refused=refused)
+                     champion_name=title, champion_excluded=metrics.get("champion_excluded_images", 0),
+                     refused=refused)
     metrics.update(verdict.metrics())
     metrics["passed"] = verdict.passed
     metrics["verdict"] = "passed" if verdict.passed else "not passed: " + "; ".join(verdict.reasons)
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
     if report_path:
         write_report(report_path, metrics, results, samples, history, min(keep, len(samples)), verdict)
+    return metrics
+
+
+def _score_candidates(candidates: list, device, store, zero_shot_sha256: str, keep: int) -> dict[str, dict]:
+    """Each (candidate, its samples) scored; candidates that share an image encoder share its embeddings."""
+    caches: dict[str, EmbeddingCache] = {}  # by encoder fingerprint
+    results: dict[str, dict] = {}
+    for cand, subset in candidates:
+        samples = _annotated(subset)
+        if not len(samples):
+            results[cand.label] = {"instances": [], "masks": {}}
+            continue
+        model, fp = _load_candidate(cand, device)
+        if fp not in caches:
+            # The cache key must name the encoder: the zero-shot file's sha256 for its own encoder
+            # (shared with finetune's cache), the fingerprint for any other.
+            caches[fp] = EmbeddingCache(model, zero_shot_sha256 if cand.label == "zero_shot" and zero_shot_sha256
+                                        else fp, store)
+        embeddings = _embeddings(samples, caches[fp], device)
+        results[cand.label] = score_model(model, embeddings, samples, keep_masks=min(keep, len(samples)))
+        del model
+    return results
+
+
+def _metrics(results: dict, test_images: int, margin: float, champion_name: str, champion_note: str) -> dict:
+    """The candidates' means and medians, COCO AP, and what the champion was compared on."""
+    metrics: dict = {}
+    for label, res in results.items():
+        if res["instances"]:
+            metrics.update(_aggregate(label, res["instances"]))
+            metrics.update({f"{label}_{k}": v for k, v in res["coco"].items()})  # e.g. finetuned_mask_ap
+    metrics.update({"test_images": test_images, "test_instances": len(results["zero_shot"]["instances"]),
+                    "margin": margin, "champion_version": champion_name or None,
+                    "champion_box_dice": metrics.get("champion_box_dice")})
+    if "champion" in results:
+        compared = len({r["image"] for r in results["champion"]["instances"]})
+        metrics.update({"champion_test_images": compared, "champion_excluded_images": test_images - compared})
+    if champion_note:
+        metrics["champion_note"] = champion_note
     return metrics
 
 
