@@ -56,6 +56,42 @@ def train(cfg: TrainConfig, weights_path: str | Path, train_samples: Sequence, v
     runs/<run_id>/) when it belongs to the same run; writes best.pt, latest.pt and model.pt there."""
     t_start = time.perf_counter()
     cfg.validate()
+    train_samples, val_samples, streaming = _select(cfg, train_samples, val_samples)
+    run = _prepare(cfg, weights_path, weights_sha256, dataset_hash, train_samples, val_samples, streaming, store)
+    if run_id:
+        # Resume is for retries of the same run; a new run (a second `sam-pipeline run`, tonight's
+        # scheduled retraining) starts fresh even when everything else matches.
+        run.identity["run_id"] = run_id
+    mirror = StoreMirror(store, run_id) if store is not None and run_id else None
+    run.checkpoints = Checkpoints(Path(cfg.checkpoint_dir) / cfg.checkpoint_name, mirror)
+    _resume_or_score_the_start(run)
+    t_train = time.perf_counter()
+    _loop(run)
+    return _export(run, t_start, train_seconds=time.perf_counter() - t_train)
+
+
+@dataclass
+class _Run:
+    """What train()'s steps share."""
+    cfg: TrainConfig
+    device: torch.device
+    amp: object
+    model: torch.nn.Module
+    cache: EmbeddingCache
+    train_items: Sequence
+    val_items: Sequence
+    identity: dict  # what a checkpoint must match to be resumed
+    trainer: Trainer
+    checkpoints: Checkpoints | None = None
+    history: dict = field(default_factory=lambda: {"iteration": [], "loss": [], "lr": [], "val_iteration": [],
+                                                   "val_dice": [], "val_iou": []})
+    best: dict = field(default_factory=lambda: {"dice": -math.inf, "iteration": 0})
+    start: int = 0
+    resumed_from: int | None = None
+
+
+def _select(cfg: TrainConfig, train_samples, val_samples) -> tuple[Sequence, Sequence, bool]:
+    """The samples to train and validate on, and whether they are streamed from the store."""
     streaming = hasattr(train_samples, "load") and not cfg.debug_with_one_example
     if not streaming:
         if hasattr(train_samples, "load"):  # the one-example check needs one image, not a stream
@@ -70,12 +106,17 @@ def train(cfg: TrainConfig, weights_path: str | Path, train_samples: Sequence, v
         val_samples = train_samples
     if not len(val_samples):
         raise ValueError("no validation samples: best.pt is chosen by validation Dice")
+    return train_samples, val_samples, streaming
+
+
+def _prepare(cfg: TrainConfig, weights_path, weights_sha256: str, dataset_hash: str, train_samples, val_samples,
+             streaming: bool, store) -> _Run:
+    """Seeds, the model, its embeddings (from the store or computed once) and the items the trainer reads."""
     device = resolve_device(cfg.device)
     amp = resolve_amp(cfg, device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
-
     if not weights_sha256:
         from components.hashing import sha256_file
         weights_sha256 = sha256_file(weights_path)
@@ -93,39 +134,34 @@ def train(cfg: TrainConfig, weights_path: str | Path, train_samples: Sequence, v
         fingerprint = samples_fingerprint(train_samples) + samples_fingerprint(val_samples)
     if not len(train_items):
         raise ValueError("no training sample has any instance")
-
-    identity = {"weights_sha256": weights_sha256, "dataset_hash": dataset_hash,
-                "samples_fingerprint": fingerprint,
+    identity = {"weights_sha256": weights_sha256, "dataset_hash": dataset_hash, "samples_fingerprint": fingerprint,
                 "trajectory_config": trajectory_config(cfg)}
-    if run_id:
-        # Resume is for retries of the same run; a new run (a second `sam-pipeline run`, tonight's
-        # scheduled retraining) starts fresh even when everything else matches.
-        identity["run_id"] = run_id
-    mirror = StoreMirror(store, run_id) if store is not None and run_id else None
-    checkpoints = Checkpoints(Path(cfg.checkpoint_dir) / cfg.checkpoint_name, mirror)
+    return _Run(cfg, device, amp, model, cache, train_items, val_items, identity,
+                Trainer(cfg, model, train_items, val_items, device, amp))
 
-    trainer = Trainer(cfg, model, train_items, val_items, device, amp)
-    history = {"iteration": [], "loss": [], "lr": [], "val_iteration": [], "val_dice": [], "val_iou": []}
-    best = {"dice": -math.inf, "iteration": 0}
-    start, resumed_from = 0, None
-    ckpt = checkpoints.find_resume(identity) if cfg.resume else None
+
+def _resume_or_score_the_start(run: _Run) -> None:
+    """Continue this run's latest checkpoint, or score the untrained decoder: iteration 0 of every curve."""
+    ckpt = run.checkpoints.find_resume(run.identity) if run.cfg.resume else None
     if ckpt is not None:
-        trainer.load_state(ckpt)
-        if hasattr(train_items, "prefetch"):  # the restored epoch's remaining order
-            train_items.prefetch(trainer.order[trainer.pos:])
-        start = resumed_from = int(ckpt["iteration"])
-        history = ckpt["history"]
-        best = {"dice": float(ckpt["best_val_dice"]), "iteration": int(ckpt["best_iteration"])}
-        log.info("resumed at iteration %d (best val Dice %.3f)", start, best["dice"])
-    else:
-        checkpoints.discard_best()
-        # Iteration 0: the untrained decoder's score, the reference point of every curve.
-        metrics = trainer.validate()
-        _record_validation(history, 0, metrics)
-        tqdm.write(f"Before training: Dice Score = {metrics['dice']:.3f}")
+        run.trainer.load_state(ckpt)
+        if hasattr(run.train_items, "prefetch"):  # the restored epoch's remaining order
+            run.train_items.prefetch(run.trainer.order[run.trainer.pos:])
+        run.start = run.resumed_from = int(ckpt["iteration"])
+        run.history = ckpt["history"]
+        run.best = {"dice": float(ckpt["best_val_dice"]), "iteration": int(ckpt["best_iteration"])}
+        log.info("resumed at iteration %d (best val Dice %.3f)", run.start, run.best["dice"])
+        return
+    run.checkpoints.discard_best()
+    metrics = run.trainer.validate()
+    _record_validation(run.history, 0, metrics)
+    tqdm.write(f"Before training: Dice Score = {metrics['dice']:.3f}")
 
-    t_train = time.perf_counter()
-    bar = tqdm(range(start, cfg.n_iterations), initial=start, total=cfg.n_iterations, desc="finetune",
+
+def _loop(run: _Run) -> None:
+    """The iterations, a validation (and checkpoints) every `val_every` and after the last."""
+    cfg, trainer, history = run.cfg, run.trainer, run.history
+    bar = tqdm(range(run.start, cfg.n_iterations), initial=run.start, total=cfg.n_iterations, desc="finetune",
                disable=not cfg.show_progress, dynamic_ncols=True)
     # The bar names its numbers: the training loss, and the validation split's per-instance box Dice (the
     # summary's "box Dice" is the test split's), shown once a validation has given one.
@@ -137,37 +173,47 @@ def train(cfg: TrainConfig, weights_path: str | Path, train_samples: Sequence, v
         history["loss"].append(loss)
         history["lr"].append(trainer.optimizer.param_groups[0]["lr"])
         if iteration % cfg.val_every == 0 or iteration == cfg.n_iterations:
-            metrics = trainer.validate()
-            last_dice = metrics["dice"]
-            trainer.scheduler.step(metrics["dice"])
-            _record_validation(history, iteration, metrics)
-            improved = metrics["dice"] > best["dice"]
-            if improved:
-                best = {"dice": metrics["dice"], "iteration": iteration}
-            epoch = iteration // cfg.val_every - 1 if iteration % cfg.val_every == 0 else iteration // cfg.val_every
-            tqdm.write(f"Epoch {epoch}: Dice Score = {metrics['dice']:.3f} (best: {best['dice']:.3f})")
-            state = {"format_version": CHECKPOINT_FORMAT, "iteration": iteration, "config": asdict(cfg),
-                     "best_val_dice": best["dice"], "best_iteration": best["iteration"], "history": history,
-                     "model_type": cfg.model_type, **identity, **trainer.state()}
-            checkpoints.save(state, improved)
+            last_dice = _validate_and_save(run, iteration)
         shown = {"train loss": f"{loss:.4f}"}
         if last_dice is not None and math.isfinite(last_dice):
             shown["val box Dice"] = f"{last_dice:.3f}"
         bar.set_postfix(shown)
     bar.close()
-    for items in (train_items, val_items):
+    for items in (run.train_items, run.val_items):
         if hasattr(items, "close"):  # a stream's loader threads
             items.close()
-    train_seconds = time.perf_counter() - t_train
 
-    best_state = checkpoints.load_best()
-    load_trainable_state_dict(model, {k: v.to(device) for k, v in best_state["trainable_state"].items()})
-    export_state_dict(model, checkpoints.model)
-    done = cfg.n_iterations - start
+
+def _validate_and_save(run: _Run, iteration: int) -> float:
+    cfg, history = run.cfg, run.history
+    metrics = run.trainer.validate()
+    run.trainer.scheduler.step(metrics["dice"])
+    _record_validation(history, iteration, metrics)
+    improved = metrics["dice"] > run.best["dice"]
+    if improved:
+        run.best = {"dice": metrics["dice"], "iteration": iteration}
+    epoch = iteration // cfg.val_every - 1 if iteration % cfg.val_every == 0 else iteration // cfg.val_every
+    tqdm.write(f"Epoch {epoch}: Dice Score = {metrics['dice']:.3f} (best: {run.best['dice']:.3f})")
+    state = {"format_version": CHECKPOINT_FORMAT, "iteration": iteration, "config": asdict(cfg),
+             "best_val_dice": run.best["dice"], "best_iteration": run.best["iteration"], "history": history,
+             "model_type": cfg.model_type, **run.identity, **run.trainer.state()}
+    run.checkpoints.save(state, improved)
+    return metrics["dice"]
+
+
+def _export(run: _Run, t_start: float, train_seconds: float) -> TrainResult:
+    """best.pt's weights as a plain state dict (model.pt), and what the run did."""
+    best_state = run.checkpoints.load_best()
+    load_trainable_state_dict(run.model, {k: v.to(run.device) for k, v in best_state["trainable_state"].items()})
+    export_state_dict(run.model, run.checkpoints.model)
+    done = run.cfg.n_iterations - run.start
     return TrainResult(
-        best_path=checkpoints.best, latest_path=checkpoints.latest, model_path=checkpoints.model,
-        best_val_dice=float(best_state["best_val_dice"]), history=history,
-        best_iteration=int(best_state["best_iteration"]), iterations=cfg.n_iterations, resumed_from=resumed_from,
-        device=str(device), amp=amp.label, seconds=time.perf_counter() - t_start, train_seconds=train_seconds,
-        embedding_stats=dict(cache.stats, it_per_s=(done / train_seconds) if done > 0 and train_seconds > 0 else None),
+        best_path=run.checkpoints.best, latest_path=run.checkpoints.latest, model_path=run.checkpoints.model,
+        best_val_dice=float(best_state["best_val_dice"]), history=run.history,
+        best_iteration=int(best_state["best_iteration"]), iterations=run.cfg.n_iterations,
+        resumed_from=run.resumed_from, device=str(run.device), amp=run.amp.label,
+        seconds=time.perf_counter() - t_start,
+        train_seconds=train_seconds,
+        embedding_stats=dict(run.cache.stats, it_per_s=(done / train_seconds) if done > 0 and train_seconds > 0
+                             else None),
     )
