@@ -240,7 +240,8 @@ def chain(docker: Docker, compiled: Compiled, refs: dict[str, str], work: Path, 
         check(w["metadata"].get("sha256") == sha, "fetch-weights: weights artifact metadata names the sha256")
         check(bool(host.list(host.key("weights", "vit_t", sha))), "fetch-weights: checkpoint staged in the store")
 
-        ing = run("ingest-dataset", {"source": f"{url}/PennFudanPed.zip", "dataset_format": "penn-fudan"}, {})
+        ing = run("ingest-dataset", {"source": f"{url}/PennFudanPed.zip", "dataset_format": "penn-fudan",
+                                     "categories": compiled.defaults["dataset_categories"]}, {})
         d = ing["artifacts"]["dataset"]
         manifest = json.loads(client.get_object(*d["uri"].removeprefix("minio://").split("/", 1)).read())
         check(manifest["totals"]["images"] == 8, "ingest-dataset: the manifest counts the 8 synthetic images")
