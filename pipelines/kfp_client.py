@@ -322,10 +322,8 @@ def _source(package: Path | None, version_ref: tuple[str, str] | None) -> dict:
 def submit(conn: Connection, experiment: str, run_name: str, params: dict, *, package: Path | None = None,
            version_ref: tuple[str, str] | None = None) -> str:
     """Create a run in `experiment` from a local package or an uploaded version; returns its id."""
-    experiment_id = _experiment_id(conn, experiment)
-    run = _call(conn, "creating the run", conn.client.run_pipeline, experiment_id, run_name, params=params,
-                **_source(package, version_ref))
-    return run.run_id
+    return _call(conn, "creating the run", conn.client.run_pipeline, _experiment_id(conn, experiment), run_name,
+                 params=params, **_source(package, version_ref)).run_id
 
 
 def _transient(e: Exception) -> bool:

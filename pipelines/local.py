@@ -196,6 +196,7 @@ def _execute(pipeline, params: dict, own: Path, workspace: Path, env: dict, cons
 
     events = Events(console)
     root = logging.getLogger()
+    handlers = root.handlers[:]
     root.addFilter(events)
     # kfp.local's own handler exists only while a task runs; between tasks its records (skips, clean-up)
     # go to the log file through this one, and logging's implicit basicConfig cannot print them here.
@@ -220,7 +221,12 @@ def _execute(pipeline, params: dict, own: Path, workspace: Path, env: dict, cons
             pipeline(**params)
     finally:
         root.removeFilter(events)
-        root.removeHandler(to_log)
+        # The root logger's handlers as they were. kfp.local swaps them around each task and puts back what it
+        # saw (kfp/local/logging_utils.py, `local_logger_context`); a dsl.ParallelFor runs its tasks in threads,
+        # so one task can save another's handler and restore it for good: a handler writing to this run's
+        # console, whose log file closes when the run ends (the next run in this process then printed
+        # "--- Logging error ---").
+        root.handlers[:] = handlers
         root.setLevel(level)
         console.write("\n")
     return events

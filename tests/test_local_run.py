@@ -140,6 +140,27 @@ def test_console_shows_task_lines_progress_and_the_error_and_logs_everything(tmp
     assert console.error_line("finetune") == "StorageError: s3://b/k does not exist"
 
 
+def test_a_run_leaves_the_root_loggers_handlers_as_it_found_them(tmp_path):
+    """kfp.local restores the root logger's handlers around each task from what it saw when the task began; the
+    tasks of a dsl.ParallelFor run in threads, so one can restore another's handler (bound to this run's console)
+    for good (kfp/local/logging_utils.py, `local_logger_context`). After the run its log file is closed: a next
+    run in the same process printed "--- Logging error ---" before its own error line. Here the pipeline leaks a
+    handler the way the race does, and the run must not keep it."""
+    import logging
+
+    root = logging.getLogger()
+    before = root.handlers[:]
+    with open(tmp_path / "run.log", "w") as log:
+        console = Console(io.StringIO(), log)
+
+        def leaking_pipeline(**params):
+            root.addHandler(logging.StreamHandler(sys.stdout))  # sys.stdout is the run's console here
+
+        local._execute(leaking_pipeline, {}, tmp_path / "own", tmp_path / "workspace", {}, console)
+    assert root.handlers == before
+    logging.getLogger("after-the-run").warning("nothing may write to the closed log now")
+
+
 def test_on_a_terminal_progress_is_one_line_redrawn_in_place():
     class Terminal(io.StringIO):
         def isatty(self):
