@@ -34,7 +34,6 @@ BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0  # fixed: the same scores always give the same decision
 CONFIDENCE = 0.95
 MIN_COMPARABLE_IMAGES = 5
-BASELINES = ("zero_shot", "champion")
 GATE_PROMPTS = ("box", "point")
 
 
