@@ -144,7 +144,8 @@ def evaluate(model_type: str, zero_shot_weights: str | Path, finetuned_weights: 
     from components.sam.device import resolve_device
 
     t0 = time.perf_counter()
-    if not len(_annotated(test_samples)):
+    samples = _annotated(test_samples)  # what the report shows; each candidate streams its own subset
+    if not len(samples):
         raise EvaluationError("the test split has no annotated instance: nothing to evaluate")
     dev = resolve_device(device)
     title = f"champion {champion_name}".strip()
@@ -159,7 +160,6 @@ def evaluate(model_type: str, zero_shot_weights: str | Path, finetuned_weights: 
                            _without(test_samples, champion_seen)))
     keep = OVERLAY_IMAGES if report_path else 0
     results = _score_candidates(candidates, dev, store, zero_shot_sha256, keep)
-    samples = _annotated(test_samples)
     metrics = _metrics(results, len(samples), float(margin), champion_name, champion_note)
     verdict = decide(results["finetuned"]["instances"], results["zero_shot"]["instances"],
                      results["champion"]["instances"] if "champion" in results else None, float(margin),
