@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 from components.storage import S3Config
 
@@ -21,36 +22,11 @@ from components.storage import S3Config
 ANON_KEYS = ("sam-local", "sam-local-secret")
 WATCHDOG_SECONDS = 1.0
 
-# The server process: moto's server plus a watchdog thread that ends it when nobody needs it any more. A
-# SIGKILLed parent runs no cleanup; without this, each killed `sam-pipeline run` left a 150-300 MB server behind.
-# "pid:<parent>": the server belongs to one process; the watchdog compares getppid() with it (a dead parent's
-# children are re-parented), so it works where PR_SET_PDEATHSIG does not exist; on Linux the kernel's signal
-# (see `_die_with_parent`) is the faster of the two. "lease:<file>": the server is shared by the runs of one
-# working folder (pipelines/local_store.py); each holds a shared flock on the file while it runs, and the kernel
-# drops a killed run's lock, so the server ends once it can take the lock exclusively. Self-contained on
-# purpose: the child imports nothing of this package.
-_SERVER = """
-import fcntl, os, sys, threading, time
-owner, every = sys.argv[1], float(sys.argv[2])
-def watch_parent(parent):
-    while os.getppid() == parent:
-        time.sleep(every)
-    os._exit(0)
-def watch_lease(path):
-    with open(path, "a") as lease:
-        while True:
-            time.sleep(every)
-            try:
-                fcntl.flock(lease, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue
-            os._exit(0)  # still holding the lock: a run arriving now waits, then starts a new server
-kind, _, arg = owner.partition(":")
-target = watch_parent if kind == "pid" else watch_lease
-threading.Thread(target=target, args=(int(arg) if kind == "pid" else arg,), daemon=True, name="watchdog").start()
-from moto.server import main
-main(sys.argv[3:])
-"""
+# The server process's own code (moto's server, its watchdog, the folder it keeps objects in) is a script of
+# its own, components/s3_process.py, run by path: the child imports nothing of this package (and `-P` keeps the
+# script's folder, components/, off its sys.path, where its modules would shadow what moto imports).
+_PROCESS = str(Path(__file__).with_name("s3_process.py"))
+
 
 def _die_with_parent():
     """A preexec_fn asking Linux to SIGTERM the child when the thread that started it dies (prctl(2),
@@ -109,13 +85,17 @@ def _server_env(auth: bool) -> dict:
     return env
 
 
-def start_server(owner: str, *, auth: bool = False, log=subprocess.DEVNULL) -> tuple[subprocess.Popen, str]:
-    """Start a server owned by `owner` ("pid:<pid>" or "lease:<file>", see `_SERVER`); (process, url) once it
-    answers. Own session: a Ctrl-C in the terminal reaches the run, which then stops the server in order. A
-    lease-owned server must outlive the run that started it, so it does not get the parent-death signal."""
+def start_server(owner: str, *, auth: bool = False, objects: Path | None = None,
+                 log=subprocess.DEVNULL) -> tuple[subprocess.Popen, str]:
+    """Start a server owned by `owner` ("pid:<pid>" or "lease:<file>", see components/s3_process.py); (process,
+    url) once it answers. `objects`: the folder the server keeps its objects in (loaded before it answers,
+    written through on every change); None: in memory only. Own session: a Ctrl-C in the terminal reaches the
+    run, which then stops the server in order. A lease-owned server must outlive the run that started it, so it
+    does not get the parent-death signal."""
     port = free_port()
+    keep = ["--objects", str(objects)] if objects is not None else []
     proc = subprocess.Popen(
-        [sys.executable, "-c", _SERVER, owner, str(WATCHDOG_SECONDS), "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-P", _PROCESS, owner, str(WATCHDOG_SECONDS), *keep, "-H", "127.0.0.1", "-p", str(port)],
         env=_server_env(auth), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         preexec_fn=_die_with_parent() if owner.startswith("pid:") else None)
     url = f"http://127.0.0.1:{port}"

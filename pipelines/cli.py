@@ -102,6 +102,10 @@ def _add_run(sub) -> None:
     g.add_argument("--summary-json", type=Path, help="write a machine-readable summary here")
     g.add_argument("--retries", type=_int_at_least(0), default=0, help="finetune retries (resume from latest.pt)")
     g.add_argument("--keep-runs", type=_int_at_least(1), default=5, help="older local runs are deleted")
+    g.add_argument("--fresh", action="store_true",
+                   help="start from an empty local store: first removes --pipeline-root's store/objects/, every "
+                        "dataset, embedding, checkpoint and registered version earlier runs kept there (not "
+                        "checkpoints/ or the run folders); refused while another run of the folder is running")
     g.add_argument("-v", "--verbose", action="store_true",
                    help="stream every task's whole log here (default: task lines and progress; the log goes "
                         "to a file under --pipeline-root)")
@@ -208,6 +212,8 @@ def cmd_run(args) -> int:
     run_args.fill_names(args)
     run_args.validate_run_params(run_args.run_params(args))
     run_args.check_writable(args)
+    if args.fresh and args.s3_endpoint:
+        raise run_args.RunArgsError("--fresh empties the local store; with --s3-endpoint there is none")
     run_args.prepare_inputs(args)
     run_id = run_args.choose_run_id(args)
     try:
@@ -215,7 +221,7 @@ def cmd_run(args) -> int:
                 run_args.sigterm_unwinds():  # a SIGTERM stops the run's S3 server and tasks like Ctrl-C does
             summary = local.run_local({**run_args.run_params(args), "resume_run_id": run_id},
                                       pipeline_root=args.pipeline_root, s3_endpoint=args.s3_endpoint,
-                                      retries=args.retries, verbose=args.verbose)
+                                      retries=args.retries, verbose=args.verbose, fresh=args.fresh)
             outcome["state"] = local_runs.SUCCEEDED if summary["succeeded"] else local_runs.FAILED
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the record says failed, so --resume finds this run
         raise CLIError(run_args.interrupted_line(args, run_id), 130) from None
@@ -229,9 +235,6 @@ def cmd_run(args) -> int:
         error = CLIError(run_args.failure_line(summary, args.summary_json))
         error.problems = run_args.failure_problems(summary)  # a dataset's problems, as `ingest` prints them
         raise error
-    if (summary.get("registered_copy") or {}).get("conflict"):  # registered, but the model will be lost
-        raise CLIError(f"registered {args.model_name} {summary['registered']['version']} but could not keep it: "
-                       f"{summary['registered_copy']['conflict']}")
     return 0
 
 

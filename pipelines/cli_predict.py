@@ -19,7 +19,7 @@ worked example (a local run registered the model "sam-pennfudan"; boxes from a C
   # predictions/predictions.json       COCO results: RLE masks, bbox, score = SAM's predicted IoU
   # predictions/overlays/<image>.png   the masks drawn over the image
 
-  sam-pipeline predict --checkpoint local_outputs/registry/models/sam-pennfudan/v1/model.pt \\
+  sam-pipeline predict --checkpoint my_model.pt \\
       -m vit_t --images photos/ --boxes boxes.txt --output out/  # boxes.txt: "photo1.jpg 10 20 200 300"
   sam-pipeline predict --checkpoint ~/.sam_models/vit_t.pt --images photos/ --output out/  # no prompts:
       # SAM's automatic mask generator over the whole image
@@ -35,7 +35,7 @@ def add_parser(sub, add_store_flags) -> None:
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", metavar="NAME[:VERSION]",
                        help="a registered version (default: the latest) from the store, or from "
-                            "--pipeline-root's local registry when no store is given")
+                            "the store of --pipeline-root's local runs when no store is given")
     model.add_argument("--checkpoint", type=Path, help="a SAM state-dict file (with -m for its model type)")
     p.add_argument("-m", "--model-type", "--model_type", dest="model_type", default="vit_t", choices=MODEL_TYPES,
                    help="model type of --checkpoint (a registered model's card names its own)")
@@ -50,15 +50,15 @@ def add_parser(sub, add_store_flags) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="images per image-encoder call")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--pipeline-root", type=Path, default=Path("local_outputs"),
-                   help="where `sam-pipeline run` keeps its local registry (used by --model without a store)")
+                   help="where `sam-pipeline run` keeps its local store (used by --model without a store)")
     add_store_flags(p, local_default=False)
     p.set_defaults(func=cmd_predict)
 
 
 @contextlib.contextmanager
 def _registry_store(args):
-    """The store --model reads: --s3-endpoint/S3_ENDPOINT, else the local runs' registry folder served by a
-    throwaway local S3 server (the same registry code reads both)."""
+    """The store --model reads: --s3-endpoint/S3_ENDPOINT, else the store the local runs of --pipeline-root keep
+    (the same registry code reads both)."""
     from components.steps import connect
     from components.storage import ObjectStore
 
@@ -66,13 +66,10 @@ def _registry_store(args):
     if endpoint:
         yield connect(endpoint, args.bucket, args.prefix)
         return
-    from components.s3server import embedded_s3
-    from pipelines.local_store import seed_registry
+    from pipelines.local_store import shared_store
 
-    with embedded_s3(bucket=args.bucket, prefix=args.prefix) as cfg:
-        store = ObjectStore(cfg)
-        seed_registry(store, args.pipeline_root / "registry")
-        yield store
+    with shared_store(args.pipeline_root, bucket=args.bucket, prefix=args.prefix) as cfg:
+        yield ObjectStore(cfg)
 
 
 def cmd_predict(args) -> int:

@@ -132,29 +132,27 @@ def _environ(values: dict):
 
 
 @contextlib.contextmanager
-def object_store(endpoint: str | None, pipeline_root: Path, bucket: str, prefix: str):
+def object_store(endpoint: str | None, pipeline_root: Path, bucket: str, prefix: str, fresh: bool = False):
     """The run's store: the given endpoint (credentials from the environment) or the S3 server this working
-    folder's runs share (pipelines/local_store.py)."""
+    folder's runs share, which keeps what they store (pipelines/local_store.py); `fresh` empties that first."""
     from components.storage import S3Config
     from pipelines.local_store import shared_store
 
     if endpoint:
         yield S3Config.from_env(endpoint=endpoint), False
         return
-    with shared_store(pipeline_root, bucket=bucket, prefix=prefix) as cfg:
+    with shared_store(pipeline_root, bucket=bucket, prefix=prefix, fresh=fresh) as cfg:
         yield cfg, True
 
 
 def run_local(params: dict, *, pipeline_root: Path, s3_endpoint: str | None = None, retries: int = 0,
-              verbose: bool = False, out=None) -> dict:
+              verbose: bool = False, fresh: bool = False, out=None) -> dict:
     """Run the pipeline with kfp.local; returns the summary (task states, metrics, uris). Never raises for a
     failed task: the summary says which one failed. The console shows task starts and finishes and a progress
     line; the whole stream goes to the log file named in the summary (`verbose`: to the console too).
 
     The run's outputs go to a folder of its own, `<pipeline_root>/run-<time>-<pid>/` (kfp.local's pipeline root
     for this run alone), so runs started at once in one folder never read each other's task states."""
-    from components.storage import ObjectStore
-    from pipelines.local_store import keep_registered
     from pipelines.local_tmp import scratch
 
     out = out or sys.stdout
@@ -166,8 +164,8 @@ def run_local(params: dict, *, pipeline_root: Path, s3_endpoint: str | None = No
         folder.mkdir(parents=True, exist_ok=True)
     started = time.time()
     bucket, prefix = params.get("bucket") or "mlpipeline", params.get("prefix") or "sam-pipeline/"
-    with object_store(s3_endpoint, pipeline_root, bucket, prefix) as (cfg, embedded), open(log_path, "w") as log, \
-            scratch() as tmp:
+    with object_store(s3_endpoint, pipeline_root, bucket, prefix, fresh) as (cfg, embedded), \
+            open(log_path, "w") as log, scratch() as tmp:
         params = {**params, "s3_endpoint": cfg.endpoint, "bucket": params.get("bucket") or cfg.bucket,
                   "prefix": params.get("prefix") or cfg.prefix}
         # A local retry re-runs at once: the cluster's 60 s backoff would only make a failing run slow.
@@ -183,10 +181,6 @@ def run_local(params: dict, *, pipeline_root: Path, s3_endpoint: str | None = No
         run_dir = next(iter(sorted(own.glob(f"{PIPELINE_NAME}-*"))), None)
         summary = _summarise(pipeline, run_dir, events, console, params, cfg, embedded)
         summary.update(seconds=round(time.time() - started, 1), log=str(log_path))
-        if embedded and summary["registered"]:
-            # The shared store stops with the last run: keep the registered version on local disk.
-            store = ObjectStore(dataclasses.replace(cfg, bucket=params["bucket"], prefix=params["prefix"]))
-            summary["registered_copy"] = keep_registered(store, summary["registered"], pipeline_root / "registry")
     return summary
 
 
@@ -301,7 +295,7 @@ def find_checkpoints(checkpoint_name: str, root: Path = Path("checkpoints")) -> 
 def remove_old_runs(pipeline_root: Path, keep: int = 5) -> None:
     """kfp.local keeps every run's artifacts (checkpoints included); keep only the most recent runs' folders
     (`run-<time>-<pid>`, and `sam-finetune-*` of older versions), and as many run logs. A folder whose run is
-    still going (another run in this folder) is never removed. The registry is never pruned."""
+    still going (another run in this folder) is never removed. The store (`store/`) is never pruned."""
     from components.files import pid_alive
 
     def running(folder: Path) -> bool:

@@ -96,7 +96,7 @@ def check_writable(args) -> None:
     writable_dir(Path.cwd(), "a run keeps checkpoints/, data/ and runs/ in the working folder",
                  "run sam-pipeline from a writable folder", create=False)
     writable_models_dir(create=False)
-    writable_dir(args.pipeline_root, "a run keeps its task outputs, logs, records and the local registry there",
+    writable_dir(args.pipeline_root, "a run keeps its task outputs, logs, records and the local store there",
                  "--pipeline-root moves it", create=False)
 
 
@@ -225,11 +225,6 @@ def print_summary(summary: dict, *, margin: float, model_name: str, summary_json
     if summary.get("registered"):
         r = summary["registered"]
         print(f"  registered {model_name} {r['version']}: {r['model_uri']}", file=out)
-        copy = summary.get("registered_copy") or {}
-        if copy.get("model"):
-            print(f"    (kept at {copy['model']}: the local store stops with the folder's last run)", file=out)
-        elif copy.get("conflict"):
-            print(f"    not kept: {copy['conflict']}", file=out)
     elif summary.get("skipped"):
         print(f"  skipped: {summary['skipped']} (--force retrains anyway)", file=out)
     elif summary["tasks"]["register-model"]["state"] == "SKIPPED":

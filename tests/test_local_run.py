@@ -1,5 +1,6 @@
-"""The local runner's parts: task states from executor outputs, the console, the shared local registry, the
-S3 server that dies with its parent, and the kfp.local patch that must go when kfp fixes its bug."""
+"""The local runner's parts: task states from executor outputs, the console, the store the local runs of a
+folder share and keep, the S3 server that dies with its parent, and the kfp.local patch that must go when kfp
+fixes its bug."""
 from __future__ import annotations
 
 import io
@@ -186,68 +187,49 @@ def test_verbose_console_passes_everything_through():
     assert out.getvalue() == log.getvalue() == '{"inputs": {}}\nfinetune:  40%|####      | 2/5\n'
 
 
-# -- one registry for all local runs in a folder -----------------------------------------------------
+# -- one store for all local runs in a folder, kept between them -------------------------------------------
 
-def test_local_runs_share_the_registry_with_proper_versions(s3, tmp_path):
-    """A store started later (the shared one stops with the last run) gets the local registry folder's versions."""
-    import dataclasses
-    import uuid
+def _server_ends(cfg) -> None:
+    from components import s3server
+    from helpers import wait_until
 
+    assert wait_until(lambda: not s3server.is_up(cfg.endpoint), 30, every=0.3), "the shared server outlived its runs"
+
+
+def test_the_folders_store_keeps_versions_across_servers_and_fresh_empties_it(tmp_path):
+    """The registry needs nothing of its own: its versions are objects of the folder's store, which outlives its
+    server; `--fresh` (shared_store(fresh=True)) empties it, but never under a run that is using it."""
+    from components.errors import UserError
     from components.registry import ObjectStoreRegistry
     from components.storage import ObjectStore
 
-    registry = tmp_path / "registry"
-    model = tmp_path / "model.pt"
-    kept = []
+    root, model = tmp_path / "out", tmp_path / "model.pt"
     for run in range(2):
-        store = ObjectStore(dataclasses.replace(s3, prefix=f"run-{uuid.uuid4().hex[:8]}/"))  # a fresh store
-        local_store.seed_registry(store, registry)
-        reg = ObjectStoreRegistry(store)
-        model.write_bytes(f"weights of run {run}".encode())
-        version = reg.register("sam-local", model, {"metrics": {"box_dice": 0.5 + run / 10}})
-        kept.append(local_store.keep_registered(store, {"version": version.version, "model_uri": version.model_uri},
-                                           registry))
-    assert [Path(k["model"]).parent.name for k in kept] == ["v1", "v2"]
-    assert [Path(k["model"]).read_bytes() for k in kept] == [b"weights of run 0", b"weights of run 1"]
-    assert json.loads(Path(kept[1]["card"]).read_text())["metrics"]["box_dice"] == 0.6
-    assert not list(registry.rglob(".*.part*"))  # no half-copied version left behind
-    # The registry's create-only claims travel with their versions, so a later run cannot claim them again.
-    assert sorted(p.parent.name for p in registry.rglob(".claim")) == ["v1", "v2"]
-    # A third run's store sees v2 as the champion and numbers on.
-    store = ObjectStore(dataclasses.replace(s3, prefix=f"run-{uuid.uuid4().hex[:8]}/"))
-    local_store.seed_registry(store, registry)
-    reg = ObjectStoreRegistry(store)
-    assert reg.latest("sam-local")["version"] == "v2" and reg.next_version("sam-local") == "v3"
+        with local_store.shared_store(root, bucket="mlpipeline", prefix="p/") as cfg:
+            reg = ObjectStoreRegistry(ObjectStore(cfg))
+            model.write_bytes(f"weights of run {run}".encode())
+            assert reg.register("sam-local", model, {"metrics": {"box_dice": 0.5 + run / 10}}).version == f"v{run + 1}"
+        _server_ends(cfg)  # the next run starts a new server, from the folder
+    with local_store.shared_store(root, bucket="mlpipeline", prefix="p/") as cfg:
+        reg = ObjectStoreRegistry(ObjectStore(cfg))
+        assert reg.latest("sam-local")["version"] == "v2" and reg.next_version("sam-local") == "v3"
+        assert ObjectStore(cfg).get_bytes(reg.latest("sam-local")["model_uri"].split("/", 3)[3]) == b"weights of run 1"
+        with pytest.raises(UserError, match="another run is using the store"):
+            with local_store.shared_store(root, bucket="mlpipeline", prefix="p/", fresh=True):
+                pass
+    # The server of the last run may still be idling (its watchdog ends it within a second): fresh stops it too.
+    with local_store.shared_store(root, bucket="mlpipeline", prefix="p/", fresh=True) as fresh:
+        assert fresh.endpoint != cfg.endpoint
+        assert ObjectStore(fresh).list("p/") == [] and ObjectStoreRegistry(ObjectStore(fresh)).next_version("sam-local") == "v1"
+    assert not list(local_store.objects_folder(root).rglob("*"))
 
 
-def test_a_version_copied_by_another_run_meanwhile_is_a_conflict_not_a_crash(s3, tmp_path):
-    """Two local runs in one folder registered the same version; the other's copy lands while this one is
-    copying: this run reports the conflict, keeps the other's files, and leaves no temporary folder."""
-    import dataclasses
-    import uuid
+def test_fresh_with_a_store_of_ones_own_is_refused_in_one_line(tmp_path, capsys):
+    from pipelines.cli import main
 
-    from components.registry import ObjectStoreRegistry
-    from components.storage import ObjectStore
-
-    registry = tmp_path / "registry"
-    store = ObjectStore(dataclasses.replace(s3, prefix=f"run-{uuid.uuid4().hex[:8]}/"))
-    model = tmp_path / "model.pt"
-    model.write_bytes(b"this run's weights")
-    version = ObjectStoreRegistry(store).register("sam-local", model, {"metrics": {"box_dice": 0.5}})
-    other = registry / "models" / "sam-local" / version.version
-    real_get_file = store.get_file
-
-    def get_file_while_the_other_run_lands(key, dest):
-        if not other.exists():
-            other.mkdir(parents=True)
-            (other / "model.pt").write_bytes(b"the other run's weights")
-        return real_get_file(key, dest)
-
-    store.get_file = get_file_while_the_other_run_lands
-    kept = local_store.keep_registered(store, {"version": version.version, "model_uri": version.model_uri}, registry)
-    assert "conflict" in kept and str(other) in kept["conflict"]
-    assert (other / "model.pt").read_bytes() == b"the other run's weights"
-    assert not [p for p in registry.rglob(".*") if ".part" in p.name]
+    assert main(["run", "--demo", "--fresh", "--s3-endpoint", "127.0.0.1:9", "--pipeline-root", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == ("sam-pipeline: error: --fresh empties the local store; with "
+                                               "--s3-endpoint there is none")
 
 
 # -- the S3 server dies with its parent ---------------------------------------------------------------
@@ -363,11 +345,11 @@ def test_a_failed_task_is_named_with_its_error_and_the_console_stays_readable(ht
     assert summary["log"] in out and "parameterValues" in log and "Overwriting tiny_vit" not in log
 
 
-def test_old_runs_and_their_logs_are_pruned_but_not_the_registry(tmp_path):
+def test_old_runs_and_their_logs_are_pruned_but_not_the_store(tmp_path):
     from pipelines.sam_finetune import PIPELINE_NAME
 
     (tmp_path / "logs").mkdir()
-    (tmp_path / "registry" / "models" / "m" / "v1").mkdir(parents=True)
+    (local_store.objects_folder(tmp_path) / "ab").mkdir(parents=True)
     for i in range(7):
         (tmp_path / f"{PIPELINE_NAME}-2026-01-0{i + 1}").mkdir()
         log = tmp_path / "logs" / f"run-2026010{i + 1}.log"
@@ -377,7 +359,7 @@ def test_old_runs_and_their_logs_are_pruned_but_not_the_registry(tmp_path):
     assert sorted(p.name for p in tmp_path.glob(f"{PIPELINE_NAME}-*"))[0].endswith("01-03")
     assert len(list(tmp_path.glob(f"{PIPELINE_NAME}-*"))) == 5
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [f"run-2026010{i}.log" for i in range(3, 8)]
-    assert (tmp_path / "registry" / "models" / "m" / "v1").is_dir()
+    assert (local_store.objects_folder(tmp_path) / "ab").is_dir()
 
 
 def test_runs_in_one_folder_share_one_server_that_ends_with_the_last(tmp_path):

@@ -131,7 +131,7 @@ def test_bad_prompts_are_one_line_each_and_nothing_is_written(coco_set, tmp_path
     assert ok[0].category_ids == [7] and ok[0].boxes.tolist() == [[1, 2, 30, 40]]
 
 
-def test_cli_predicts_with_a_registered_model_from_the_store_and_the_local_registry(
+def test_cli_predicts_with_a_registered_model_from_the_store_and_the_local_runs_store(
         random_vit_t, coco_set, store, s3_env, tmp_path, capsys, monkeypatch):
     reg = ObjectStoreRegistry(store)
     reg.register("sam-test", random_vit_t[0], {"model": {"model_type": "vit_t"}})
@@ -146,10 +146,12 @@ def test_cli_predicts_with_a_registered_model_from_the_store_and_the_local_regis
     assert json.loads(capsys.readouterr().out)["model"] == "sam-test:v1"
     assert main([*args, "--model", "sam-test:v7", "--output", str(tmp_path / "b")]) == 1
     assert "model 'sam-test' has no version 'v7' (it has: v1)" in capsys.readouterr().err
-    # A local run's registry folder (what `sam-pipeline run` keeps), read without any store.
-    local = tmp_path / "runs" / "registry"
-    for key in store.list(store.key("models")):
-        store.get_file(key, local / key[len(store.config.prefix):])
+    # The store the local runs of a folder keep (`sam-pipeline run`), read with no store given.
+    from components.storage import ObjectStore
+    from pipelines.local_store import shared_store
+
+    with shared_store(tmp_path / "runs", bucket="mlpipeline", prefix="sam-pipeline/") as cfg:
+        ObjectStoreRegistry(ObjectStore(cfg)).register("sam-test", random_vit_t[0], {"model": {"model_type": "vit_t"}})
     s3_env_free = [a for a in args if a not in ("--bucket", "--prefix", store.config.bucket, store.config.prefix)]
     monkeypatch.delenv("S3_ENDPOINT")
     assert main([*s3_env_free, "--model", "sam-test", "--pipeline-root", str(tmp_path / "runs"),
