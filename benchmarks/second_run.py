@@ -1,9 +1,9 @@
 """A second local run on the same data: what the folder's store kept (issue 22 §5) against a first run.
 
-    PYTHONPATH=$PWD .venv/bin/python -m benchmarks.second_run [--images 170] [--write]
+    PYTHONPATH=$PWD .venv/bin/python -m benchmarks.second_run [--images 170] [--iterations 200] [--write]
 
-Two `sam-pipeline run --demo --demo-images N -g cpu` in one fresh working folder, at the seed's training defaults
-(200 iterations, 25 objects, batch 1, validation every 2): the first starts from an empty store; the second adds
+Two `sam-pipeline run --demo --demo-images N -g cpu -i ITERATIONS` in one fresh working folder, at the seed's other
+training defaults (25 objects, batch 1, validation every 2): the first starts from an empty store; the second adds
 `--force` (unchanged data and weights would otherwise skip training once a champion is registered) and finds the
 dataset and the embeddings the first one stored in `local_outputs/store/objects/`. Then the store's start: a
 server started on that folder against one on an empty folder (seconds until it answers, resident memory).
@@ -27,13 +27,14 @@ from pathlib import Path
 from benchmarks.results import write_section
 
 SECTION = "## Second local run"
-COMMAND = "PYTHONPATH=$PWD .venv/bin/python -m benchmarks.second_run --images 170 --write"
+COMMAND = ("PYTHONPATH=$PWD .venv/bin/python -m benchmarks.second_run --images {images} --iterations {iterations} "
+           "--write")
 
 
-def _run(work: Path, env: dict, images: int, *extra: str) -> dict:
+def _run(work: Path, env: dict, images: int, iterations: int, *extra: str) -> dict:
     out = work / f"summary-{len(list(work.glob('summary-*')))}.json"
     cmd = [sys.executable, "-m", "pipelines.cli", "run", "--demo", "--demo-images", str(images), "-g", "cpu",
-           "--summary-json", str(out), *extra]
+           "-i", str(iterations), "--summary-json", str(out), *extra]
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wall = time.perf_counter() - t
@@ -61,20 +62,21 @@ def _server_start(objects: Path) -> tuple[float, float]:
     return seconds, rss
 
 
-def measure(images: int) -> dict:
+def measure(images: int, iterations: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "work"
         work.mkdir()
         env = {**os.environ, "SAM_MODELS": str(Path(tmp) / "models")}
-        first = _run(work, env, images)
-        second = _run(work, env, images, "--force")
+        first = _run(work, env, images, iterations)
+        second = _run(work, env, images, iterations, "--force")
         objects = work / "local_outputs" / "store" / "objects"
         stored = sum(p.stat().st_size for p in objects.rglob("*") if p.is_file()) / 1e6
         count = sum(1 for p in objects.rglob("*") if p.is_file())
         (Path(tmp) / "empty").mkdir()
         empty, full = _server_start(Path(tmp) / "empty"), _server_start(objects)
     return {"first": first, "second": second, "stored_mb": stored, "objects": count, "empty": empty, "full": full,
-            "images": images, "python": platform.python_version(), "machine": platform.machine(),
+            "images": images, "iterations": iterations, "python": platform.python_version(),
+            "machine": platform.machine(),
             "cpus": len(os.sched_getaffinity(0)), "date": datetime.date.today().isoformat()}
 
 
@@ -82,11 +84,12 @@ def table(r: dict) -> str:
     first, second = r["first"], r["second"]
     tasks = [t for t in first["tasks"] if first["tasks"][t] is not None or second["tasks"][t] is not None]
     cell = lambda v: f"{v:.1f}" if v is not None else "-"  # noqa: E731
-    lines = [SECTION, "", f"`{COMMAND}`", "",
+    lines = [SECTION, "", f"`{COMMAND.format(**r)}`", "",
              f"{r['cpus']} CPU cores ({r['machine']}, shared with other work: timings are noisy), Python "
-             f"{r['python']}, no GPU, {r['date']}. Two `sam-pipeline run --demo --demo-images {r['images']} -g cpu` "
-             "in one working folder at the seed's training defaults; the second with `--force` (it would "
-             "otherwise skip: same data, same weights). Task seconds are kfp.local's (process start included).", "",
+             f"{r['python']}, no GPU, {r['date']}. Two `sam-pipeline run --demo --demo-images {r['images']} -g cpu "
+             f"-i {r['iterations']}` in one working folder, the seed's other defaults; the second with `--force` "
+             "(it would otherwise skip: same data, same weights). Task seconds are kfp.local's (process start "
+             "included).", "",
              "| | first run | second run (`--force`) |", "|---|---:|---:|"]
     lines += [f"| {t} | {cell(first['tasks'][t])} | {cell(second['tasks'][t])} |" for t in tasks]
     lines += [f"| **total (wall)** | **{first['wall']:.1f}** | **{second['wall']:.1f}** |",
@@ -104,9 +107,10 @@ def table(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=170, help="images of the synthetic dataset (Penn-Fudan: 170)")
+    parser.add_argument("--iterations", type=int, default=200, help="training iterations (the seed's: 200)")
     parser.add_argument("--write", action="store_true", help="update the section of RESULTS.md")
     args = parser.parse_args()
-    section = table(measure(args.images))
+    section = table(measure(args.images, args.iterations))
     print(section)
     if args.write:
         write_section(SECTION, section)
