@@ -217,7 +217,10 @@ class EpochSampler:
         return out
 
     def __iter__(self) -> Iterator[list[int]]:
-        ahead = copy.deepcopy(self)
+        return self._drawn(copy.deepcopy(self))  # copied now, not at the first next(): this position
+
+    @staticmethod
+    def _drawn(ahead: "EpochSampler") -> Iterator[list[int]]:
         while True:
             yield ahead.next_images()
 
