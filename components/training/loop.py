@@ -109,7 +109,9 @@ def _prepare(cfg: TrainConfig, weights_path, weights_sha256: str, train_split, v
     model = build_sam(cfg.model_type, weights_path, device)
     cache = EmbeddingCache(model, weights_sha256, store, batch_size=encoder_batch(device, cfg.embed_batch_size),
                            amp=amp.enabled)
-    trainer = Trainer(cfg, model, split_items(train_split, cache), split_items(val_split, cache), device, amp)
+    train_items = split_items(train_split, cache)
+    val_items = train_items if val_split is train_split else split_items(val_split, cache)  # one-example check
+    trainer = Trainer(cfg, model, train_items, val_items, device, amp)
     return _Run(cfg, device, amp, model, cache, trainer)
 
 
