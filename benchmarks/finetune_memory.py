@@ -1,12 +1,12 @@
-"""Finetune's peak memory against the number of training images, streaming from the store vs all in memory.
+"""Finetune's peak memory against the number of training images: it must stay flat as the dataset grows.
 
 For each size: a synthetic folder dataset is ingested into the embedded S3 server (its own prefix), and every
 image's embedding is pre-seeded there (random fp16 tensors of the real shape: the encoder's cost is out of the
 picture, only reading them is measured). Each training run is a subprocess of its own, so its peak RSS
-(VmHWM) is its own. `memory` is the pre-streaming path (load_split + every embedding in memory), run only
-where it fits in this machine's memory.
+(VmHWM) is its own; its DataLoader workers are its children, and the largest of their peaks is reported too
+(they are forked from it, so their RSS counts the pages they share with it).
 
-    .venv/bin/python -m benchmarks.finetune_memory --sizes 200 1000 2000 --memory-sizes 200
+    .venv/bin/python -m benchmarks.finetune_memory --sizes 200 1000 2000
 """
 from __future__ import annotations
 
@@ -36,24 +36,24 @@ def _peak_rss_mib() -> float:
 
 def child(args) -> None:
     """One training run; prints its numbers as one JSON line."""
-    from components.datasets.reader import SplitRefs, load_split
+    import resource
+
+    from components.datasets.reader import SplitRefs
     from components.storage import ObjectStore, S3Config
     from components.training.config import TrainConfig
     from components.training.loop import train
 
     store = ObjectStore(S3Config.from_env(endpoint=args.endpoint, bucket=args.bucket, prefix=args.prefix))
     manifest = json.loads(Path(args.manifest).read_text())
-    if args.mode == "stream":
-        tr, va = (SplitRefs(store, manifest, s, annotated_only=True) for s in ("train", "val"))
-    else:
-        tr, va = (load_split(store, manifest, s) for s in ("train", "val"))
+    tr, va = (SplitRefs(store, manifest, s, annotated_only=True) for s in ("train", "val"))
     cfg = TrainConfig(device="cpu", n_iterations=args.iterations, val_every=args.iterations, batch_size=2,
                       n_objects_per_batch=8, checkpoint_dir=args.work, show_progress=False, seed=0)
     t0 = time.perf_counter()
     result = train(cfg, args.weights, tr, va, store=store, weights_sha256=args.weights_sha256,
                    dataset_hash=manifest["content_hash"])
-    print(json.dumps({"mode": args.mode, "train_images": len(tr), "val_images": len(va),
-                      "peak_rss_mib": round(_peak_rss_mib(), 1), "it_per_s": result.embedding_stats["it_per_s"],
+    workers_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the loader's, ended by train()
+    print(json.dumps({"train_images": len(tr), "val_images": len(va), "peak_rss_mib": round(_peak_rss_mib(), 1),
+                      "worker_peak_rss_mib": round(workers_mib, 1), "it_per_s": result.embedding_stats["it_per_s"],
                       "embeddings_computed": result.embedding_stats["computed"],
                       "seconds": round(time.perf_counter() - t0, 1)}))
 
@@ -86,11 +86,9 @@ def seed_dataset(store, n: int, work: Path, weights_sha256: str) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[200, 1000, 2000])
-    p.add_argument("--memory-sizes", type=int, nargs="*", default=[200],
-                   help="sizes also run all-in-memory (4 MiB per float32 embedding: mind the machine)")
     p.add_argument("--iterations", type=int, default=30)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    for name in ("mode", "manifest", "endpoint", "bucket", "prefix", "weights", "weights_sha256", "work"):
+    for name in ("manifest", "endpoint", "bucket", "prefix", "weights", "weights_sha256", "work"):
         p.add_argument(f"--{name}", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -117,19 +115,19 @@ def main() -> None:
             t0 = time.perf_counter()
             manifest = seed_dataset(store, n, work, weights_sha)
             print(f"seeded {n} images and embeddings in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-            for mode in ("stream", "memory") if n in args.memory_sizes else ("stream",):
-                cmd = [sys.executable, "-m", "benchmarks.finetune_memory", "--child", "--mode", mode,
-                       "--manifest", str(manifest), "--endpoint", cfg.endpoint, "--bucket", cfg.bucket,
-                       "--prefix", store.config.prefix, "--weights", str(weights), "--weights_sha256", weights_sha,
-                       "--work", str(work / f"ck-{n}-{mode}"), "--iterations", str(args.iterations)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-                row = json.loads(out.strip().splitlines()[-1])
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    print("\n| mode | train images | val images | peak RSS (MiB) | it/s | embeddings computed |")
+            cmd = [sys.executable, "-m", "benchmarks.finetune_memory", "--child",
+                   "--manifest", str(manifest), "--endpoint", cfg.endpoint, "--bucket", cfg.bucket,
+                   "--prefix", store.config.prefix, "--weights", str(weights), "--weights_sha256", weights_sha,
+                   "--work", str(work / f"ck-{n}"), "--iterations", str(args.iterations)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            row = json.loads(out.strip().splitlines()[-1])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print("\n| train images | val images | peak RSS (MiB) | largest worker peak RSS (MiB) | it/s | "
+          "embeddings computed |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | {r['train_images']} | {r['val_images']} | {r['peak_rss_mib']:.0f} | "
+        print(f"| {r['train_images']} | {r['val_images']} | {r['peak_rss_mib']:.0f} | {r['worker_peak_rss_mib']:.0f} | "
               f"{r['it_per_s']:.2f} | {r['embeddings_computed']} |")
 
 

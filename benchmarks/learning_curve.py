@@ -37,11 +37,13 @@ def curve(args) -> tuple[list[dict], list[float]]:
     from components.sam.embeddings import EmbeddingCache
     from components.sam.model import build_sam, load_trainable_state_dict
     from components.storage import ObjectStore
+    from components.datasets.reader import SampleSplit
+    from components.training.data import Scored
 
     torch.set_num_threads(args.threads)
     bf16 = args.amp == "bf16"
     samples = pedestrian_samples(args.train + args.val, (args.height, args.width), seed=args.seed)
-    train_s, val_s = samples[:args.train], samples[args.train:]
+    train_s, val_s = SampleSplit(samples[:args.train], "train"), SampleSplit(samples[args.train:], "val")
     rows, losses = [], []
     with tempfile.TemporaryDirectory() as tmp, embedded_s3() as s3:
         store = ObjectStore(replace(s3, prefix="learning-curve/"))
@@ -50,10 +52,12 @@ def curve(args) -> tuple[list[dict], list[float]]:
         scorer = build_sam("vit_t", weights, "cpu")
         # The same cache train() uses, so its first chunk finds the validation embeddings in the store.
         # In the run's precision, as train() would embed them: each curve is one precision end to end.
-        val_embs = EmbeddingCache(scorer, sha, store, batch_size=1, amp=bf16).get(val_s)
+        cache = EmbeddingCache(scorer, sha, store, batch_size=1, amp=bf16)
+        cache.ensure([val_s.image_sha256(i) for i in range(len(val_s))], lambda i: val_s.load(i).image)
+        scored = [Scored(val_s.load(i), cache.from_store(val_s.image_sha256(i))) for i in range(len(val_s))]
 
         def score(iteration: int, **extra) -> None:
-            inst = score_model(scorer, val_embs, val_s)["instances"]
+            inst = score_model(scorer, scored)["instances"]
             row = {"iteration": iteration, "box_dice": statistics.fmean(r["box_dice"] for r in inst),
                    "point_dice": statistics.fmean(r["point_dice"] for r in inst), "instances": len(inst), **extra}
             rows.append(row)

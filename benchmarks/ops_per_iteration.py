@@ -29,9 +29,12 @@ def top_level_aten_ops(events) -> int:
                and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
 
 
-def profiled_run(iterations: int, weights: Path, samples, workdir: Path) -> int:
+def profiled_run(iterations: int, weights: Path, samples, workdir: Path, store) -> int:
+    """Ops of the training process itself (the DataLoader's workers, which decode and prepare items, are
+    other processes)."""
     from torch.profiler import ProfilerActivity, profile
 
+    from components.datasets.reader import SampleSplit
     from components.training.config import TrainConfig
 
     from components.training.loop import train
@@ -39,7 +42,7 @@ def profiled_run(iterations: int, weights: Path, samples, workdir: Path) -> int:
     cfg = TrainConfig(device="cpu", n_iterations=iterations, val_every=iterations, amp=True, amp_dtype="bf16",
                       checkpoint_dir=str(workdir / f"ckpt{iterations}"), resume=False, show_progress=False)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        train(cfg, weights, samples[:3], samples[3:])
+        train(cfg, weights, SampleSplit(samples[:3]), SampleSplit(samples[3:], "val"), store=store)
     return top_level_aten_ops(prof.events())
 
 
@@ -51,11 +54,15 @@ def measure(threads: int = 2) -> dict:
 
     torch.set_num_threads(threads)
     samples = make_samples(4, seed=3, size=(240, 320), max_instances=3)
-    with tempfile.TemporaryDirectory() as tmp:
+    from components.s3server import embedded_s3
+    from components.storage import ObjectStore
+
+    with tempfile.TemporaryDirectory() as tmp, embedded_s3() as s3:
+        store = ObjectStore(s3)  # the embeddings' cache: both runs read the same ones
         weights = random_vit_t(Path(tmp) / "vit_t_random.pt")
         t0 = time.perf_counter()
-        short = profiled_run(SHORT, weights, samples, Path(tmp))
-        long = profiled_run(LONG, weights, samples, Path(tmp))
+        short = profiled_run(SHORT, weights, samples, Path(tmp), store)
+        long = profiled_run(LONG, weights, samples, Path(tmp), store)
         seconds = time.perf_counter() - t0
     per_it = (long - short) / (LONG - SHORT)
     return {"short": short, "long": long, "per_iteration": per_it, "seconds": seconds,

@@ -91,7 +91,7 @@ def run_ours(args) -> dict:
     from benchmarks.pedestrians import pedestrian_samples
     from components.training.config import TrainConfig, resolve_amp
     from components.training.trainer import Trainer, prepare_items
-    from components.sam.embeddings import EmbeddingCache
+    from components.sam.embeddings import compute_embeddings
     from components.sam.model import build_sam
 
     device = torch.device(args.device)
@@ -103,10 +103,10 @@ def run_ours(args) -> dict:
     model = build_sam("vit_t", args.weights, device)
     _sync(device)
     t0 = time.perf_counter()
-    # train()'s embedding pass: the product's cache, at train()'s batch size (1 on CPU, where it is faster).
-    cache = EmbeddingCache(model, "", None, batch_size=cfg.embed_batch_size if device.type == "cuda" else 1,
-                           amp=amp.enabled)
-    items = prepare_items(samples, cache.get(samples), device)
+    # train()'s embedding pass (without the store's upload), at train()'s batch size (1 on CPU, where it is faster).
+    embs = compute_embeddings(model, [s.image for s in samples],
+                              batch_size=cfg.embed_batch_size if device.type == "cuda" else 1, amp=amp.enabled)
+    items = prepare_items(samples, list(embs.cpu()))
     _sync(device)
     embed_s = time.perf_counter() - t0
     trainer = Trainer(cfg, model, items, items[:1], device, amp)

@@ -60,21 +60,26 @@ class _Timer:
 def run_ours(args) -> dict:
     import torch
 
+    from components.datasets.reader import SampleSplit
+    from components.s3server import embedded_s3
+    from components.storage import ObjectStore
     from components.training.loop import train
     from components.training.trainer import Trainer
 
     device = torch.device(args.device)
-    train_samples, val_samples = seed_split(args.images, args.size)
+    train_samples, val_samples = (SampleSplit(s, name) for s, name in zip(seed_split(args.images, args.size),
+                                                                           ("train", "val")))
     validation, validate = _Timer(device), Trainer.validate
     # train() does not report its validation time; timing the method from outside leaves loop.py alone.
     Trainer.validate = validation.wrap(validate)
     try:
-        with tempfile.TemporaryDirectory() as checkpoint_dir:
+        # An empty store: the embedding pass computes every embedding, as a first run does.
+        with tempfile.TemporaryDirectory() as checkpoint_dir, embedded_s3() as s3:
             cfg = TrainConfig(device=args.device, n_iterations=args.iters, val_every=args.val_every, amp=True,
                               amp_dtype=args.amp_dtype, seed=0, show_progress=False, checkpoint_dir=checkpoint_dir,
                               resume=False)
             t0 = time.perf_counter()
-            result = train(cfg, args.weights, train_samples, val_samples)
+            result = train(cfg, args.weights, train_samples, val_samples, store=ObjectStore(s3))
             _sync(device)
             whole_s = time.perf_counter() - t0
     finally:

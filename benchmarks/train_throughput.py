@@ -11,6 +11,7 @@ and profiles one 25-object iteration.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -77,8 +78,8 @@ def run_case(args) -> dict:
     device = torch.device(args.device)
     samples = make_images(args.images)
     model = build_sam("vit_t", args.weights, device)
-    embs = torch.load(args.embeddings, weights_only=True).to(device)
-    items = prepare_items(samples, list(embs), device)
+    embs = torch.load(args.embeddings, weights_only=True)
+    items = prepare_items(samples, list(embs))  # read through the trainer's DataLoader, as train() does
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     amp = AmpSettings(dtype is not None, dtype or torch.float32, args.dtype == "fp16" and device.type == "cuda")
     cfg = TrainConfig(device=args.device, n_objects_per_batch=args.objects, batch_size=1, lr=1e-5, seed=0)
@@ -86,11 +87,7 @@ def run_case(args) -> dict:
 
     def fresh_embedding(it: int) -> dict:
         # The seed's way: encode the iteration's image again (frozen encoder, no grad, same AMP).
-        idx = trainer.order[trainer.pos] if trainer.pos < len(trainer.order) else None
-        if idx is None:  # the sampler starts a new epoch inside train_step: peek at it without consuming
-            state = trainer.rng.bit_generator.state
-            idx = trainer.rng.permutation(len(items)).tolist()[0]
-            trainer.rng.bit_generator.state = state
+        idx = copy.deepcopy(trainer.batches.sampler).next_images()[0]  # the next batch's image, not consumed
         with amp.autocast(device):
             emb = compute_embeddings(model, [samples[idx].image], batch_size=1, amp=False)[0]
         return {idx: emb}

@@ -21,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from components.sam.prompt_batch import decode_prompts
 from components.sam.prompts import deepest_points, instance_masks, masks_to_boxes
 from components.sam.transforms import Frame
 from components.storage import StorageError
+from components.training.data import scored_pairs
 
 log = logging.getLogger(__name__)
 OVERLAY_IMAGES = 4
@@ -76,13 +77,14 @@ def centre_points(masks: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def score_model(model, embeddings: Sequence[torch.Tensor], samples: Sequence, *, keep_masks: int = 0) -> dict:
+def score_model(model, scored: Iterable, *, keep_masks: int = 0) -> dict:
     """Per-instance Dice/IoU for box and centre-point prompts, and COCO mask AP of the box-prompted masks (score =
-    predicted IoU: the field's metric, comparable with published numbers); masks of the first `keep_masks`
-    images are returned for the report's overlays."""
+    predicted IoU: the field's metric, comparable with published numbers), over `scored` (training.data.Scored:
+    a sample and its embedding); masks of the first `keep_masks` images are returned for the report's overlays."""
     device = next(model.parameters()).device
     rows, kept, ap_images, ap_predictions = [], {}, [], []
-    for idx, (sample, emb) in enumerate(zip(samples, embeddings)):
+    for idx, pair in enumerate(scored):
+        sample, emb = pair.sample, pair.embedding
         ids, gt = instance_masks(np.asarray(sample.mask))
         if len(ids) == 0:
             continue
@@ -125,42 +127,35 @@ def _per_image(rows: list[dict]) -> dict[str, dict]:
             for img, rs in by.items()}
 
 
-def _without(test_samples, seen: frozenset[str]):
-    """The test samples whose image is not in `seen` (content hashes), as the same kind of sequence."""
-    if hasattr(test_samples, "without"):  # a split in the store (reader.SplitRefs)
-        return test_samples.without(seen)
-    return [s for s in test_samples if s.image_sha256 not in seen]
-
-
 def evaluate(model_type: str, zero_shot_weights: str | Path, finetuned_weights: str | Path,
-             test_samples: Sequence, *, champion_weights: str | Path | None = None,
+             test_split, *, champion_weights: str | Path | None = None,
              champion_model_type: str | None = None, champion_name: str = "",
              champion_seen: frozenset[str] | None = frozenset(), margin: float = 0.0,
              device: str = "cpu", report_path: str | Path | None = None, history: dict | None = None,
              store=None, zero_shot_sha256: str = "", refused: tuple[str, ...] = (), champion_note: str = "") -> dict:
-    """Score every candidate on `test_samples` (the champion on those whose image is not in `champion_seen`;
-    None: what it saw is unknown, so it cannot be compared fairly); returns the metrics, the gate's intervals
-    and `passed`, writes the report. `refused`: reasons registration is refused whatever the scores."""
+    """Score every candidate on `test_split` (a split of annotated images: reader.SplitRefs(annotated_only=True),
+    or reader.SampleSplit; the champion on those whose image is not in `champion_seen`; None: what it saw is
+    unknown, so it cannot be compared fairly), embeddings cached in `store`; returns the metrics, the gate's
+    intervals and `passed`, writes the report. `refused`: reasons registration is refused whatever the scores."""
     from components.sam.device import resolve_device
 
     t0 = time.perf_counter()
-    samples = _annotated(test_samples)  # what the report shows; each candidate streams its own subset
-    if not len(samples):
+    if not len(test_split):
         raise EvaluationError("the test split has no annotated instance: nothing to evaluate")
     dev = resolve_device(device)
     title = f"champion {champion_name}".strip()
-    candidates = [(Candidate("zero_shot", "zero-shot", Path(zero_shot_weights), model_type), test_samples),
-                  (Candidate("finetuned", "fine-tuned", Path(finetuned_weights), model_type), test_samples)]
+    candidates = [(Candidate("zero_shot", "zero-shot", Path(zero_shot_weights), model_type), test_split),
+                  (Candidate("finetuned", "fine-tuned", Path(finetuned_weights), model_type), test_split)]
     refused = tuple(refused)
     if champion_weights and champion_seen is None:
         refused += (f"{title} does not record the images it trained and validated on, so it cannot be compared "
                     "fairly (register under a new --model-name to start a new line of versions)",)
     elif champion_weights:
         candidates.append((Candidate("champion", title, Path(champion_weights), champion_model_type or model_type),
-                           _without(test_samples, champion_seen)))
+                           test_split.without(champion_seen)))
     keep = OVERLAY_IMAGES if report_path else 0
     results = _score_candidates(candidates, dev, store, zero_shot_sha256, keep)
-    metrics = _metrics(results, len(samples), float(margin), champion_name, champion_note)
+    metrics = _metrics(results, len(test_split), float(margin), champion_name, champion_note)
     verdict = decide(results["finetuned"]["instances"], results["zero_shot"]["instances"],
                      results["champion"]["instances"] if "champion" in results else None, float(margin),
                      champion_name=title, champion_excluded=metrics.get("champion_excluded_images", 0),
@@ -170,7 +165,8 @@ def evaluate(model_type: str, zero_shot_weights: str | Path, finetuned_weights: 
     metrics["verdict"] = "passed" if verdict.passed else "not passed: " + "; ".join(verdict.reasons)
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
     if report_path:
-        write_report(report_path, metrics, results, samples, history, min(keep, len(samples)), verdict)
+        shown = [test_split.load(i) for i in range(min(keep, len(test_split)))]
+        write_report(report_path, metrics, results, shown, history, verdict)
     return metrics
 
 
@@ -179,8 +175,7 @@ def _score_candidates(candidates: list, device, store, zero_shot_sha256: str, ke
     caches: dict[str, EmbeddingCache] = {}  # by encoder fingerprint
     results: dict[str, dict] = {}
     for cand, subset in candidates:
-        samples = _annotated(subset)
-        if not len(samples):
+        if not len(subset):
             results[cand.label] = {"instances": [], "masks": {}}
             continue
         model, fp = _load_candidate(cand, device)
@@ -189,8 +184,7 @@ def _score_candidates(candidates: list, device, store, zero_shot_sha256: str, ke
             # (shared with finetune's cache), the fingerprint for any other.
             caches[fp] = EmbeddingCache(model, zero_shot_sha256 if cand.label == "zero_shot" and zero_shot_sha256
                                         else fp, store)
-        embeddings = _embeddings(samples, caches[fp], device)
-        results[cand.label] = score_model(model, embeddings, samples, keep_masks=min(keep, len(samples)))
+        results[cand.label] = score_model(model, scored_pairs(subset, caches[fp], device), keep_masks=keep)
         del model
     return results
 
@@ -213,24 +207,6 @@ def _metrics(results: dict, test_images: int, margin: float, champion_name: str,
     return metrics
 
 
-def _annotated(test_samples):
-    """Evaluation's view of a split: a split in the store (reader.SplitRefs) is streamed, a window ahead;
-    in-memory samples without any instance are dropped (a SplitRefs made with annotated_only already is)."""
-    if hasattr(test_samples, "load"):
-        from components.training.data import stream_samples
-
-        return stream_samples(test_samples)
-    return [s for s in test_samples if int(np.asarray(s.mask).max(initial=0)) > 0]
-
-
-def _embeddings(samples, cache: EmbeddingCache, device):
-    if hasattr(samples, "split"):  # streamed (training.data.stream_samples)
-        from components.training.data import stream_embeddings
-
-        return stream_embeddings(samples, cache, device)
-    return cache.get(samples)
-
-
 def _load_candidate(cand: Candidate, device) -> tuple[torch.nn.Module, str]:
     state = load_state_dict_file(cand.weights)
     fp = encoder_fingerprint(state)
@@ -242,8 +218,8 @@ def _load_candidate(cand: Candidate, device) -> tuple[torch.nn.Module, str]:
     return model.to(device).eval(), fp
 
 
-def write_report(path, metrics: dict, results: dict, samples: Sequence, history: dict | None, keep: int,
-                 verdict: Verdict) -> None:
+def write_report(path, metrics: dict, results: dict, shown: list, history: dict | None, verdict: Verdict) -> None:
+    """The report page; `shown`: the samples whose masks the examples overlay."""
     labels = [k for k in ("zero_shot", "finetuned", "champion") if results.get(k, {}).get("instances")]
     titles = {"zero_shot": "zero-shot", "finetuned": "fine-tuned",
               "champion": f"champion {metrics.get('champion_version') or ''}".strip()}
@@ -262,10 +238,10 @@ def write_report(path, metrics: dict, results: dict, samples: Sequence, history:
                            for s in ("mean", "median")], rows)
     rep.heading("Training")
     rep.history(history)
-    if keep:
+    if shown:
         rep.heading("Examples (box prompts)")
         grid = []
-        for sample in samples[:keep]:
+        for sample in shown:
             row = [(sample.id, sample.image), ("ground truth", overlay(sample.image, np.asarray(sample.mask)))]
             for label in labels:
                 masks = results[label]["masks"].get(sample.id)

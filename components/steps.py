@@ -256,9 +256,9 @@ def finetune_step(weights_path: str, manifest_path: str, *, run_id: str = "", re
     failed_shards = failed_embed_shards(embed_index_paths)
     for shard, error in failed_shards.items():
         log.warning("WARNING: embed shard %d failed (%s); computing its embeddings here", shard, error)
-    # Streamed from the store (images, masks and the embed step's embeddings), never all in memory.
+    # Read from the store (images, masks and the embed step's embeddings) a few batches ahead, never all in memory.
     train_samples = SplitRefs(store, manifest, "train", annotated_only=True)
-    val_samples = [] if cfg.debug_with_one_example else SplitRefs(store, manifest, "val", annotated_only=True)
+    val_samples = SplitRefs(store, manifest, "val", annotated_only=True)
     weights_sha = sha256_file(weights_path)
     result = train(cfg, weights_path, train_samples, val_samples, store=store, run_id=run_id or None,
                    dataset_hash=manifest["content_hash"], weights_sha256=weights_sha)

@@ -13,6 +13,7 @@ import random
 import sys
 import time
 import urllib3
+import weakref
 from xml.etree.ElementTree import ParseError
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -114,25 +115,29 @@ class ObjectInfo:
     etag: str | None = None
 
 
+def _connections() -> urllib3.PoolManager:
+    # Fail fast on an unreachable endpoint: urllib3's own retries would hide it for minutes.
+    return urllib3.PoolManager(timeout=urllib3.Timeout(connect=5, read=120),
+                               retries=urllib3.Retry(total=0, connect=0, read=0, redirect=0), maxsize=16)
+
+
+def _own_connections_after_fork() -> None:
+    # A forked child (a DataLoader worker) must not share the parent's keep-alive sockets: requests interleave.
+    for store in list(_LIVE_STORES):
+        store.client._http = _connections()  # minio's one HTTP pool (Minio.__init__'s http_client)
+
+
+_LIVE_STORES: "weakref.WeakSet[ObjectStore]" = weakref.WeakSet()
+os.register_at_fork(after_in_child=_own_connections_after_fork)
+
+
 class ObjectStore:
     def __init__(self, config: S3Config, *, create_bucket: bool = True, retries: int = 4):
         check_bucket(config.bucket)
-        self.config = config
-        self.retries = retries
-        # Fail fast on an unreachable endpoint: urllib3's own retries would hide it for minutes.
-        http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=5, read=120),
-            retries=urllib3.Retry(total=0, connect=0, read=0, redirect=0),
-            maxsize=16,
-        )
-        self.client = Minio(
-            config.endpoint,
-            access_key=config.access_key,
-            secret_key=config.secret_key,
-            secure=config.secure,
-            region=config.region,
-            http_client=http,
-        )
+        self.config, self.retries = config, retries
+        self.client = Minio(config.endpoint, access_key=config.access_key, secret_key=config.secret_key,
+                            secure=config.secure, region=config.region, http_client=_connections())
+        _LIVE_STORES.add(self)
         if create_bucket:
             self._ensure_bucket()
 

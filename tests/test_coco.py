@@ -15,7 +15,7 @@ from PIL import Image
 from components.datasets import synthetic
 from components.datasets.coco import encode_rle, uncompressed_rle
 from components.datasets.ingest import ingest, prepare
-from components.datasets.reader import decode_sample, load_manifest, load_split
+from components.datasets.reader import SplitRefs, decode_sample, load_manifest
 from components.datasets.synthetic_coco import make_coco, write_coco
 from components.datasets.validate import DatasetError
 from components.label_values import IGNORE
@@ -121,7 +121,7 @@ def test_a_coco_export_from_s3_ingests_and_reads_back(tmp_path, store):
     result = ingest(store.uri(store.key("incoming")), "auto", "from-s3", store)
     assert result.manifest["layout"] == "coco" and result.to_json()["images"] == 6
     manifest = load_manifest(store, result.manifest_uri)
-    samples = load_split(store, manifest, "train", tmp_path / "cache")
+    samples = _read(SplitRefs(store, manifest, "train", tmp_path / "cache"))
     masks = {s.id: s.mask for s in synthetic.make_samples(6, seed=3)}
     assert samples and all(np.array_equal(s.mask, masks[s.id]) for s in samples)
 
@@ -254,3 +254,8 @@ def test_cli_ingests_coco_with_categories_and_reports_problems_one_per_line(tmp_
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "sam-pipeline: error: 8 problems in " + str(tmp_path / "bad") + ":"
     assert len(err) == 9 and all(line.startswith("  ") for line in err[1:])
+
+
+def _read(split: SplitRefs) -> list:
+    """Every sample of a split, as finetune and evaluate read them (fetched, verified, cached, decoded)."""
+    return [split.load(i) for i in range(len(split))]

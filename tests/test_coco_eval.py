@@ -62,6 +62,7 @@ def test_evaluation_reports_the_coco_mask_ap_of_its_box_prompts(random_vit_t):
     with torch.no_grad():
         embs = compute_embeddings(model, [s.image for s in samples])
     from components.evaluate import score_model
+    from components.training.data import Scored
 
-    ap = score_model(model, embs, samples)["coco"]  # evaluation's box prompts, in the field's metric
+    ap = score_model(model, [Scored(s, e) for s, e in zip(samples, embs)])["coco"]  # evaluation's box prompts, in the field's metric
     assert 0.0 <= ap["mask_ap"] <= ap["mask_ap50"] <= 1.0

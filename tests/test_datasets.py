@@ -1,5 +1,5 @@
 """Synthetic data, layouts, validation, split and the manifest reader (no object store needed here,
-except for load_split, which reads from the embedded S3 server)."""
+except for reading a split back, which reads from the embedded S3 server)."""
 from __future__ import annotations
 
 import re
@@ -12,7 +12,7 @@ from PIL import Image
 from components.datasets import synthetic
 from components.datasets.adapters import FOLDER, PENN_FUDAN, get_layout
 from components.datasets.ingest import ingest, prepare
-from components.datasets.reader import load_local_split, load_manifest, load_split
+from components.datasets.reader import SplitRefs, load_local_split, load_manifest
 from components.datasets.split import assign_splits, check_fractions, content_hash
 from components.datasets.validate import DatasetError
 from components.hashing import sha256_file
@@ -250,13 +250,13 @@ def test_fractions_are_checked_and_hash_depends_on_them():
 
 
 # -- reader -----------------------------------------------------------------------------------------
-def test_load_split_reads_verifies_and_caches(tmp_path, store):
+def test_a_split_reads_verifies_and_caches(tmp_path, store):
     base = synthetic.make_pennfudan(tmp_path / "src", 3, 3, 0, (40, 56))
     result = ingest(str(base), "auto", "pf", store)
     manifest = load_manifest(store, result.manifest_uri)
     assert load_manifest(store, result.dataset_uri) == manifest  # the folder uri works too
     cache = tmp_path / "objects"
-    got = {s: load_split(store, manifest, s, cache) for s in ("train", "val", "test")}
+    got = {s: _read(SplitRefs(store, manifest, s, cache)) for s in ("train", "val", "test")}
     assert sorted(x.id for v in got.values() for x in v) == [it["id"] for it in manifest["items"]]
     sample = got["train"][0]
     item = next(it for it in manifest["items"] if it["id"] == sample.id)
@@ -266,7 +266,12 @@ def test_load_split_reads_verifies_and_caches(tmp_path, store):
     cached = cache / item["image"]["sha256"][:2] / item["image"]["sha256"]
     assert sha256_file(cached) == item["image"]["sha256"]
     cached.write_bytes(b"tampered")  # a bad cache entry is fetched again, never decoded
-    again = next(x for x in load_split(store, manifest, "train", cache) if x.id == sample.id)
+    again = next(x for x in _read(SplitRefs(store, manifest, "train", cache)) if x.id == sample.id)
     assert np.array_equal(again.image, sample.image)
     local = load_local_split(base, "train")
     assert [x.id for x in local] == [x.id for x in got["train"]]
+
+
+def _read(split: SplitRefs) -> list:
+    """Every sample of a split, as finetune and evaluate read them (fetched, verified, cached, decoded)."""
+    return [split.load(i) for i in range(len(split))]

@@ -53,7 +53,7 @@ def test_finetune_under_kfp_fails_before_training(monkeypatch, tmp_path):
     monkeypatch.setenv("KFP_POD_NAME", "p")
     cfg = TrainConfig(device="cuda", checkpoint_dir=str(tmp_path / "ck"), show_progress=False)
     with pytest.raises(dev.DeviceError, match="CUDA is not usable in this pod"):
-        train(cfg, tmp_path / "never-read.pt", [object()], [object()])
+        train(cfg, tmp_path / "never-read.pt", [object()], [object()], store=None)
     assert not (tmp_path / "ck").exists()
 
 

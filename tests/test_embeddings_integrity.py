@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from components.datasets.synthetic import make_samples
-from components.sam.embeddings import EMBEDDING_SHAPE, EmbeddingCache, decode_bytes, encode_bytes, image_key
+from components.sam.embeddings import EMBEDDING_SHAPE, EmbeddingCache, decode_bytes, encode_bytes
 from components.sam.model import build_sam
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -19,8 +19,10 @@ def test_damaged_embedding_object_is_recomputed_with_a_warning(store, random_vit
     weights, weights_sha = random_vit_t
     model = build_sam("vit_t", weights)
     (sample,) = make_samples(1, seed=3, size=(64, 80))
-    good = EmbeddingCache(model, weights_sha, store).get([sample])[0]
-    key = EmbeddingCache(model, weights_sha, store).key(image_key(sample))
+    first = EmbeddingCache(model, weights_sha, store)
+    assert first.ensure([sample.image_sha256], lambda i: sample.image) == {"store": 0, "computed": 1}
+    good = first.from_store(sample.image_sha256)
+    key = first.key(sample.image_sha256)
     recorded = store.stat(key).sha256
     # Bit rot that still decodes: a well-formed tensor of the right shape, full of NaN, under the
     # original object's recorded sha256. Unchecked, it would turn training into NaN.
@@ -28,7 +30,7 @@ def test_damaged_embedding_object_is_recomputed_with_a_warning(store, random_vit
     store.client.put_object(store.config.bucket, key, io.BytesIO(nan), len(nan), metadata={"sha256": recorded})
     cache = EmbeddingCache(model, weights_sha, store)
     with caplog.at_level(logging.WARNING, logger="components.sam.embeddings"):
-        got = cache.get([sample])[0]
+        got = cache.stored_or_computed(sample.image_sha256, lambda: sample.image, sample.id)
     assert cache.stats["computed"] == 1 and cache.stats["store"] == 0
     assert not torch.isnan(got).any()
     torch.testing.assert_close(got, good, atol=1e-3, rtol=0)

@@ -92,13 +92,14 @@ def test_fine_tuning_keeps_the_encoder_fingerprint(checkpoints):
     assert encoder_fingerprint(zs) != encoder_fingerprint(ft)
 
 
-def test_evaluate_scores_every_instance_and_writes_the_report(checkpoints, tmp_path):
+def test_evaluate_scores_every_instance_and_writes_the_report(checkpoints, tmp_path, store):
+    from components.datasets.reader import SampleSplit
     from components.datasets.synthetic import make_samples
 
     samples = make_samples(2, seed=3, size=(48, 64))
     n_instances = sum(int(s.mask.max()) for s in samples)
     zs, ft = checkpoints
-    m = evaluate("vit_t", zs, ft, samples, champion_weights=zs, champion_name="v7", margin=0.0, device="cpu",
+    m = evaluate("vit_t", zs, ft, SampleSplit(samples, "test"), store=store, champion_weights=zs, champion_name="v7", margin=0.0, device="cpu",
                  report_path=tmp_path / "eval.html",
                  history={"iteration": [1, 2], "loss": [0.9, 0.7], "val_iteration": [0, 2], "val_dice": [.2, .3]})
     assert m["test_images"] == 2 and m["test_instances"] == n_instances
@@ -122,7 +123,8 @@ def test_evaluate_scores_every_instance_and_writes_the_report(checkpoints, tmp_p
     json.dumps(m)  # the KFP wrapper passes it on as JSON
 
     with pytest.raises(EvaluationError, match="no annotated instance"):
-        evaluate("vit_t", zs, ft, [type(samples[0])("empty", samples[0].image, samples[0].mask * 0, "x")])
+        evaluate("vit_t", zs, ft, SampleSplit([type(samples[0])("empty", samples[0].image, samples[0].mask * 0, "x")],
+                                              "test", annotated_only=True), store=store)
 
 
 def test_evaluate_step_finds_the_champion(checkpoints, store, s3_env, tmp_path):

@@ -10,11 +10,12 @@ import pytest
 import torch
 from official_decode import decode
 
+from components.datasets.reader import SampleSplit
 from components.datasets.synthetic import make_samples
 from components.training.config import TrainConfig, resolve_amp
 from components.training.loop import train
 from components.training.trainer import Trainer, prepare_items
-from components.sam.embeddings import EmbeddingCache, decode_bytes, image_key
+from components.sam.embeddings import EmbeddingCache, compute_embeddings, decode_bytes
 from components.sam.model import build_sam, load_trainable_state_dict
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -34,9 +35,14 @@ def emb_store(s3, random_vit_t, samples):
     store = ObjectStore(replace(s3, prefix=f"t-finetune-{uuid.uuid4().hex[:8]}/"))
     model = build_sam("vit_t", random_vit_t[0])
     cache = EmbeddingCache(model, random_vit_t[1], store, batch_size=2)
-    cache.get(samples)
+    cache.ensure([s.image_sha256 for s in samples], lambda i: samples[i].image)
     assert cache.stats["computed"] == len(samples)
     return store
+
+
+def _splits(samples):
+    """The in-memory train (6 images) and val (2) splits every run below trains on."""
+    return SampleSplit(samples[:6], "train"), SampleSplit(samples[6:], "val")
 
 
 def cfg(tmp_path, **kw) -> TrainConfig:
@@ -49,21 +55,23 @@ def cfg(tmp_path, **kw) -> TrainConfig:
 def test_embedding_cache_round_trips_through_the_store(emb_store, random_vit_t, samples):
     model = build_sam("vit_t", random_vit_t[0])
     cache = EmbeddingCache(model, random_vit_t[1], emb_store)
-    got = cache.get(samples[:2] + samples[:1])
-    assert cache.stats == {"memory": 1, "store": 2, "computed": 0, "encode_seconds": 0.0}
-    key = cache.key(image_key(samples[0]))
+    shas = [s.image_sha256 for s in samples[:2] + samples[:1]]
+    assert cache.ensure(shas, lambda i: pytest.fail("nothing to compute")) == {"store": 2, "computed": 0}
+    got = cache.from_store(shas[0])
+    key = cache.key(shas[0])
     raw = emb_store.get_bytes(key)
     assert len(raw) < 256 * 64 * 64 * 2 + 4096  # stored as fp16
-    torch.testing.assert_close(decode_bytes(raw), got[0])
+    torch.testing.assert_close(decode_bytes(raw), got)
     # Fresh computation equals what the store returns (both rounded through fp16).
-    fresh = EmbeddingCache(model, random_vit_t[1], None).get(samples[:1])[0]
-    torch.testing.assert_close(fresh, got[0], atol=1e-3, rtol=0)
+    fresh = compute_embeddings(model, [samples[0].image], batch_size=1)[0]
+    torch.testing.assert_close(fresh, got, atol=1e-3, rtol=0)
     # A damaged object is recomputed, never used.
     emb_store.put_bytes(key, b"not a tensor")
     again = EmbeddingCache(model, random_vit_t[1], emb_store)
-    again.get(samples[:1])
+    torch.testing.assert_close(again.stored_or_computed(shas[0], lambda: samples[0].image, "s0"), got,
+                               atol=1e-3, rtol=0)
     assert again.stats["computed"] == 1
-    torch.testing.assert_close(decode_bytes(emb_store.get_bytes(key)), got[0], atol=1e-3, rtol=0)
+    torch.testing.assert_close(decode_bytes(emb_store.get_bytes(key)), got, atol=1e-3, rtol=0)
 
 
 def test_decode_matches_the_official_predictor(random_vit_t, samples):
@@ -87,7 +95,7 @@ def test_it_learns(tmp_path, random_vit_t, samples, emb_store, capsys):
     # embedding and the positional encoding. Measured on 2 shared cores: 0.110 -> 0.202, 0.299, 0.315
     # in 12 s of training (24 iterations).
     c = cfg(tmp_path, n_iterations=24, val_every=8, n_objects_per_batch=4, batch_size=1, lr=1e-3, prompt_mode="box")
-    result = train(c, random_vit_t[0], samples[:6], samples[6:], store=emb_store, weights_sha256=random_vit_t[1])
+    result = train(c, random_vit_t[0], *_splits(samples), store=emb_store, weights_sha256=random_vit_t[1])
     dice = result.history["val_dice"]
     with capsys.disabled():
         print(f"\nval Dice by validation: {[round(x, 3) for x in dice]}, {result.train_seconds:.0f}s of training")
@@ -102,7 +110,7 @@ def test_it_learns(tmp_path, random_vit_t, samples, emb_store, capsys):
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, random_vit_t, samples, emb_store):
     tmp = tmp_path_factory.mktemp("straight")
-    return train(cfg(tmp, n_iterations=4), random_vit_t[0], samples[:6], samples[6:], store=emb_store,
+    return train(cfg(tmp, n_iterations=4), random_vit_t[0], *_splits(samples), store=emb_store,
                  weights_sha256=random_vit_t[1])
 
 
@@ -117,10 +125,10 @@ def _assert_same_state(a, b):
 
 
 def test_resume_from_local_latest_gives_the_same_weights(tmp_path, straight, random_vit_t, samples, emb_store):
-    half = train(cfg(tmp_path, n_iterations=2), random_vit_t[0], samples[:6], samples[6:], store=emb_store,
+    half = train(cfg(tmp_path, n_iterations=2), random_vit_t[0], *_splits(samples), store=emb_store,
                  weights_sha256=random_vit_t[1])
     assert half.resumed_from is None
-    full = train(cfg(tmp_path, n_iterations=4), random_vit_t[0], samples[:6], samples[6:], store=emb_store,
+    full = train(cfg(tmp_path, n_iterations=4), random_vit_t[0], *_splits(samples), store=emb_store,
                  weights_sha256=random_vit_t[1])
     assert full.resumed_from == 2
     _assert_same_state(_trainable(straight.latest_path), _trainable(full.latest_path))
@@ -131,20 +139,20 @@ def test_resume_from_local_latest_gives_the_same_weights(tmp_path, straight, ran
 def test_resume_from_the_object_store_on_another_pod(tmp_path, straight, random_vit_t, samples, emb_store):
     """A KFP retry lands on a fresh pod: no local files, latest.pt comes from runs/<run_id>/."""
     run_id = f"run-{uuid.uuid4().hex[:6]}"
-    train(cfg(tmp_path / "pod1", n_iterations=2), random_vit_t[0], samples[:6], samples[6:], store=emb_store,
+    train(cfg(tmp_path / "pod1", n_iterations=2), random_vit_t[0], *_splits(samples), store=emb_store,
           run_id=run_id, weights_sha256=random_vit_t[1])
     assert emb_store.exists(emb_store.key("runs", run_id, "checkpoints", "latest.pt"))
     assert emb_store.exists(emb_store.key("runs", run_id, "checkpoints", "best.pt"))
-    full = train(cfg(tmp_path / "pod2", n_iterations=4), random_vit_t[0], samples[:6], samples[6:], store=emb_store,
+    full = train(cfg(tmp_path / "pod2", n_iterations=4), random_vit_t[0], *_splits(samples), store=emb_store,
                  run_id=run_id, weights_sha256=random_vit_t[1])
     assert full.resumed_from == 2
     _assert_same_state(_trainable(straight.latest_path), _trainable(full.latest_path))
 
 
 def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path, random_vit_t, samples, emb_store):
-    train(cfg(tmp_path, n_iterations=2), random_vit_t[0], samples[:6], samples[6:], store=emb_store,
+    train(cfg(tmp_path, n_iterations=2), random_vit_t[0], *_splits(samples), store=emb_store,
           weights_sha256=random_vit_t[1])
-    other = train(cfg(tmp_path, n_iterations=2, lr=2e-4), random_vit_t[0], samples[:6], samples[6:], store=emb_store,
+    other = train(cfg(tmp_path, n_iterations=2, lr=2e-4), random_vit_t[0], *_splits(samples), store=emb_store,
                   weights_sha256=random_vit_t[1])
     assert other.resumed_from is None
     ckpt = torch.load(other.latest_path, map_location="cpu", weights_only=True)
@@ -154,9 +162,9 @@ def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path, random_vit_t, samp
 
 def test_a_new_run_id_starts_fresh_in_the_same_folder(tmp_path, random_vit_t, samples, emb_store):
     """A second local `sam-pipeline run` (or tonight's scheduled run) must train, not resume the last one."""
-    first = train(cfg(tmp_path, n_iterations=2), random_vit_t[0], samples[:6], samples[6:], store=emb_store,
+    first = train(cfg(tmp_path, n_iterations=2), random_vit_t[0], *_splits(samples), store=emb_store,
                   run_id="run-a", weights_sha256=random_vit_t[1])
-    second = train(cfg(tmp_path, n_iterations=2), random_vit_t[0], samples[:6], samples[6:], store=emb_store,
+    second = train(cfg(tmp_path, n_iterations=2), random_vit_t[0], *_splits(samples), store=emb_store,
                    run_id="run-b", weights_sha256=random_vit_t[1])
     assert first.resumed_from is None and second.resumed_from is None
     assert second.history["iteration"] == [1, 2]
@@ -169,7 +177,7 @@ def test_exported_model_loads_in_the_official_builder(straight, random_vit_t, sa
     ours = build_sam("vit_t", random_vit_t[0])
     best = torch.load(straight.best_path, map_location="cpu", weights_only=True)
     load_trainable_state_dict(ours, best["trainable_state"])
-    emb = EmbeddingCache(ours, random_vit_t[1], emb_store).get(samples[6:7])[0]
+    emb = EmbeddingCache(ours, random_vit_t[1], emb_store).from_store(samples[6].image_sha256)
     boxes = np.array([[5.0, 5.0, 80.0, 60.0], [40.0, 30.0, 150.0, 120.0]])
     with torch.no_grad():
         a = decode(official, emb, samples[6].image.shape[:2], boxes=boxes)
@@ -185,7 +193,7 @@ def test_exported_model_loads_in_the_official_builder(straight, random_vit_t, sa
 
 def test_bf16_autocast_trains_on_cpu(tmp_path, random_vit_t, samples, emb_store):
     result = train(cfg(tmp_path, n_iterations=2, amp=True, amp_dtype="bf16", n_sub_iteration=3), random_vit_t[0],
-                   samples[:6], samples[6:], store=emb_store, weights_sha256=random_vit_t[1])
+                   *_splits(samples), store=emb_store, weights_sha256=random_vit_t[1])
     assert result.amp == "bf16"
     assert all(np.isfinite(result.history["loss"]))
 
@@ -194,7 +202,8 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, random_vit_t, samples, emb_store)
 def test_cuda_request_falls_back_to_cpu_with_a_warning(tmp_path, random_vit_t, samples, emb_store):
     with pytest.warns(UserWarning, match="CUDA is not available"):
         result = train(cfg(tmp_path, n_iterations=1, device="cuda", debug_with_one_example=True), random_vit_t[0],
-                       samples[:6], [], store=emb_store, weights_sha256=random_vit_t[1])
+                       SampleSplit(samples[:6]), SampleSplit([], "val"), store=emb_store,
+                       weights_sha256=random_vit_t[1])
     assert result.device == "cpu" and result.amp == "off"
     assert result.history["val_iteration"] == [0, 1]
 
@@ -202,9 +211,9 @@ def test_cuda_request_falls_back_to_cpu_with_a_warning(tmp_path, random_vit_t, s
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; none on this machine")
 @pytest.mark.parametrize("amp_dtype", ["fp16", "bf16"])
-def test_cuda_amp_paths_train(tmp_path, random_vit_t, samples, amp_dtype):
+def test_cuda_amp_paths_train(tmp_path, random_vit_t, samples, emb_store, amp_dtype):
     result = train(cfg(tmp_path, n_iterations=4, device="cuda", amp=True, amp_dtype=amp_dtype), random_vit_t[0],
-                   samples[:6], samples[6:], weights_sha256=random_vit_t[1])
+                   *_splits(samples), store=emb_store, weights_sha256=random_vit_t[1])
     assert result.device.startswith("cuda")
     assert result.amp.startswith(amp_dtype if torch.cuda.is_bf16_supported() else "fp16")
     assert all(np.isfinite(result.history["loss"]))
@@ -213,7 +222,7 @@ def test_cuda_amp_paths_train(tmp_path, random_vit_t, samples, amp_dtype):
 def test_nonfinite_losses_skip_steps_then_stop(random_vit_t, samples):
     model = build_sam("vit_t", random_vit_t[0])
     nan = torch.full((256, 64, 64), float("nan"))
-    items = prepare_items(samples[:2], [nan, nan], torch.device("cpu"))
+    items = prepare_items(samples[:2], [nan, nan])
     c = TrainConfig(device="cpu", n_objects_per_batch=2)
     trainer = Trainer(c, model, items, items, torch.device("cpu"), resolve_amp(c, torch.device("cpu")))
     before = {k: v.clone() for k, v in model.mask_decoder.state_dict().items()}
@@ -227,9 +236,9 @@ def test_nonfinite_losses_skip_steps_then_stop(random_vit_t, samples):
 
 def test_bad_config_and_inputs_are_clear_errors(tmp_path, random_vit_t, samples):
     with pytest.raises(ValueError, match="n_sub_iteration must be >= 1"):
-        train(cfg(tmp_path, n_sub_iteration=0), random_vit_t[0], samples[:1], samples[1:2])
+        train(cfg(tmp_path, n_sub_iteration=0), random_vit_t[0], *_splits(samples), store=None)
     with pytest.raises(ValueError, match="no validation samples"):
-        train(cfg(tmp_path), random_vit_t[0], samples[:1], [])
+        train(cfg(tmp_path), random_vit_t[0], SampleSplit(samples[:1]), SampleSplit([], "val"), store=None)
     bad = tmp_path / "bad.pt"
     torch.save({"something": torch.zeros(1)}, bad)
     with pytest.raises(ValueError, match="does not fit SAM vit_t"):
@@ -301,7 +310,7 @@ def test_a_run_stopped_between_validations_resumes_byte_identical(tmp_path, rand
 
     run_id = f"run-{uuid.uuid4().hex[:6]}"
     c = cfg(tmp_path, n_iterations=8, val_every=3, n_sub_iteration=3, batch_size=2)
-    straight = train(c, random_vit_t[0], samples[:6], samples[6:], store=emb_store, run_id=run_id,
+    straight = train(c, random_vit_t[0], *_splits(samples), store=emb_store, run_id=run_id,
                      weights_sha256=random_vit_t[1])
     expected = {name: getattr(straight, name).read_bytes() for name in ("best_path", "latest_path", "model_path")}
     # Same folder and run id (both are part of the checkpoint), nothing left of the first run.
@@ -318,10 +327,10 @@ def test_a_run_stopped_between_validations_resumes_byte_identical(tmp_path, rand
 
     monkeypatch.setattr(trainer_module.Trainer, "train_step", killed_at_5)
     with pytest.raises(_Killed):
-        train(c, random_vit_t[0], samples[:6], samples[6:], store=emb_store, run_id=run_id,
+        train(c, random_vit_t[0], *_splits(samples), store=emb_store, run_id=run_id,
               weights_sha256=random_vit_t[1])
     monkeypatch.undo()
-    resumed = train(c, random_vit_t[0], samples[:6], samples[6:], store=emb_store, run_id=run_id,
+    resumed = train(c, random_vit_t[0], *_splits(samples), store=emb_store, run_id=run_id,
                     weights_sha256=random_vit_t[1])
     assert resumed.resumed_from == 3
     for name, data in expected.items():

@@ -41,10 +41,10 @@ def test_dice_iou_does_not_count_predictions_in_ignored_pixels():
 def test_training_targets_and_loss_leave_crowd_regions_out():
     mask = crowd_mask()
     sample = Sample("s", np.zeros((32, 48, 3), np.uint8), mask, "0" * 64)
-    item, = prepare_items([sample], [torch.zeros(256, 64, 64)], torch.device("cpu"))
+    item, = prepare_items([sample], [torch.zeros(256, 64, 64)])
     assert len(item.boxes) == 2 and item.ignore is not None and item.ignore.sum() == 32 * 18
     plain, = prepare_items([Sample("p", sample.image, np.where(mask == IGNORE, 0, mask), "1" * 64)],
-                           [torch.zeros(256, 64, 64)], torch.device("cpu"))
+                           [torch.zeros(256, 64, 64)])
     # The crowd columns (x >= 30 of 48, i.e. low-res x >= 160 of the 256 frame's 0..255) are not valid.
     assert plain.valid[:, 170].any() and not item.valid[:, 170].any()
     assert item.valid.sum() < plain.valid.sum() and not item.target_low[:, ~item.valid].any()

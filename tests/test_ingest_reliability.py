@@ -14,7 +14,7 @@ from PIL import Image
 
 from components.datasets import synthetic
 from components.datasets.ingest import ingest
-from components.datasets.reader import load_split
+from components.datasets.reader import SplitRefs
 from components.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("data_dir")  # fresh DATA_DIR and object cache per test
@@ -42,7 +42,9 @@ def test_byte_identical_files_are_read_concurrently(tmp_path, store):
     manifest = result.manifest
     assert len({it["image"]["sha256"] for it in manifest["items"]}) == 1
     for split in ("train", "val", "test"):
-        samples = load_split(store, manifest, split, tmp_path / f"cache-{split}", workers=8)
+        refs = SplitRefs(store, manifest, split, tmp_path / f"cache-{split}")
+        with ThreadPoolExecutor(8) as pool:  # several loads of one object at once: one cache entry, no leftovers
+            samples = list(pool.map(refs.load, range(len(refs))))
         assert samples and all(s.image_sha256 == samples[0].image_sha256 for s in samples)
     leftovers = [p for p in (tmp_path / "cache-train").rglob("*") if p.is_file() and p.name.startswith(".")]
     assert leftovers == []

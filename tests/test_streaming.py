@@ -1,9 +1,9 @@
-"""Scale-out: the embed step's shards fill the store's embedding cache, and finetune streams its items from
-the store with a bounded prefetch, training exactly as it does on the same items held in memory."""
+"""Scale-out: the embed step's shards fill the store's embedding cache, and finetune reads its items from the
+store through torch's DataLoader a few batches ahead, training exactly as it does on the same samples held in
+memory, and resuming at the sampler position its checkpoint holds."""
 from __future__ import annotations
 
 import json
-import threading
 import uuid
 from dataclasses import replace
 
@@ -12,54 +12,67 @@ import pytest
 from components.training.config import TrainConfig
 
 from components.training.loop import train
-from components.training.data import StreamingItems
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-# -- the prefetching sequence ------------------------------------------------------------------------
+# -- the loader and its sampler -------------------------------------------------------------------------
 
-class _Loads:
-    """A load function that records what it loaded and how many results are alive at most."""
+def _items(n):
+    """n real training items whose embedding is filled with their index (what the loader hands back names
+    the item it is)."""
+    import torch
 
-    def __init__(self):
-        self.calls: list[int] = []
-        self.lock = threading.Lock()
+    from components.datasets.synthetic import make_samples
+    from components.training.data import prepare_items
 
-    def __call__(self, i: int) -> dict:
-        with self.lock:
-            self.calls.append(i)
-        return {"i": i}
+    return prepare_items(make_samples(n, seed=0, size=(32, 40)), [torch.full((256, 64, 64), float(i))
+                                                                 for i in range(n)])
 
 
-def test_items_come_in_the_drawn_order_each_loaded_once_per_epoch_with_a_bounded_window():
-    loads = _Loads()
-    items = StreamingItems(50, loads, window=4, workers=2, keep=2)
+def _drawn(batches, k):
+    return [[(i, int(item.embedding[0, 0, 0])) for i, item in batches.next()] for _ in range(k)]
+
+
+def test_worker_loaded_batches_follow_the_sampler_and_resume_from_its_state():
+    import torch
+
+    from components.training.data import EpochSampler, TrainBatches
+
+    cpu, items = torch.device("cpu"), _items(5)
+    ahead = TrainBatches(items, 2, seed=7, device=cpu, workers=2)
     try:
-        order = list(reversed(range(50)))
-        items.prefetch(order)
-        for i in order:
-            assert items[i] == {"i": i}
-            assert items[i] == {"i": i}  # a batch reads its items more than once: no second load
-            assert len(items._pending) + len(items._recent) <= 4 + 2  # window + keep, never the dataset
-        assert sorted(loads.calls) == list(range(50))
-        assert loads.calls[:10] == order[:10]  # loaded ahead in the epoch's order
-        assert [x["i"] for x in items] == list(range(50))  # iteration: a full pass in index order
-        with pytest.raises(IndexError):
-            items[50]
+        first = _drawn(ahead, 4)
+        state = ahead.state()
+        rest = _drawn(ahead, 6)
     finally:
-        items.close()
+        ahead.close()
+    assert all(i == loaded for batch in first + rest for i, loaded in batch)  # each item is the one drawn
+    sampler = EpochSampler(5, 2, seed=7)
+    assert [[i for i, _ in b] for b in first + rest] == [sampler.next_images() for _ in range(10)]
+    # The position after 4 batches, restored in a fresh loader (no workers): the same 6 batches follow.
+    resumed = TrainBatches(items, 2, seed=7, device=cpu, workers=0)
+    resumed.load_state(state)
+    assert _drawn(resumed, 6) == rest
 
 
-def test_an_item_read_outside_the_prefetched_order_is_loaded_on_demand():
-    loads = _Loads()
-    items = StreamingItems(10, loads, window=2, workers=1)
-    try:
-        items.prefetch([0, 1, 2])
-        assert items[7] == {"i": 7}  # e.g. the first batch after a resume, before the next prefetch
-        assert 7 in loads.calls
-    finally:
-        items.close()
+def test_a_damaged_image_in_the_store_fails_training_in_one_line(tmp_path, dataset, random_vit_t, monkeypatch):
+    """A worker's user-facing error comes back as itself: one line naming the object, no worker traceback."""
+    from components.datasets.reader import SplitRefs
+    from components.storage import StorageError
+
+    store, manifest, path = dataset
+    _embed_all(store, manifest, path, random_vit_t, 1, tmp_path)
+    monkeypatch.setenv("SAM_DATA_CACHE", str(tmp_path / "fresh-cache"))
+    train_split = SplitRefs(store, manifest, "train", annotated_only=True)
+    key = train_split.items[0]["image"]["key"]
+    store.put_bytes(key, b"not the image the manifest names")
+    cfg = TrainConfig(device="cpu", n_iterations=1, batch_size=len(train_split), show_progress=False,
+                      checkpoint_dir=str(tmp_path / "ck"))
+    with pytest.raises(StorageError) as err:
+        train(cfg, random_vit_t[0], train_split, SplitRefs(store, manifest, "val", annotated_only=True),
+              store=store, weights_sha256=random_vit_t[1])
+    assert "\n" not in str(err.value) and key in str(err.value)
 
 
 # -- against the real store, model and trainer ----------------------------------------------------------
@@ -113,8 +126,14 @@ def test_embed_shards_split_the_images_and_skip_what_the_store_has(tmp_path, dat
         assert artifact_metadata(m) == m  # nothing had to be dropped
 
 
-def test_streamed_training_matches_in_memory_training_and_resumes_exactly(tmp_path, dataset, random_vit_t):
-    from components.datasets.reader import SplitRefs, load_split
+def _in_memory(split):
+    from components.datasets.reader import SampleSplit
+
+    return SampleSplit([split.load(i) for i in range(len(split))], split.split)
+
+
+def test_training_from_the_store_matches_in_memory_samples_and_resumes_exactly(tmp_path, dataset, random_vit_t):
+    from components.datasets.reader import SplitRefs
 
     store, manifest, path = dataset
     _embed_all(store, manifest, path, random_vit_t, 2, tmp_path)
@@ -122,7 +141,8 @@ def test_streamed_training_matches_in_memory_training_and_resumes_exactly(tmp_pa
                 show_progress=False)
     kw = dict(store=store, weights_sha256=random_vit_t[1], dataset_hash=manifest["content_hash"])
     in_memory = train(TrainConfig(**base, checkpoint_dir=str(tmp_path / "mem")), random_vit_t[0],
-                      load_split(store, manifest, "train"), load_split(store, manifest, "val"), **kw)
+                      _in_memory(SplitRefs(store, manifest, "train", annotated_only=True)),
+                      _in_memory(SplitRefs(store, manifest, "val", annotated_only=True)), **kw)
 
     def streamed(n, where):
         return train(TrainConfig(**{**base, "n_iterations": n}, checkpoint_dir=str(tmp_path / where)), random_vit_t[0],
@@ -139,12 +159,12 @@ def test_streamed_training_matches_in_memory_training_and_resumes_exactly(tmp_pa
     assert resumed.history["loss"] == pytest.approx(straight.history["loss"], rel=1e-6)
 
 
-def test_streamed_evaluation_matches_in_memory_and_keeps_its_overlays(tmp_path, s3, monkeypatch):
-    """A test split larger than the report's overlay count, scored from the store a window at a time."""
+def test_evaluation_from_the_store_matches_in_memory_and_keeps_its_overlays(tmp_path, s3, monkeypatch):
+    """A test split larger than the report's overlay count, scored from the store a few items ahead."""
     import torch
 
     from components.datasets.ingest import ingest
-    from components.datasets.reader import SplitRefs, load_split
+    from components.datasets.reader import SplitRefs
     from components.datasets.synthetic import make_folder
     from components.evaluate import OVERLAY_IMAGES, evaluate
     from components.sam.model import atomic_torch_save, build_sam
@@ -162,7 +182,7 @@ def test_streamed_evaluation_matches_in_memory_and_keeps_its_overlays(tmp_path, 
     assert len(split) > OVERLAY_IMAGES
     kw = dict(margin=0.0, device="cpu", store=store, zero_shot_sha256="zs-" + uuid.uuid4().hex[:6])
     streamed = evaluate("vit_t", zs, zs, split, report_path=tmp_path / "s.html", **kw)
-    in_memory = evaluate("vit_t", zs, zs, load_split(store, manifest, "test"), report_path=tmp_path / "m.html", **kw)
+    in_memory = evaluate("vit_t", zs, zs, _in_memory(split), report_path=tmp_path / "m.html", **kw)
     streamed.pop("seconds"), in_memory.pop("seconds")
     assert streamed == in_memory and streamed["test_images"] == len(split)
     overlays = (tmp_path / "s.html").read_text().count("data:image/png;base64,")

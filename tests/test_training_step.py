@@ -25,7 +25,7 @@ def model_and_items():
         make_samples(2, seed=6, size=(210, 90), max_instances=3)
     gen = torch.Generator().manual_seed(1)
     embs = [torch.randn((256, 64, 64), generator=gen) for _ in samples]
-    return model, prepare_items(samples, embs, CPU)
+    return model, prepare_items(samples, embs)
 
 
 def _trainer(model, items, **kw) -> Trainer:
@@ -143,35 +143,22 @@ def test_single_points_train_the_multimask_heads_and_evaluation_scores_them(mode
         model.load_state_dict(state)
 
 
-class _Streaming:
-    """A stand-in for a streaming source: indexable and sized, not a list; records prefetch calls."""
-
-    def __init__(self, items):
-        self._items, self.prefetched = items, []
-
-    def __getitem__(self, i):
-        return self._items[i]
-
-    def __len__(self):
-        return len(self._items)
-
-    def prefetch(self, order):
-        self.prefetched.append(list(order))
-
-
 def test_a_batch_never_holds_an_image_twice(model_and_items):
+    from components.training.data import EpochSampler
+
     model, items = model_and_items
-    src = _Streaming(items[:3])  # 3 images, batches of 2: every other batch straddles two epochs
-    t = Trainer(TrainConfig(device="cpu", batch_size=2), model, src, items[:1], CPU,
-                resolve_amp(TrainConfig(device="cpu"), CPU))
+    sampler = EpochSampler(3, 2, seed=0)  # 3 images, batches of 2: every other batch straddles two epochs
     seen = []
     for _ in range(30):
-        images = t._next_images()
+        images = sampler.next_images()
         assert len(images) == len(set(images)) == 2, images
         seen += images
     # Still every image once per epoch: 60 draws over 3 images, 20 epochs.
     assert all(sorted(seen[3 * e:3 * e + 3]) == [0, 1, 2] for e in range(20))
-    assert len(src.prefetched) == 20 and all(sorted(o) == [0, 1, 2] for o in src.prefetched)
     # sample_batch then holds each object at most once.
-    pairs = [(i, k) for i, objs in t.sample_batch() for k in objs.tolist()]
+    t = _trainer(model, items[:3], batch_size=2)
+    try:
+        pairs = [(i, k) for i, _, objs in t.sample_batch() for k in objs.tolist()]
+    finally:
+        t.close()
     assert len(pairs) == len(set(pairs))

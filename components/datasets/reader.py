@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,25 +77,6 @@ def split_items(manifest: dict, split: str) -> list[dict]:
     return [it for it in manifest["items"] if split in item_splits(it)]
 
 
-def load_split(store: ObjectStore, manifest: dict, split: str, cache_dir: Path | None = None,
-               *, workers: int = 8) -> list[Sample]:
-    """Fetch (or find in the cache), verify and decode every image and mask of one split."""
-    items = split_items(manifest, split)
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    store = _store_for(store, manifest.get("bucket", store.config.bucket))
-
-    def fetch(ref: dict) -> Path:
-        return _cached_object(store, ref, cache_dir)
-
-    refs = [it[kind] for it in items for kind in ("image", "mask")]
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        paths = list(pool.map(fetch, refs))
-    samples = []
-    for i, it in enumerate(items):
-        samples.append(decode_sample(it["id"], paths[2 * i], paths[2 * i + 1], it["image"]["sha256"]))
-    return samples
-
-
 class SplitRefs:
     """One split of a dataset version, read lazily: the manifest's entries in memory (a few hundred bytes
     each), an image and its mask fetched and decoded only when `load(i)` asks for them. What finetune and
@@ -114,11 +94,18 @@ class SplitRefs:
     def __len__(self) -> int:
         return len(self.items)
 
+    def _with_items(self, items: list[dict]) -> "SplitRefs":
+        out = object.__new__(type(self))
+        out.__dict__.update(self.__dict__, items=items)
+        return out
+
     def without(self, image_shas: frozenset[str]) -> "SplitRefs":
         """The same split less the items whose image content hash is in `image_shas`."""
-        out = object.__new__(SplitRefs)
-        out.__dict__.update(self.__dict__, items=[it for it in self.items if it["image"]["sha256"] not in image_shas])
-        return out
+        return self._with_items([it for it in self.items if it["image"]["sha256"] not in image_shas])
+
+    def head(self, n: int) -> "SplitRefs":
+        """The first `n` items (the one-example check trains and validates on one image)."""
+        return self._with_items(self.items[:n])
 
     def image_sha256(self, i: int) -> str:
         return self.items[i]["image"]["sha256"]
@@ -136,6 +123,32 @@ class SplitRefs:
         for it in self.items:
             h.update(f"{it['id']}|{it['image']['sha256']}|{it['mask']['sha256']}|".encode())
         return h.hexdigest()
+
+
+class SampleSplit(SplitRefs):
+    """A split held in memory, read through the same interface: tests and benchmarks that make their samples
+    (synthetic.make_samples) train and evaluate on them without a dataset version. The entries carry the
+    same content hashes a manifest would (the mask's over its pixel bytes), so `fingerprint()` is the same."""
+
+    def __init__(self, samples, split: str = "train", *, annotated_only: bool = False):
+        import hashlib
+
+        self.store, self.split, self.cache_dir = None, split, None
+        self.items = [{"id": s.id, "sample": s, "instances": _instances(s.mask),
+                       "image": {"sha256": s.image_sha256},
+                       "mask": {"sha256": hashlib.sha256(np.ascontiguousarray(s.mask).tobytes()).hexdigest()}}
+                      for s in samples]
+        if annotated_only:
+            self.items = [it for it in self.items if it["instances"] > 0]
+
+    def load(self, i: int) -> Sample:
+        return self.items[i]["sample"]
+
+
+def _instances(mask: np.ndarray) -> int:
+    from components.label_values import IGNORE
+
+    return len(np.setdiff1d(np.unique(np.asarray(mask)), [0, IGNORE]))
 
 
 def shard_images(manifest: dict, shard: int, shards: int) -> list[dict]:

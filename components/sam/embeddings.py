@@ -25,22 +25,12 @@ import torch
 from torch import nn
 
 from components.errors import first_line
-from components.hashing import sha256_bytes
 from components.sam.transforms import preprocess_image
 from components.storage import IntegrityError
 
 log = logging.getLogger(__name__)
 
 EMBEDDING_SHAPE = (256, 64, 64)
-
-
-def image_key(sample) -> str:
-    """The sample's content hash; in-memory images without one are hashed from their pixels."""
-    sha = getattr(sample, "image_sha256", "") or ""
-    if sha:
-        return sha
-    img = np.ascontiguousarray(sample.image)
-    return sha256_bytes(f"{img.shape}{img.dtype}".encode() + img.tobytes())
 
 
 def encode_bytes(embedding: torch.Tensor) -> bytes:
@@ -147,11 +137,11 @@ def compute_embeddings(model: nn.Module, images: Sequence[np.ndarray], *, batch_
 
 
 class EmbeddingCache:
-    """Embeddings by image content hash: memory, then the object store, then the encoder."""
+    """Embeddings by image content hash in the object store, computed by the encoder where missing."""
 
-    def __init__(self, model: nn.Module, weights_sha256: str, store=None, *, batch_size: int = 4,
+    def __init__(self, model: nn.Module, weights_sha256: str, store, *, batch_size: int = 4,
                  amp: bool | None = None):
-        if store is not None and not weights_sha256:
+        if not weights_sha256:
             raise ValueError("an object-store embedding cache needs the weights' sha256 for its keys")
         self.model = model
         self.weights_sha256 = weights_sha256
@@ -160,18 +150,14 @@ class EmbeddingCache:
         self.amp = amp
         device = next(model.parameters()).device if model is not None else torch.device("cpu")
         self.precision = encoder_precision(device, amp)
-        self._memory: dict[str, torch.Tensor] = {}
-        self.stats = {"memory": 0, "store": 0, "computed": 0, "encode_seconds": 0.0}
+        self.stats = {"store": 0, "computed": 0, "encode_seconds": 0.0}
 
     def key(self, image_sha: str) -> str:
         return embedding_key(self.store, self.weights_sha256, self.precision, image_sha)
 
     def from_store(self, sha: str) -> torch.Tensor | None:
         """The stored embedding of one image (CPU float32), or None when absent or damaged (recomputed by the
-        caller, with a warning here); not kept in memory (the streaming readers hold only what their prefetch
-        window allows)."""
-        if self.store is None:
-            return None
+        caller, with a warning here); not kept in memory (the loaders hold only the items in flight)."""
         key = self.key(sha)
         if self.store.stat(key) is None:
             return None
@@ -192,22 +178,19 @@ class EmbeddingCache:
 
     def _compute_and_store(self, pending: list[tuple[str, np.ndarray]]) -> torch.Tensor:
         """The one place the encoder runs for the cache: embeddings of (sha, image) pairs, each written to the
-        store (when there is one) as soon as its batch is done, so a pod killed mid-way keeps what it made."""
+        store as soon as its batch is done, so a pod killed mid-way keeps what it made."""
         t0 = time.perf_counter()
         embs = compute_embeddings(self.model, [im for _, im in pending], batch_size=self.batch_size, amp=self.amp)
         self.stats["encode_seconds"] += time.perf_counter() - t0
         self.stats["computed"] += len(pending)
-        if self.store is not None:
-            for (sha, _), emb in zip(pending, embs):
-                self.store.put_bytes(self.key(sha), encode_bytes(emb))
+        for (sha, _), emb in zip(pending, embs):
+            self.store.put_bytes(self.key(sha), encode_bytes(emb))
         return embs
 
     def ensure(self, shas: Sequence[str], image_of: Callable[[int], np.ndarray]) -> dict:
         """Make sure the store holds the embedding of every image (`image_of(i)` loads the i-th), computing
         the missing ones batch by batch and keeping none in memory: the embed step's work, and finetune's
         and evaluate's first pass over a split. Returns {"store": found, "computed": computed}."""
-        if self.store is None:
-            raise ValueError("ensure() writes to the object store; this cache has none")
         found = computed = 0
         pending: list[tuple[str, np.ndarray]] = []
         seen: set[str] = set()
@@ -236,27 +219,3 @@ class EmbeddingCache:
     def _stored_ok(self, sha: str) -> bool:
         # A stat is enough for the embed step's skip; a damaged object is caught (and recomputed) on read.
         return self.store.stat(self.key(sha)) is not None
-
-    def get(self, samples: Sequence) -> list[torch.Tensor]:
-        """One (256, 64, 64) float32 embedding per sample (objects with .image and .image_sha256)."""
-        device = next(self.model.parameters()).device
-        shas = [image_key(s) for s in samples]
-        missing: dict[str, np.ndarray] = {}
-        for sha, s in zip(shas, samples):
-            if sha in self._memory:
-                self.stats["memory"] += 1
-                continue
-            if sha in missing:
-                continue
-            emb = self.from_store(sha)
-            if emb is not None:
-                self._memory[sha] = emb.to(device)
-                self.stats["store"] += 1
-            else:
-                missing[sha] = s.image
-        items = list(missing.items())
-        for start in range(0, len(items), max(1, self.batch_size)):
-            chunk = items[start:start + self.batch_size]
-            for (sha, _), emb in zip(chunk, self._compute_and_store(chunk)):
-                self._memory[sha] = emb
-        return [self._memory[sha] for sha in shas]

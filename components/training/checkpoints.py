@@ -2,41 +2,75 @@
 object store under runs/<run_id>/checkpoints/ so a retry on a fresh pod resumes where the last one stopped.
 
 A checkpoint resumes only the run that wrote it: its identity (weights, dataset, samples, the settings
-that shape the trajectory, the run id) must match.
+that shape the trajectory, the run id) must match. `Checkpoints` builds a checkpoint from the run's
+`Progress` and the trainer's state, and restores both from one: the file's layout lives here alone.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
+import math
+import random
 import sys
 from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from components.errors import first_line
-from components.sam.embeddings import image_key
-from components.sam.model import atomic_torch_save
+from components.sam.model import atomic_torch_save, export_state_dict, load_trainable_state_dict
 from components.training.config import NOT_TRAJECTORY, TrainConfig, trajectory_settings
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the sampler draws from its own seeded stream (training.data.EpochSampler)
 # Config fields that do not change the training trajectory: a checkpoint written under other values
 # of these may be resumed (e.g. more iterations, or a retry that landed on another device).
 _RESUMABLE_ACROSS = NOT_TRAJECTORY | {"n_iterations"}
 
 
-def samples_fingerprint(samples: Sequence) -> str:
-    """Content hash of a list of samples (ids, image hashes, mask bytes): what resume must match."""
-    h = hashlib.sha256()
-    for s in samples:
-        mask = np.ascontiguousarray(s.mask)
-        h.update(f"{s.id}|{image_key(s)}|{mask.shape}|".encode())
-        h.update(hashlib.sha256(mask.tobytes()).digest())
-    return h.hexdigest()
+def _new_history() -> dict:
+    return {"iteration": [], "loss": [], "lr": [], "val_iteration": [], "val_dice": [], "val_iou": []}
+
+
+@dataclass
+class Progress:
+    """Where a run stands: its last iteration, its curves and its best validation so far."""
+    iteration: int = 0
+    history: dict = field(default_factory=_new_history)
+    best_dice: float = -math.inf
+    best_iteration: int = 0
+
+
+def run_identity(cfg: TrainConfig, weights_sha256: str, dataset_hash: str, samples_fingerprint: str,
+                 run_id: str | None) -> dict:
+    """What a checkpoint must match to be resumed. A run id, when given, is part of it: resume is for
+    retries of the same run; a new run (a second `sam-pipeline run`, tonight's scheduled retraining)
+    starts fresh even when everything else matches."""
+    identity = {"weights_sha256": weights_sha256, "dataset_hash": dataset_hash,
+                "samples_fingerprint": samples_fingerprint, "trajectory_config": trajectory_config(cfg)}
+    if run_id:
+        identity["run_id"] = run_id
+    return identity
+
+
+def _global_rng_state() -> dict:
+    np_state = np.random.get_state()
+    rng = {"python": random.getstate(), "numpy_global": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+           "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def _restore_global_rng(rng: dict) -> None:
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    g = rng["numpy_global"]
+    np.random.set_state((g[0], np.array(g[1], dtype=np.uint32), *g[2:]))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def trajectory_config(cfg: TrainConfig) -> dict:
@@ -94,14 +128,26 @@ class StoreMirror:
 
 class Checkpoints:
     """best.pt (the best validation Dice so far), latest.pt (where to resume) and model.pt (the export)
-    in `directory`; every save also goes to `mirror` when there is one."""
+    in `directory` for the run `identity` names; every save also goes to `mirror` when there is one."""
 
-    def __init__(self, directory: Path, mirror: StoreMirror | None = None):
+    def __init__(self, directory: Path, cfg: TrainConfig, identity: dict, mirror: StoreMirror | None = None):
         directory.mkdir(parents=True, exist_ok=True)
         self.best, self.latest, self.model = directory / "best.pt", directory / "latest.pt", directory / "model.pt"
-        self.mirror = mirror
+        self.cfg, self.identity, self.mirror = cfg, identity, mirror
 
-    def find_resume(self, identity: dict) -> dict | None:
+    def resume(self, trainer) -> Progress | None:
+        """Restore `trainer` and the process's random states from this run's latest checkpoint and return
+        where it stood; None (and no stale best.pt left to export) when there is none to resume."""
+        ckpt = self._find_resume() if self.cfg.resume else None
+        if ckpt is None:
+            self.best.unlink(missing_ok=True)  # a stale best.pt from another run must not be exported
+            return None
+        trainer.load_state(ckpt)
+        _restore_global_rng(ckpt["rng"])
+        return Progress(int(ckpt["iteration"]), ckpt["history"], float(ckpt["best_val_dice"]),
+                        int(ckpt["best_iteration"]))
+
+    def _find_resume(self) -> dict | None:
         """The latest checkpoint of this same run (fetched from the mirror when not here), or None."""
         if not self.latest.exists() and self.mirror is not None:
             # A retry on a fresh pod: both checkpoints come back from the store (best.pt is what gets exported).
@@ -109,27 +155,37 @@ class Checkpoints:
                 self.mirror.fetch(path.name, path)
         if not self.latest.exists():
             return None
-        ckpt = load_checkpoint(self.latest)
-        mismatched = [k for k, v in identity.items() if ckpt.get(k) != v]
+        try:
+            ckpt = load_checkpoint(self.latest)
+        except ValueError as e:  # e.g. written by an earlier version of this format
+            log.warning("not resuming: %s; starting fresh", e)
+            return None
+        mismatched = [k for k, v in self.identity.items() if ckpt.get(k) != v]
         if mismatched:
             log.warning("not resuming from %s: it belongs to another run (different %s); starting fresh",
                         self.latest, ", ".join(mismatched))
             return None
         return ckpt
 
-    def discard_best(self) -> None:
-        """A stale best.pt from another run must not be exported."""
-        self.best.unlink(missing_ok=True)
-
-    def save(self, state: dict, improved: bool) -> None:
-        state = canonical(state)
+    def save(self, progress: Progress, trainer, improved: bool) -> None:
+        """latest.pt, and best.pt too when this validation `improved` on the best so far."""
+        state = canonical({"format_version": CHECKPOINT_FORMAT, "iteration": progress.iteration,
+                           "config": asdict(self.cfg), "best_val_dice": progress.best_dice,
+                           "best_iteration": progress.best_iteration, "history": progress.history,
+                           "model_type": self.cfg.model_type, **self.identity, **trainer.state(),
+                           "rng": _global_rng_state()})
         for path in ([self.best] if improved else []) + [self.latest]:
             atomic_torch_save(state, path)
             if self.mirror is not None:
                 self.mirror.push(path)
 
-    def load_best(self) -> dict:
+    def export(self, model: torch.nn.Module, device: torch.device) -> Progress:
+        """best.pt's weights into `model`, written as a plain state dict (model.pt); best.pt's progress."""
         if not self.best.exists():
             raise RuntimeError(f"no best checkpoint at {self.best}: it should have been written beside latest.pt "
                                f"(or fetched with it from the object store)")
-        return load_checkpoint(self.best)
+        best = load_checkpoint(self.best)
+        load_trainable_state_dict(model, {k: v.to(device) for k, v in best["trainable_state"].items()})
+        export_state_dict(model, self.model)
+        return Progress(int(best["iteration"]), best["history"], float(best["best_val_dice"]),
+                        int(best["best_iteration"]))

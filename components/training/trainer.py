@@ -20,72 +20,27 @@ Python). The exception is the corrective-click erosion loop, whose `any()` ends 
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from components.label_values import IGNORE
 from components.sam.device import to_device
 from components.sam.losses import multi_output_loss
 from components.sam.metrics import dice_iou
 from components.sam.model import load_trainable_state_dict, set_trainable, trainable_state_dict
 from components.sam.prompt_batch import (choose_output, decode_groups, decode_prompts, first_round_tokens, is_ambiguous,
                                          take)
-from components.sam.prompts import corrective_clicks, instance_masks, jitter_boxes, masks_to_boxes, sample_points
-from components.sam.transforms import LOW_RES, IMAGE_SIZE, Frame, masks_to_low_res
+from components.sam.prompts import corrective_clicks, jitter_boxes, sample_points
+from components.sam.transforms import LOW_RES, IMAGE_SIZE
 from components.training.config import AmpSettings, TrainConfig
+from components.training.data import Item, TrainBatches, in_order, loader, prepare_items  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 MAX_NONFINITE_IN_A_ROW = 5
 # Devices with a fused Adam kernel (torch/utils/_foreach_utils.py: _get_fused_kernels_supported_devices).
 _FUSED_ADAM_DEVICES = ("cuda", "cpu")
-
-
-@dataclass
-class Item:
-    """One image, ready for training/validation: its embedding, boxes, and targets in both frames."""
-    id: str
-    frame: Frame
-    embedding: torch.Tensor  # (256, 64, 64)
-    boxes: np.ndarray  # (K, 4) original pixels
-    flat_idx: list  # per object, np.flatnonzero of its mask (for point sampling)
-    target_low: torch.Tensor  # (K, 256, 256) soft targets in the logits' frame, 0 in the padding
-    valid: torch.Tensor  # (256, 256) bool: the part of the logits that maps back onto the image
-    masks: torch.Tensor  # (K, H, W) bool at original size (metrics)
-    ignore: torch.Tensor | None = None  # (H, W) bool: crowd regions (label_values.IGNORE), scored neither way
-
-
-def prepare_items(samples: Sequence, embeddings: list[torch.Tensor], device: torch.device) -> list[Item]:
-    """Samples (id, image, instance-id mask) and their encoder embeddings as training/validation items;
-    samples without any instance are skipped with a warning."""
-    items = []
-    for s, emb in zip(samples, embeddings):
-        mask = np.asarray(s.mask)
-        if mask.shape != s.image.shape[:2]:
-            raise ValueError(f"sample {s.id}: mask {mask.shape} does not match image {s.image.shape[:2]}")
-        ids, masks = instance_masks(mask)
-        if len(ids) == 0:
-            log.warning("sample %s has no instances; skipped", s.id)
-            continue
-        frame = Frame.for_size(*mask.shape)
-        masks_t = torch.from_numpy(masks)
-        target, valid = masks_to_low_res(masks_t, frame)
-        ignore = torch.from_numpy(mask == IGNORE) if (mask == IGNORE).any() else None
-        if ignore is not None:
-            # A low-res pixel touching a crowd region is left out of the loss (and of corrective clicks):
-            # its target says neither object nor background.
-            valid = valid & ~(masks_to_low_res(ignore[None], frame)[0][0] > 0)
-            target = target * valid
-        items.append(Item(
-            id=s.id, frame=frame, embedding=emb, boxes=masks_to_boxes(masks),
-            flat_idx=[np.flatnonzero(m) for m in masks],
-            target_low=target.to(device), valid=valid.to(device), masks=masks_t, ignore=ignore,
-        ))
-    return items
 
 
 # -- the trainer ---------------------------------------------------------------------------------
@@ -105,21 +60,20 @@ class Batch:
 class Trainer:
     """The training state and one iteration of it; `train()` drives it, benchmarks reuse it.
 
-    Items are reached only through `train_items[i]`, `len(train_items)` and iteration over `val_items`,
-    so a streaming source can stand in for the lists (and gets `prefetch(order)` at each new epoch)."""
+    `train_items` and `val_items` are map-style datasets of `Item`s (data.SplitItems over a split; a list of
+    items is one too), read through torch's DataLoader (data.TrainBatches, data.loader)."""
 
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, train_items, val_items, device: torch.device,
                  amp: AmpSettings):
         self.cfg, self.model, self.device, self.amp = cfg, model, device, amp
-        self.train_items, self.val_items = train_items, val_items
+        self.batches = TrainBatches(train_items, cfg.batch_size, cfg.seed, device)
+        self.val_items, self._val_loader = val_items, None
         self.params = set_trainable(model, cfg.freeze_prompt_encoder)
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, **self._adam_impl())
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="max", factor=0.9,
                                                                     patience=10)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp.scaler)
-        self.rng = np.random.default_rng(cfg.seed)
-        self.order: list[int] = []
-        self.pos = 0
+        self.rng = np.random.default_rng(cfg.seed)  # prompts, objects, mask feeding (the sampler has its own)
         self.nonfinite_in_a_row = 0
 
     def _adam_impl(self) -> dict:
@@ -130,40 +84,18 @@ class Trainer:
         return {"fused": True} if self.device.type in _FUSED_ADAM_DEVICES else {"foreach": True}
 
     # sampling ---------------------------------------------------------------------------------
-    def _new_epoch(self) -> None:
-        """Every image once per epoch, in a seeded order."""
-        self.order = self.rng.permutation(len(self.train_items)).tolist()
-        self.pos = 0
-        prefetch = getattr(self.train_items, "prefetch", None)
-        if prefetch is not None:
-            prefetch(self.order)
-
-    def _next_images(self) -> list[int]:
-        out: list[int] = []
-        for _ in range(min(self.cfg.batch_size, len(self.train_items))):
-            if self.pos >= len(self.order):
-                self._new_epoch()
-            if self.order[self.pos] in out:
-                # A batch straddling two epochs: the new order starts with an image the batch already
-                # holds (its objects would count twice). Swap in the next one it does not hold; the
-                # image keeps its place in this epoch, just later.
-                j = next(j for j in range(self.pos + 1, len(self.order)) if self.order[j] not in out)
-                self.order[self.pos], self.order[j] = self.order[j], self.order[self.pos]
-            out.append(self.order[self.pos])
-            self.pos += 1
-        return out
-
-    def sample_batch(self) -> list[tuple[int, np.ndarray]]:
-        images = self._next_images()
-        pairs = [(i, k) for i in images for k in range(len(self.train_items[i].boxes))]
+    def sample_batch(self) -> list[tuple[int, Item, np.ndarray]]:
+        """The next batch's images (data.TrainBatches) and up to `n_objects_per_batch` of their objects."""
+        loaded = self.batches.next()
+        pairs = [(b, k) for b, (_, item) in enumerate(loaded) for k in range(len(item.boxes))]
         if len(pairs) > self.cfg.n_objects_per_batch:
             keep = np.sort(self.rng.choice(len(pairs), self.cfg.n_objects_per_batch, replace=False))
             pairs = [pairs[j] for j in keep]
         out = []
-        for i in images:
-            objs = np.array([k for (j, k) in pairs if j == i], dtype=np.int64)
+        for b, (i, item) in enumerate(loaded):
+            objs = np.array([k for (j, k) in pairs if j == b], dtype=np.int64)
             if len(objs):
-                out.append((i, objs))
+                out.append((i, item, objs))
         return out
 
     def _use_box(self, iteration: int, n: int) -> np.ndarray:
@@ -173,17 +105,16 @@ class Trainer:
             return np.zeros(n, dtype=bool)
         return (iteration + np.arange(n)) % 2 == 0
 
-    def make_batch(self, iteration: int, batch: list[tuple[int, np.ndarray]],
+    def make_batch(self, iteration: int, batch: list[tuple[int, Item, np.ndarray]],
                    embeddings: dict[int, torch.Tensor] | None = None) -> Batch:
         """First-round prompts for every object, drawn on the host (numpy, seeded), then moved in one
         copy per tensor."""
-        n = sum(len(objs) for _, objs in batch)
+        n = sum(len(objs) for _, _, objs in batch)
         boxes = np.full((n, 4), np.nan)
         points = np.full((n, self.cfg.n_points, 2), np.nan)
         image_index = np.zeros(n, dtype=np.int64)
         embs, targets, valids, start = [], [], [], 0
-        for b, (i, objs) in enumerate(batch):
-            item = self.train_items[i]
+        for b, (i, item, objs) in enumerate(batch):
             sl = slice(start, start + len(objs))
             use_box = self._use_box(iteration + start, len(objs))
             image_index[sl] = b
@@ -288,7 +219,9 @@ class Trainer:
         autocast would save nothing."""
         self.model.eval()
         dices, ious = [], []
-        for item in self.val_items:
+        if self._val_loader is None:  # one per trainer: its workers stay between validations
+            self._val_loader = loader(self.val_items, self.device)
+        for item in in_order(self.val_items, self._val_loader, self.device):
             masks = decode_prompts(self.model, item.embedding, item.frame, item.boxes, None).masks
             dice, iou = dice_iou(masks, item.masks, item.ignore)
             dices.append(dice)
@@ -300,19 +233,14 @@ class Trainer:
 
     # state ------------------------------------------------------------------------------------
     def state(self) -> dict:
-        np_state = np.random.get_state()
-        rng = {"python": random.getstate(),
-               "numpy_global": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-               "torch": torch.get_rng_state(),
-               "sampler": self.rng.bit_generator.state}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        """What a checkpoint holds of the trainer (checkpoints.Checkpoints adds the run's progress and the
+        process-wide random states)."""
         return {"trainable_state": trainable_state_dict(self.model),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
-                "rng": rng,
-                "sampler": {"order": list(self.order), "pos": self.pos},
+                "prompt_rng": self.rng.bit_generator.state,
+                "sampler": self.batches.state(),
                 "nonfinite_in_a_row": self.nonfinite_in_a_row}
 
     def load_state(self, ckpt: dict) -> None:
@@ -323,13 +251,11 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.amp.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        rng = ckpt["rng"]
-        random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
-        g = rng["numpy_global"]
-        np.random.set_state((g[0], np.array(g[1], dtype=np.uint32), *g[2:]))
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.rng.bit_generator.state = rng["sampler"]
-        self.order, self.pos = list(ckpt["sampler"]["order"]), int(ckpt["sampler"]["pos"])
+        self.rng.bit_generator.state = ckpt["prompt_rng"]
+        self.batches.load_state(ckpt["sampler"])
         self.nonfinite_in_a_row = int(ckpt.get("nonfinite_in_a_row", 0))
+
+    def close(self) -> None:
+        """Ends the loaders' worker processes."""
+        self.batches.close()
+        self._val_loader = None  # its iterator, and with it the workers, go with it
