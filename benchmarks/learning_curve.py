@@ -24,8 +24,25 @@ from dataclasses import replace
 from pathlib import Path
 
 
-def curve(args) -> tuple[list[dict], list[float]]:
-    """The scored rows, one per chunk, and the per-iteration training loss of the whole run."""
+def curve(args, s3=None) -> tuple[list[dict], list[float]]:
+    """The scored rows, one per chunk, and the per-iteration training loss of the whole run. `s3`: a running
+    embedded S3 server's config to use instead of a fresh one (runs on the same seed then share embeddings)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    bf16 = args.amp == "bf16"
+    if args.embed == "bf16":  # the product never embeds in bf16 on a CPU any more: this arm patches its rule
+        from unittest import mock
+
+        from components.sam import embeddings
+        with mock.patch.object(embeddings, "encoder_precision", lambda device, amp: "bf16"):
+            return _curve(args, bf16, s3)
+    return _curve(args, bf16, s3)
+
+
+def _curve(args, bf16: bool, s3_config) -> tuple[list[dict], list[float]]:
+    from contextlib import nullcontext
+
     import torch
 
     from benchmarks.pedestrians import pedestrian_samples, random_vit_t
@@ -40,18 +57,16 @@ def curve(args) -> tuple[list[dict], list[float]]:
     from components.datasets.reader import SampleSplit
     from components.training.data import Scored
 
-    torch.set_num_threads(args.threads)
-    bf16 = args.amp == "bf16"
     samples = pedestrian_samples(args.train + args.val, (args.height, args.width), seed=args.seed)
     train_s, val_s = SampleSplit(samples[:args.train], "train"), SampleSplit(samples[args.train:], "val")
     rows, losses = [], []
-    with tempfile.TemporaryDirectory() as tmp, embedded_s3() as s3:
+    with tempfile.TemporaryDirectory() as tmp, (nullcontext(s3_config) if s3_config else embedded_s3()) as s3:
         store = ObjectStore(replace(s3, prefix="learning-curve/"))
         weights = random_vit_t(Path(tmp) / "vit_t_random.pt", seed=args.seed)
         sha = sha256_file(weights)
         scorer = build_sam("vit_t", weights, "cpu")
         # The same cache train() uses, so its first chunk finds the validation embeddings in the store.
-        # In the run's precision, as train() would embed them: each curve is one precision end to end.
+        # In the precision train() embeds them in (fp32 on a CPU; bf16 under --embed bf16).
         cache = EmbeddingCache(scorer, sha, store, batch_size=1, amp=bf16)
         cache.ensure([val_s.image_sha256(i) for i in range(len(val_s))], lambda i: val_s.load(i).image)
         scored = [Scored(val_s.load(i), cache.from_store(val_s.image_sha256(i))) for i in range(len(val_s))]
@@ -85,11 +100,11 @@ def record(args, rows: list[dict], load: tuple) -> None:
 
     heading = f"## Learning curve ({args.label})"
     first, last = rows[0], rows[-1]
-    precision = "bf16 autocast (training and embedding)" if args.amp == "bf16" else "fp32 (no autocast)"
+    precision = (f"training {'bf16 autocast' if args.amp == 'bf16' else 'fp32'}, {args.embed} embeddings")
     lines = [heading, "",
              f"`PYTHONPATH=$PWD .venv/bin/python -m benchmarks.learning_curve --label {shlex.quote(args.label)} --iters {args.iters} "
              f"--chunk {args.chunk} --train {args.train} --val {args.val} --seed {args.seed} "
-             f"{'' if args.train_seed is None else f'--train-seed {args.train_seed} '}--amp {args.amp} "
+             f"{'' if args.train_seed is None else f'--train-seed {args.train_seed} '}--amp {args.amp} --embed {args.embed} "
              f"--threads {args.threads} --write`", "",
              f"Random `vit_t` (seed {args.seed}), {args.train} training and {args.val} validation Penn-Fudan-like "
              f"{args.height}x{args.width} images ({first['instances']} validation people), the seed's settings "
@@ -125,7 +140,9 @@ def main(argv=None) -> None:
     p.add_argument("--train-seed", type=int, help="training's seed (prompts, order) if not --seed: the same data and "
                    "weights on another trajectory, to see how much the curve moves by chance")
     p.add_argument("--amp", default="bf16", choices=["bf16", "fp32"],
-                   help="training and embedding precision: bf16 autocast, or fp32 throughout")
+                   help="training precision: bf16 autocast, or fp32")
+    p.add_argument("--embed", default="fp32", choices=["fp32", "bf16"],
+                   help="the encoder's precision for the embeddings (the product: fp32 on a CPU)")
     p.add_argument("--label", default="before", help="which code state this curve shows (section heading)")
     p.add_argument("--write", action="store_true", help="record the curve in benchmarks/RESULTS.md")
     p.add_argument("--json", type=Path, help="also write the rows and the per-iteration losses here (to compare runs)")

@@ -96,8 +96,8 @@ def run_ours(args) -> dict:
 
     device = torch.device(args.device)
     cfg = TrainConfig(device=args.device, n_objects_per_batch=OBJECTS, n_sub_iteration=SUB_ITERATIONS,
-                      batch_size=BATCH, n_iterations=args.iters, amp=True, amp_dtype=args.amp_dtype, seed=0,
-                      show_progress=False)
+                      batch_size=BATCH, n_iterations=args.iters, amp=args.amp_dtype != "fp32",
+                      amp_dtype=args.amp_dtype if args.amp_dtype != "fp32" else "fp16", seed=0, show_progress=False)
     amp = resolve_amp(cfg, device)
     samples = pedestrian_samples(args.images, (args.size, args.size))
     model = build_sam("vit_t", args.weights, device)
@@ -165,7 +165,8 @@ def run_peer(args) -> dict:
     with tempfile.TemporaryDirectory() as save_root:
         trainer = sam_training.SamTrainer(
             name="peer", save_root=save_root, train_loader=loader, val_loader=loader, model=model,
-            optimizer=optimizer, device=device, logger=None, log_image_interval=100, mixed_precision=True,
+            optimizer=optimizer, device=device, logger=None, log_image_interval=100,
+            mixed_precision=args.amp_dtype != "fp32",
             convert_inputs=ConvertToSamInputs(transform=model.transform, box_distortion_factor=0.025),
             n_objects_per_batch=OBJECTS, n_sub_iteration=SUB_ITERATIONS, compile_model=False, mask_prob=0.5)
         # DefaultTrainer.fit() (torch_em/trainer/default_trainer.py) is _initialize, then per epoch
@@ -173,7 +174,7 @@ def run_peer(args) -> dict:
         trainer._initialize(args.iters, None)
         _sync(device)
         t0 = time.perf_counter()
-        trainer._train_epoch_mixed(tqdm(disable=True))
+        (trainer._train_epoch if args.amp_dtype == "fp32" else trainer._train_epoch_mixed)(tqdm(disable=True))
         _sync(device)
         end = time.perf_counter()
         stamps = data.stamps + [(end, time.process_time())]
@@ -263,7 +264,8 @@ def main(argv=None) -> None:
     p.add_argument("--val-every", type=int, default=SEED.val_every, help="with --seed-defaults: validation interval")
     p.add_argument("--size", type=int, default=304, help="image height and width")
     p.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
-    p.add_argument("--amp-dtype", default="bf16", choices=["bf16", "fp16"], help="ours (the peer uses its default)")
+    p.add_argument("--amp-dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="ours; the peer uses its default mixed precision, or none under fp32 (both fp32 then)")
     p.add_argument("--weights", help="vit_t state dict (default: a random one, seeded)")
     p.add_argument("--peer-python", help="the peer's interpreter (default: benchmarks/.peer-venv, made if missing)")
     p.add_argument("--json", type=Path, help="write both results here")

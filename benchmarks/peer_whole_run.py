@@ -75,8 +75,9 @@ def run_ours(args) -> dict:
     try:
         # An empty store: the embedding pass computes every embedding, as a first run does.
         with tempfile.TemporaryDirectory() as checkpoint_dir, embedded_s3() as s3:
-            cfg = TrainConfig(device=args.device, n_iterations=args.iters, val_every=args.val_every, amp=True,
-                              amp_dtype=args.amp_dtype, seed=0, show_progress=False, checkpoint_dir=checkpoint_dir,
+            fp32 = args.amp_dtype == "fp32"
+            cfg = TrainConfig(device=args.device, n_iterations=args.iters, val_every=args.val_every, amp=not fp32,
+                              amp_dtype="fp16" if fp32 else args.amp_dtype, seed=0, show_progress=False, checkpoint_dir=checkpoint_dir,
                               resume=False)
             t0 = time.perf_counter()
             result = train(cfg, args.weights, train_samples, val_samples, store=ObjectStore(s3))
@@ -144,7 +145,7 @@ def run_peer(args) -> dict:
         trainer = sam_training.SamTrainer(
             name="peer", save_root=save_root, train_loader=train_loader, val_loader=val_loader, model=model,
             optimizer=optimizer, lr_scheduler=scheduler, device=device, logger=None, log_image_interval=100,
-            mixed_precision=True, early_stopping=None,
+            mixed_precision=args.amp_dtype != "fp32", early_stopping=None,
             convert_inputs=ConvertToSamInputs(transform=model.transform, box_distortion_factor=0.025),
             n_objects_per_batch=SEED.n_objects_per_batch, n_sub_iteration=SEED.n_sub_iteration,
             compile_model=False, mask_prob=0.5)

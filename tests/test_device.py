@@ -60,3 +60,21 @@ def test_finetune_under_kfp_fails_before_training(monkeypatch, tmp_path):
 def test_not_a_device():
     with pytest.raises(dev.DeviceError, match="'gpu0' is not a torch device"):
         dev.resolve_device("gpu0")
+
+
+def test_amp_default_is_bf16_training_on_cpus_with_native_bf16(monkeypatch, caplog):
+    """amp=None: bf16 autocast for training on a CPU with AMX / AVX512-BF16 (the encoder stays fp32,
+    components/sam/embeddings.encoder_precision), fp32 on other CPUs, fp16 + GradScaler on CUDA; amp=False is
+    fp32 everywhere. The CPU choice logs no fp16 warning: the user asked for nothing."""
+    from components.training.config import TrainConfig, resolve_amp
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: True)
+    with caplog.at_level("WARNING"):
+        amp = resolve_amp(TrainConfig(device="cpu"), cpu)
+    assert (amp.enabled, amp.dtype, amp.scaler, amp.label) == (True, torch.bfloat16, False, "bf16")
+    assert not caplog.records
+    assert resolve_amp(TrainConfig(device="cpu", amp=False), cpu).label == "off"
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: False)  # bf16 emulated: slower than fp32
+    assert resolve_amp(TrainConfig(device="cpu"), cpu).label == "off"
+    assert resolve_amp(TrainConfig(device="cuda"), torch.device("cuda")).label == "fp16+scaler"

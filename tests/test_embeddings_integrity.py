@@ -65,16 +65,18 @@ def test_embedding_on_cpu_leaves_the_model_as_it_was():
 
 def test_embeddings_of_another_precision_never_share_a_key(store, random_vit_t, monkeypatch):
     """fp32, bf16 and fp16 encoders give different bytes (and bf16 embeddings train worse): the precision is in
-    the key, so a bf16 embedding never stands in for an fp32 one."""
-    from components.sam import embeddings
+    the key, so a bf16 embedding never stands in for an fp32 one; and a CPU encoder runs fp32 whatever the
+    training's AMP, even on a CPU with native bf16."""
+    from components.sam import device as device_mod, embeddings
 
     model = build_sam("vit_t", random_vit_t[0])
     assert embeddings.encoder_precision(torch.device("cuda"), None) == "fp16"
     assert embeddings.encoder_precision(torch.device("cuda"), False) == "fp32"
-    assert embeddings.encoder_precision(torch.device("cpu"), None) == "fp32"
-    monkeypatch.setattr(embeddings, "cpu_has_native_bf16", lambda: False)  # bf16 emulated: AMP stays fp32
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: True)  # a CPU with AMX / AVX512-BF16
+    assert {embeddings.encoder_precision(torch.device("cpu"), amp) for amp in (None, False, True)} == {"fp32"}
     keys = {EmbeddingCache(model, random_vit_t[1], store, amp=amp).key("a" * 64) for amp in (None, False, True)}
-    monkeypatch.setattr(embeddings, "cpu_has_native_bf16", lambda: True)  # a CPU with AMX / AVX512-BF16
-    bf16 = EmbeddingCache(model, random_vit_t[1], store, amp=True)
-    assert bf16.precision == "bf16" and bf16.key("a" * 64) not in keys and len(keys) == 1
+    assert len(keys) == 1 and keys.pop().endswith(f"/embeddings/{random_vit_t[1]}/fp32/{'a' * 64}")
+    monkeypatch.setattr(embeddings, "encoder_precision", lambda device, amp: "bf16")  # benchmarks' bf16 arm
+    bf16 = EmbeddingCache(model, random_vit_t[1], store)
+    assert bf16.precision == "bf16"
     assert bf16.key("a" * 64).endswith(f"/embeddings/{random_vit_t[1]}/bf16/{'a' * 64}")

@@ -17,7 +17,6 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -50,25 +49,13 @@ def decode_bytes(data: bytes, what: str = "embedding") -> torch.Tensor:
     return t.float()
 
 
-def cpu_has_native_bf16() -> bool:
-    """AMX or AVX512-BF16: where bf16 matmuls run at full speed on a CPU (elsewhere they are emulated
-    and slower than fp32)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def encoder_precision(device: torch.device, amp: bool | None) -> str:
-    """The precision the encoder runs in: fp16 on CUDA with AMP (the default there); bf16 on a CPU with native
-    bf16 when AMP is asked for (about 3x faster than fp32 for TinyViT there); fp32 otherwise."""
+    """The precision the encoder runs in: fp16 on CUDA with AMP (the default there), fp32 otherwise. Never bf16 on
+    a CPU, even where training runs bf16 autocast: bf16 embeddings trained measurably worse than fp32 ones, while
+    bf16 training on fp32 embeddings did not (benchmarks/RESULTS.md, "Training precision on CPU"). fp32 is also
+    what the embed step, finetune and evaluate agree on whatever each one's AMP, so none recomputes another's."""
     amp = device.type == "cuda" if amp is None else amp
-    if amp and device.type == "cuda":
-        return "fp16"
-    if amp and device.type == "cpu" and cpu_has_native_bf16():
-        return "bf16"
-    return "fp32"
+    return "fp16" if amp and device.type == "cuda" else "fp32"
 
 
 def _autocast(precision: str, device: torch.device):

@@ -51,8 +51,10 @@ class TrainConfig:
     lr: float = 1e-5
     seed: int = 0
     val_every: int = 10
-    # None: on for CUDA, off for CPU. Not bf16 on CPUs with native bf16: it did not learn as well as fp32
-    # (benchmarks/RESULTS.md, "bf16 against fp32 on CPU: learning parity"); amp=True opts in.
+    # None: on for CUDA (fp16 + GradScaler, fp16 encoder); on a CPU with native bf16 (AMX / AVX512-BF16), bf16
+    # autocast for training while the encoder stays fp32: a paired study found bf16 training on fp32 embeddings
+    # learning as fp32 does, and bf16 embeddings learning worse (benchmarks/RESULTS.md, "Training precision on
+    # CPU"); off on other CPUs, where bf16 is emulated and slower. False: fp32 throughout.
     amp: bool | None = None
     amp_dtype: str = "fp16"  # "fp16" (CUDA, with GradScaler) or "bf16" (CUDA where supported, CPU)
     freeze_prompt_encoder: bool = False
@@ -141,11 +143,16 @@ class AmpSettings:
 def resolve_amp(cfg: TrainConfig, device: torch.device) -> AmpSettings:
     import torch
 
-    enabled = (device.type == "cuda") if cfg.amp is None else bool(cfg.amp)
+    if cfg.amp is None:
+        from components.sam.device import cpu_has_native_bf16
+
+        enabled = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    else:
+        enabled = bool(cfg.amp)
     if not enabled:
         return AmpSettings(False, torch.float32, False)
     if device.type != "cuda":
-        if cfg.amp_dtype != "bf16":
+        if cfg.amp_dtype != "bf16" and cfg.amp:  # asked for fp16 on a CPU (amp=None's CPU choice is bf16)
             log.warning("fp16 autocast is CUDA-only; using bf16 autocast on %s", device.type)
         return AmpSettings(True, torch.bfloat16, False)
     if cfg.amp_dtype == "bf16":
