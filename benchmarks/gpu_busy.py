@@ -34,7 +34,7 @@ def main(argv=None) -> None:
 
     from benchmarks.peer_microsam import _sync
     from benchmarks.pedestrians import pedestrian_samples
-    from components.sam.embeddings import EmbeddingCache, encoder_batch
+    from components.sam.embeddings import compute_embeddings, encoder_batch
     from components.sam.model import build_sam
     from components.training.config import TrainConfig, resolve_amp
     from components.training.trainer import Trainer, prepare_items
@@ -46,8 +46,9 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     model = build_sam(cfg.model_type, None, device)
     samples = pedestrian_samples(args.images, (304, 304))
-    cache = EmbeddingCache(model, "", None, batch_size=encoder_batch(device, cfg.embed_batch_size), amp=amp.enabled)
-    items = prepare_items(samples, cache.get(samples), device)
+    embs = compute_embeddings(model, [s.image for s in samples], amp=amp.enabled,
+                              batch_size=encoder_batch(device, cfg.embed_batch_size))
+    items = prepare_items(samples, list(embs))  # a list is a map-style dataset: the trainer's DataLoader reads it
     trainer = Trainer(cfg, model, items, items[:1], device, amp)
     it = 0
 
