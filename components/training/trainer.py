@@ -29,14 +29,13 @@ import torch
 
 from components.label_values import IGNORE
 from components.sam.device import to_device
-from components.sam.losses import multi_output_loss
 from components.sam.metrics import dice_iou
 from components.sam.model import load_trainable_state_dict, set_trainable, trainable_state_dict
-from components.sam.prompt_batch import (choose_output, decode_groups, decode_prompts, first_round_tokens, is_ambiguous,
-                                         take)
+from components.sam.prompt_batch import decode_prompts, first_round_tokens, take
 from components.sam.prompts import corrective_clicks, instance_masks, jitter_boxes, masks_to_boxes, sample_points
 from components.sam.transforms import LOW_RES, IMAGE_SIZE, Frame, masks_to_low_res
-from components.training.config import AmpSettings, TrainConfig
+from components.training.compiled_step import DecoderRound, object_weights, pad_batch, padded_size
+from components.training.config import AmpSettings, TrainConfig, resolve_compile
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +120,7 @@ class Trainer:
         self.order: list[int] = []
         self.pos = 0
         self.nonfinite_in_a_row = 0
+        self.decoder_round = DecoderRound(model, amp, device, compiled=resolve_compile(cfg, device))
 
     def _adam_impl(self) -> dict:
         # Fused Adam is one kernel (CUDA) or one op (CPU) for all parameters. The unfused CUDA Adam is ~40
@@ -221,11 +221,9 @@ class Trainer:
     def round_loss(self, b: Batch, coords: torch.Tensor, labels: torch.Tensor, mask_input: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One prompting round, one decoder call: ((N,) loss per object, (N, 4, 256, 256) logits, (N,) the
-        output the next round builds on: the one inference would pick, see prompt_batch.choose_output)."""
-        ambiguous = is_ambiguous(labels)
-        with self.amp.autocast(self.device):
-            low, iou = decode_groups(self.model, b.embeddings, b.image_index, coords, labels, mask_input, b.groups)
-        return multi_output_loss(low, iou, b.target, b.valid, ambiguous), low, choose_output(iou.detach(), ambiguous)
+        output the next round builds on (compiled_step.round_forward)."""
+        return self.decoder_round(b.embeddings, b.image_index, coords, labels, mask_input, b.target, b.valid,
+                                  b.groups)
 
     def corrections(self, b: Batch, coords: torch.Tensor, labels: torch.Tensor, chosen: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -248,6 +246,11 @@ class Trainer:
         self.model.prompt_encoder.train()
         b = self.make_batch(iteration, self.sample_batch(), embeddings)
         rounds = self.cfg.n_sub_iteration
+        # A compiled round runs at a few fixed object counts: padding rows weigh 0 (compiled_step.py).
+        n = b.coords.shape[0]
+        size = padded_size(n) if self.decoder_round.compiled and b.groups is None else n
+        b = pad_batch(b, size)
+        weight = object_weights(n, size, 1.0 / (n * rounds), self.device)
         # Decided on the host up front: whether each later round also gets the previous mask as a prompt.
         # micro-sam feeds it with probability 0.5, so the model also learns to correct from clicks alone
         # (what a user's second click gives it); feeding it always leaves that case untrained.
@@ -257,7 +260,7 @@ class Trainer:
         coords, labels, mask_input = b.coords, b.labels, None
         for r in range(rounds):
             per_obj, low, chosen_index = self.round_loss(b, coords, labels, mask_input)
-            loss = per_obj.sum() / (len(per_obj) * rounds)
+            loss = (per_obj * weight).sum()
             self.scaler.scale(loss).backward()  # per round: frees this round's graph before the next
             total += loss.detach()
             if r < rounds - 1:
