@@ -104,6 +104,10 @@ class DecoderRound:
             return round_forward(self.model, self.amp, self.device, embeddings, image_index, coords, labels,
                                  mask_input, target, valid, groups)
         key = (tuple(embeddings.shape), image_index is None, tuple(coords.shape), mask_input is None)
+        if self.device.type == "cuda":
+            # CUDA graphs reuse their output memory on the next replay: nothing of a round's outputs is
+            # read after the next round starts (the trainer keeps only what it derived from them).
+            torch.compiler.cudagraph_mark_step_begin()
         if key in self.shapes_compiled:
             return self._compiled_fn(embeddings, image_index, coords, labels, mask_input, target, valid)
         t0 = time.perf_counter()

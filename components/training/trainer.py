@@ -4,9 +4,10 @@ Per iteration: sample up to `n_objects_per_batch` objects from `batch_size` dist
 each with its jittered box or a point inside it (alternating), then `n_sub_iteration - 1` corrective
 rounds (a positive click deep in the largest missed region, a negative one deep in the largest false
 region, and, in half of the rounds, the previous logits as mask prompt). Every round is ONE decoder
-call for all objects of the iteration (components/sam/prompt_batch.py). Loss per object: Dice +
-MSE(predicted IoU, IoU) on output 0, or for a single-point prompt the best of outputs 1-3 (SAM's
-recipe for ambiguous prompts), averaged over rounds and objects.
+call for all objects of the iteration (components/sam/prompt_batch.py), eager or, with
+TrainConfig.compile, through torch.compile at a padded object count (compiled_step.py). Loss per
+object: Dice + MSE(predicted IoU, IoU) on output 0, or for a single-point prompt the best of outputs
+1-3 (SAM's recipe for ambiguous prompts), averaged over rounds and objects.
 
 The loss is computed at the decoder's 256x256 resolution, against the ground truth mapped into that
 frame exactly as postprocessing maps predictions back (transforms.masks_to_low_res): postprocessing is
