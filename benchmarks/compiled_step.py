@@ -86,8 +86,13 @@ def _side(args, mode: str, precision: str) -> dict:
            "--profile", str(args.profile), "--device", args.device, "--threads", str(args.threads)]
     with tempfile.TemporaryDirectory() as cache:  # a cold compile, not the last run's cached kernels
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:  # its traceback, then stop: the rows so far are already printed
+        sys.stderr.write(proc.stderr[-6000:])
+        raise SystemExit(f"{mode} {precision}: exit {proc.returncode}")
+    result = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    print("RESULT " + json.dumps(result), flush=True)
+    return result
 
 
 def table(rows: list[dict]) -> str:
