@@ -1,8 +1,9 @@
 """The compiled training step (components/training/compiled_step.py) against the eager one, on the real
 MobileSAM vit_t with random weights: padding the objects to a fixed count changes neither the loss nor
 any gradient (eager, fast), and a whole step through torch.compile gives the eager step's loss and
-gradients (fp32 and bf16 autocast). Inductor's compile takes minutes on two shared cores, so those are
-`slow`; the fast test runs the same capture with AOTAutograd's eager backend."""
+gradients (fp32; bf16 autocast on CPU is refused, see compiled_step.py). Inductor's compile takes
+minutes on two shared cores, so that test is `slow`; the fast one runs the same capture with
+AOTAutograd's eager backend."""
 from __future__ import annotations
 
 import copy
@@ -122,7 +123,8 @@ def test_compiled_step_equals_eager_fp32(model_and_items):
     _compiled_against_eager(model, items, amp=False, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.slow
-def test_compiled_step_equals_eager_bf16(model_and_items):
+def test_cpu_autocast_stays_eager(model_and_items):
+    """Inductor's bf16 rounds on CPU gave non-finite losses (benchmarks/RESULTS.md): refused, eager."""
     model, items = model_and_items
-    _compiled_against_eager(model, items, amp=True, rtol=2e-2, atol=1e-4)
+    t = _trainer(model, items, compile=True, amp=True, amp_dtype="bf16")
+    assert t.decoder_round.compiled is False

@@ -84,6 +84,11 @@ class DecoderRound:
 
     def __init__(self, model: torch.nn.Module, amp: AmpSettings, device: torch.device, compiled: bool,
                  backend: str = "inductor"):
+        if compiled and amp.enabled and device.type == "cpu":
+            # Inductor's CPU code for these rounds under bf16 autocast gave a non-finite loss at every
+            # step where eager gives finite ones (torch 2.14.1, benchmarks/RESULTS.md): eager instead.
+            log.warning("compiled decoder rounds under CPU autocast are not trusted yet; running eager")
+            compiled = False
         self.model, self.amp, self.device, self.compiled = model, amp, device, compiled
         self.shapes_compiled: dict[tuple, float] = {}  # shape key -> seconds its first call took
         self._compiled_fn = None
