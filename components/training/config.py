@@ -31,7 +31,7 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # settings give the same model under any value of these (a checkpoint's identity and the nightly
 # change check, components/changes.py, both leave them out).
 NOT_TRAJECTORY = frozenset({"device", "checkpoint_dir", "checkpoint_name", "resume", "embed_batch_size",
-                            "show_progress"})
+                            "show_progress", "compile"})
 
 
 class TrainConfigError(UserError, ValueError):
@@ -57,6 +57,9 @@ class TrainConfig:
     # CPU"); off on other CPUs, where bf16 is emulated and slower. False: fp32 throughout.
     amp: bool | None = None
     amp_dtype: str = "fp16"  # "fp16" (CUDA, with GradScaler) or "bf16" (CUDA where supported, CPU)
+    # The decoder rounds through torch.compile (components/training/compiled_step.py): the same numbers
+    # within rounding. None: COMPILE_BY_DEFAULT decides per device type.
+    compile: bool | None = None
     freeze_prompt_encoder: bool = False
     checkpoint_dir: str = "checkpoints"
     prompt_mode: str = "alternate"  # "alternate" box/point per object, or only "box" / only "point"
@@ -111,6 +114,15 @@ class TrainConfig:
             else:
                 values[name] = {"bool": bool, "int": int, "float": float, "str": str}[kind](value)
         return cls(**values)
+
+
+# Where compiling pays for the seed's 200 iterations, compile time included (benchmarks/RESULTS.md,
+# "Compiled decoder rounds"). CUDA: not yet measured on a GPU, so off until it is.
+COMPILE_BY_DEFAULT = {"cpu": False, "cuda": False}
+
+
+def resolve_compile(cfg: TrainConfig, device: torch.device) -> bool:
+    return COMPILE_BY_DEFAULT.get(device.type, False) if cfg.compile is None else bool(cfg.compile)
 
 
 def trajectory_settings(cfg: TrainConfig) -> dict:

@@ -4,9 +4,10 @@ Per iteration: sample up to `n_objects_per_batch` objects from `batch_size` dist
 each with its jittered box or a point inside it (alternating), then `n_sub_iteration - 1` corrective
 rounds (a positive click deep in the largest missed region, a negative one deep in the largest false
 region, and, in half of the rounds, the previous logits as mask prompt). Every round is ONE decoder
-call for all objects of the iteration (components/sam/prompt_batch.py). Loss per object: Dice +
-MSE(predicted IoU, IoU) on output 0, or for a single-point prompt the best of outputs 1-3 (SAM's
-recipe for ambiguous prompts), averaged over rounds and objects.
+call for all objects of the iteration (components/sam/prompt_batch.py), eager or, with
+TrainConfig.compile, through torch.compile at a padded object count (compiled_step.py). Loss per
+object: Dice + MSE(predicted IoU, IoU) on output 0, or for a single-point prompt the best of outputs
+1-3 (SAM's recipe for ambiguous prompts), averaged over rounds and objects.
 
 The loss is computed at the decoder's 256x256 resolution, against the ground truth mapped into that
 frame exactly as postprocessing maps predictions back (transforms.masks_to_low_res): postprocessing is
@@ -26,14 +27,13 @@ import numpy as np
 import torch
 
 from components.sam.device import to_device
-from components.sam.losses import multi_output_loss
 from components.sam.metrics import dice_iou
 from components.sam.model import load_trainable_state_dict, set_trainable, trainable_state_dict
-from components.sam.prompt_batch import (choose_output, decode_groups, decode_prompts, first_round_tokens, is_ambiguous,
-                                         take)
+from components.sam.prompt_batch import decode_prompts, first_round_tokens, take
 from components.sam.prompts import corrective_clicks, jitter_boxes, sample_points
 from components.sam.transforms import LOW_RES, IMAGE_SIZE
-from components.training.config import AmpSettings, TrainConfig
+from components.training.compiled_step import DecoderRound, object_weights, pad_batch, padded_size
+from components.training.config import AmpSettings, TrainConfig, resolve_compile
 from components.training.data import Item, TrainBatches, in_order, loader, prepare_items  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp.scaler)
         self.rng = np.random.default_rng(cfg.seed)  # prompts, objects, mask feeding (the sampler has its own)
         self.nonfinite_in_a_row = 0
+        self.decoder_round = DecoderRound(model, amp, device, compiled=resolve_compile(cfg, device))
 
     def _adam_impl(self) -> dict:
         # Fused Adam is one kernel (CUDA) or one op (CPU) for all parameters. The unfused CUDA Adam is ~40
@@ -152,11 +153,9 @@ class Trainer:
     def round_loss(self, b: Batch, coords: torch.Tensor, labels: torch.Tensor, mask_input: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One prompting round, one decoder call: ((N,) loss per object, (N, 4, 256, 256) logits, (N,) the
-        output the next round builds on: the one inference would pick, see prompt_batch.choose_output)."""
-        ambiguous = is_ambiguous(labels)
-        with self.amp.autocast(self.device):
-            low, iou = decode_groups(self.model, b.embeddings, b.image_index, coords, labels, mask_input, b.groups)
-        return multi_output_loss(low, iou, b.target, b.valid, ambiguous), low, choose_output(iou.detach(), ambiguous)
+        output the next round builds on (compiled_step.round_forward)."""
+        return self.decoder_round(b.embeddings, b.image_index, coords, labels, mask_input, b.target, b.valid,
+                                  b.groups)
 
     def corrections(self, b: Batch, coords: torch.Tensor, labels: torch.Tensor, chosen: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -179,6 +178,11 @@ class Trainer:
         self.model.prompt_encoder.train()
         b = self.make_batch(iteration, self.sample_batch(), embeddings)
         rounds = self.cfg.n_sub_iteration
+        # A compiled round runs at a few fixed object counts: padding rows weigh 0 (compiled_step.py).
+        n = b.coords.shape[0]
+        size = padded_size(n) if self.decoder_round.compiled and b.groups is None else n
+        b = pad_batch(b, size)
+        weight = object_weights(n, size, 1.0 / (n * rounds), self.device)
         # Decided on the host up front: whether each later round also gets the previous mask as a prompt.
         # micro-sam feeds it with probability 0.5, so the model also learns to correct from clicks alone
         # (what a user's second click gives it); feeding it always leaves that case untrained.
@@ -188,7 +192,7 @@ class Trainer:
         coords, labels, mask_input = b.coords, b.labels, None
         for r in range(rounds):
             per_obj, low, chosen_index = self.round_loss(b, coords, labels, mask_input)
-            loss = per_obj.sum() / (len(per_obj) * rounds)
+            loss = (per_obj * weight).sum()
             self.scaler.scale(loss).backward()  # per round: frees this round's graph before the next
             total += loss.detach()
             if r < rounds - 1:
