@@ -1,16 +1,23 @@
 """The whole pipeline through kfp.local (SubprocessRunner, this interpreter), as `sam-pipeline run` runs it:
-a synthetic Penn-Fudan zip and a random vit_t checkpoint served over HTTP, the S3 server on loopback."""
+a synthetic Penn-Fudan zip and a random vit_t checkpoint served over HTTP, the S3 server on loopback.
+The first run also loses an embed shard (tests/faults/sitecustomize.py makes its body raise, as a store
+outage or a CUDA error would): that costs time only, and finetune says what it computed itself."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 from kfp_launcher_rules import check_run
 
+from components.datasets.reader import shard_images
 from pipelines.cli import main
 from pipelines.sam_finetune import DEFAULT_YAML
 
+FAULTS = Path(__file__).with_name("faults")  # sitecustomize.py: fails the shard named by the variable
+ROOT = Path(__file__).resolve().parents[1]
+LOST = "ConnectionError: injected: shard 1 lost its object store"
 TASKS = ("fetch-weights", "ingest-dataset", "check-changes", "embed-shards", "embed", "finetune", "evaluate",
          "register-model")
 
@@ -28,23 +35,38 @@ def test_run_end_to_end_then_gate_skips_register(pipeline_sources, http_server, 
     src, weights_sha = pipeline_sources
     base = http_server(src)
     monkeypatch.chdir(tmp_path)  # finetune leaves checkpoints/<name>/ in the working directory, like the seed
-    common = ["-d", "-i", "3", "-g", "cpu", "-n", "4", "--val-every", "3", "--dataset-source", f"{base}/PennFudanPed.zip",
+    common = ["-i", "3", "-g", "cpu", "-n", "4", "--val-every", "3", "--dataset-source", f"{base}/PennFudanPed.zip",
               "--weights-url", f"{base}/vit_t_random.pth", "--weights-sha256", weights_sha,
               "--s3-endpoint", s3_env.endpoint, "--prefix", s3_env.prefix, "--model-name", "sam-e2e"]
 
-    # margin -1: any fine-tuned model beats the bar, so every task runs; three embed shards fan out first.
+    # margin -1: any fine-tuned model beats the bar, so every task runs; three embed shards fan out first,
+    # and shard 1 fails inside its body. kfp.local starts each task in a fresh interpreter with this environment.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FAULTS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("SAM_TEST_FAIL_EMBED_SHARD", "1")
     code, summary, log = _run(tmp_path, capsys, *common, "--margin", "-1", "--embed-shards", "3")
     assert code == 0, log[-3000:]
     assert {t: summary["tasks"][t]["state"] for t in TASKS} == dict.fromkeys(TASKS, "SUCCEEDED")
-    # What a real KFP 2.17 backend would record: every artifact's metadata and every output parameter.
+    # What a real KFP 2.17 backend would record: every artifact's metadata and every output parameter,
+    # the failed shard's included.
     assert check_run(Path(summary["run_dir"]), DEFAULT_YAML) == len(TASKS) + 2  # embed ran three times
     shards = [s["artifacts"]["index"]["metadata"] for s in summary["tasks"]["embed"]["shards"]]
-    assert [m["shard"] for m in shards] == [0, 1, 2] and {m["shards"] for m in shards} == {3}
+    assert [(m["shard"], m["failed"]) for m in shards] == [(0, False), (1, True), (2, False)]
+    assert {m["shards"] for m in shards} == {3} and shards[1]["error"] == LOST
+    manifest = json.loads((tmp_path / summary["tasks"]["ingest-dataset"]["artifacts"]["dataset"]["path"]).read_text())
     images = summary["tasks"]["ingest-dataset"]["artifacts"]["dataset"]["metadata"]["images"]
-    assert sum(m["computed"] for m in shards) == sum(m["images"] for m in shards) == images
-    # finetune read what the shards computed: the encoder did not run in it.
+    lost = {r["sha256"] for r in shard_images(manifest, 1, 3)}
+    ok = [m for m in shards if not m["failed"]]
+    assert sum(m["computed"] for m in ok) == sum(m["images"] for m in ok) == images - len(lost)
+    # finetune read what the other shards computed and computed only the lost shard's training and
+    # validation images itself; it says so in its metadata, its metrics (the run summary's) and its report.
+    read = {it["image"]["sha256"] for it in manifest["items"] if it["split"] in ("train", "val") and it["instances"]}
     finetuned = summary["tasks"]["finetune"]["artifacts"]["model"]["metadata"]
-    assert finetuned["embeddings_computed"] == 0 and finetuned["embeddings_from_store"] >= 1
+    assert finetuned["embeddings_computed"] == len(lost & read) >= 1
+    assert finetuned["embeddings_from_store"] >= 1
+    assert finetuned["embed_shards_failed"] == 1 and summary["metrics"]["embed_shards_failed"] == 1
+    assert finetuned["embed_failed_shards"] == f"1 ({LOST})"
+    report = (tmp_path / summary["reports"]["finetune"]).read_text()
+    assert "embed_failed_shards" in report and "injected: shard 1" in report
     for task, output in (("fetch-weights", "weights"), ("ingest-dataset", "dataset"), ("finetune", "model"),
                          ("finetune", "report"), ("evaluate", "report")):
         art = summary["tasks"][task]["artifacts"][output]
@@ -83,6 +105,7 @@ def test_run_end_to_end_then_gate_skips_register(pipeline_sources, http_server, 
     path = reg.fetch("sam-e2e", "latest", tmp_path / "registered.pt")
     sam_model_registry["vit_t"](checkpoint=str(path))
 
+    monkeypatch.delenv("SAM_TEST_FAIL_EMBED_SHARD")
     # An impossible margin: evaluate runs (against v1 as the champion too) and register-model is skipped.
     # --force: the data and settings are v1's, which alone would skip training (tests/test_nightly.py).
     code, summary, log = _run(tmp_path, capsys, *common, "--margin", "2.0", "--force")
@@ -91,7 +114,8 @@ def test_run_end_to_end_then_gate_skips_register(pipeline_sources, http_server, 
     assert states == {**dict.fromkeys(TASKS[:-1], "SUCCEEDED"), "register-model": "SKIPPED"}
     assert summary["tasks"]["check-changes"]["parameters"]["reason"] == "retraining forced (force_retrain)"
     assert check_run(Path(summary["run_dir"]), DEFAULT_YAML) == 7  # a resumed finetune, a champion in evaluate
-    (shard,) = summary["tasks"]["embed"]["shards"]  # the default: one shard, everything already in the store
+    # The default: one shard, everything already in the store (finetune and evaluate stored what they computed).
+    (shard,) = summary["tasks"]["embed"]["shards"]
     assert shard["artifacts"]["index"]["metadata"]["computed"] == 0
     assert summary["passed"] is False and summary["metrics"]["champion_version"] == "v1"
     assert reg.versions("sam-e2e") == ["v1"]

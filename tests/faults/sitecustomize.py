@@ -1,4 +1,4 @@
-"""Fault injection for tests/test_pipeline_shards.py: on the PYTHONPATH of a local run's task subprocesses,
+"""Fault injection for tests/test_pipeline_local.py: on the PYTHONPATH of a local run's task subprocesses,
 SAM_TEST_FAIL_EMBED_SHARD=<i> makes embed shard <i> fail inside its body, as a store outage or a CUDA error
 would. Nothing else changes: the shard list, the other shards and finetune run the real code."""
 import os
