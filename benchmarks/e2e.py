@@ -46,6 +46,19 @@ def _two_cores() -> list[str]:
     return []
 
 
+def timed_run(cmd: list[str], work: Path, env: dict, summary: Path) -> tuple[float, dict]:
+    """One `sam-pipeline run` (cmd without --summary-json) in `work`: its wall seconds and its summary; a failed
+    run ends the benchmark with the tail of its output."""
+    t = time.perf_counter()
+    proc = subprocess.run([*cmd, "--summary-json", str(summary)], cwd=work, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:])
+        raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
+    return wall, json.loads(summary.read_text())
+
+
 def _seed_assets(folder: Path) -> list[str]:
     """A Penn-Fudan-sized synthetic zip and a random vit_t; the `run` flags that name them."""
     from pipelines.local import make_demo_assets
@@ -72,15 +85,8 @@ def run(repeats: int, seed_defaults: bool = False) -> tuple[list[dict], dict]:
             work = Path(tmp) / f"run{i}"
             (work / "runs").mkdir(parents=True)
             (work / "runs" / "demo").symlink_to(assets)  # `--demo` finds its assets ready
-            summary = work / "summary.json"
-            cmd = [*_two_cores(), sys.executable, "-m", "pipelines.cli", *run_args, "--summary-json", str(summary)]
-            t = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            wall = time.perf_counter() - t
-            if proc.returncode != 0:
-                sys.stderr.write(proc.stdout[-4000:])
-                raise SystemExit(f"benchmark run {i} failed with exit code {proc.returncode}")
-            s = json.loads(summary.read_text())
+            wall, s = timed_run([*_two_cores(), sys.executable, "-m", "pipelines.cli", *run_args], work, env,
+                                work / "summary.json")
             tasks = SEED_TASKS if seed_defaults else TASKS
             runs.append({"wall": wall, "tasks": {n: s["tasks"].get(n, {}).get("seconds") for n in tasks},
                          "states": {n: s["tasks"].get(n, {}).get("state", "absent") for n in tasks},

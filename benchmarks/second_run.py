@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.e2e import timed_run
 from benchmarks.results import write_section
 
 SECTION = "## Second local run"
@@ -33,15 +32,8 @@ COMMAND = ("PYTHONPATH=$PWD .venv/bin/python -m benchmarks.second_run --images {
 
 def _run(work: Path, env: dict, images: int, iterations: int, *extra: str) -> dict:
     out = work / f"summary-{len(list(work.glob('summary-*')))}.json"
-    cmd = [sys.executable, "-m", "pipelines.cli", "run", "--demo", "--demo-images", str(images), "-g", "cpu",
-           "-i", str(iterations), "--summary-json", str(out), *extra]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wall = time.perf_counter() - t
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:])
-        raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
-    s = json.loads(out.read_text())
+    wall, s = timed_run([sys.executable, "-m", "pipelines.cli", "run", "--demo", "--demo-images", str(images), "-g",
+                         "cpu", "-i", str(iterations), *extra], work, env, out)
     embed = [shard["artifacts"]["index"]["metadata"] for shard in s["tasks"]["embed"]["shards"]]
     return {"wall": wall, "tasks": {name: info.get("seconds") for name, info in s["tasks"].items()},
             "computed": sum(e["computed"] for e in embed), "from_store": sum(e["from_store"] for e in embed),
