@@ -160,8 +160,10 @@ def load(folder: Path, backend) -> dict:
 
 class WriteThrough:
     """WSGI middleware around moto's app: after a successful request that may change objects, the objects it
-    names are made the same on disk as in moto, before the answer leaves. One lock: records are written one at
-    a time, each reflecting moto's state when written, so the last write of a key wins on disk as in moto."""
+    names are made the same on disk as in moto, before the answer leaves. One lock around each changing request
+    and its write-through: two runs uploading the same weights at once had moto replace (and close the bytes
+    of) the key one of them was copying to disk; now changes reach moto and the disk one at a time, so the
+    last write of a key wins on disk as in moto. Reads stay concurrent."""
 
     def __init__(self, app, folder: Path, backend, on_disk: dict):
         self.app, self.folder, self.backend, self.on_disk = app, folder, backend, on_disk
@@ -171,12 +173,13 @@ class WriteThrough:
         if environ["REQUEST_METHOD"] not in ("PUT", "POST", "DELETE"):
             return self.app(environ, start_response)
         answer = []
-        body = self.app(environ, lambda status, headers, exc_info=None: answer.append((status, headers, exc_info))
-                        or (lambda data: None))
-        status, headers, exc_info = answer[0]
-        if status.startswith("2"):
+        with self.lock:
+            body = self.app(environ, lambda status, headers, exc_info=None: answer.append(
+                (status, headers, exc_info)) or (lambda data: None))
+            status, headers, exc_info = answer[0]
             try:
-                self.sync(environ)
+                if status.startswith("2"):
+                    self.sync(environ)
             except Exception:  # noqa: BLE001 - the client must not believe a write that is not on disk
                 traceback.print_exc()
                 if hasattr(body, "close"):
@@ -192,14 +195,13 @@ class WriteThrough:
         path = unquote(urlparse(raw).path if "://" in raw else raw.split("?", 1)[0])
         bucket, _, name = path.lstrip("/").partition("/")
         store = self.backend.buckets.get(bucket)
-        with self.lock:
-            if name:
-                self._sync_key(store, bucket, name)
-            query = {part.partition("=")[0] for part in environ.get("QUERY_STRING", "").split("&")}
-            if "delete" in query or store is None:
-                # a multi-object delete names its keys in the body: check every key of the bucket on disk
-                for b, k in [bk for bk in self.on_disk if bk[0] == bucket]:
-                    self._sync_key(store, b, k)
+        if name:
+            self._sync_key(store, bucket, name)
+        query = {part.partition("=")[0] for part in environ.get("QUERY_STRING", "").split("&")}
+        if "delete" in query or store is None:
+            # a multi-object delete names its keys in the body: check every key of the bucket on disk
+            for b, k in [bk for bk in self.on_disk if bk[0] == bucket]:
+                self._sync_key(store, b, k)
 
     def _sync_key(self, store, bucket: str, name: str) -> None:
         key = store.keys.get(name) if store is not None else None

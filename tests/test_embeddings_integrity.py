@@ -66,13 +66,12 @@ def test_embedding_on_cpu_leaves_the_model_as_it_was():
 def test_embeddings_of_another_precision_never_share_a_key(store, random_vit_t, monkeypatch):
     """fp32, bf16 and fp16 encoders give different bytes (and bf16 embeddings train worse): the precision is in
     the key, so a bf16 embedding never stands in for an fp32 one; and a CPU encoder runs fp32 whatever the
-    training's AMP, even on a CPU with native bf16."""
-    from components.sam import device as device_mod, embeddings
+    training's AMP."""
+    from components.sam import embeddings
 
     model = build_sam("vit_t", random_vit_t[0])
     assert embeddings.encoder_precision(torch.device("cuda"), None) == "fp16"
     assert embeddings.encoder_precision(torch.device("cuda"), False) == "fp32"
-    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: True)  # a CPU with AMX / AVX512-BF16
     assert {embeddings.encoder_precision(torch.device("cpu"), amp) for amp in (None, False, True)} == {"fp32"}
     keys = {EmbeddingCache(model, random_vit_t[1], store, amp=amp).key("a" * 64) for amp in (None, False, True)}
     assert len(keys) == 1 and keys.pop().endswith(f"/embeddings/{random_vit_t[1]}/fp32/{'a' * 64}")

@@ -89,13 +89,3 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
-
-
-def cpu_has_native_bf16() -> bool:
-    """AMX or AVX512-BF16: where bf16 matmuls run at full speed on a CPU (elsewhere they are emulated
-    and slower than fp32)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
