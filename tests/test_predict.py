@@ -29,6 +29,27 @@ def model(random_vit_t):
     return build_sam("vit_t", random_vit_t[0])
 
 
+@pytest.fixture(scope="module")
+def official(model, coco_set):
+    """The official SamPredictor with each image of `coco_set` set (one encoder pass per image per module)."""
+    from segment_anything import SamPredictor
+
+    out = {}
+    for path in sorted((coco_set / "images").iterdir()):
+        out[path.name] = SamPredictor(model)
+        out[path.name].set_image(np.asarray(Image.open(path).convert("RGB")))
+    return out
+
+
+@pytest.fixture(scope="module")
+def predicted(model, coco_set, tmp_path_factory):
+    """(prompts, summary, output folder) of one P.predict over `coco_set` in batches of 2 (3 images: the
+    last batch is partial)."""
+    prompts = P.prompts_from_coco(coco_set / "annotations.json", coco_set / "images")
+    out = tmp_path_factory.mktemp("predicted") / "out"
+    return prompts, P.predict(model, prompts, out, batch_size=2, progress=False), out
+
+
 def gt_boxes(coco_set) -> dict[str, np.ndarray]:
     doc = json.loads((coco_set / "annotations.json").read_text())
     names = {im["id"]: im["file_name"] for im in doc["images"]}
@@ -39,37 +60,30 @@ def gt_boxes(coco_set) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in out.items()}
 
 
-def test_box_predictions_equal_the_official_sam_predictor(model, coco_set):
-    from segment_anything import SamPredictor
-
+def test_box_predictions_equal_the_official_sam_predictor(model, coco_set, official):
     name, boxes = sorted(gt_boxes(coco_set).items())[0]
     image = np.asarray(Image.open(coco_set / "images" / name).convert("RGB"))
-    predictor = SamPredictor(model)
-    predictor.set_image(image)
-    official = [predictor.predict(box=b, multimask_output=False) for b in boxes]
+    predictor = official[name]
+    expected = [predictor.predict(box=b, multimask_output=False) for b in boxes]
     # The same embedding through the project's decoder path: the same masks and scores.
     masks, scores = P.decode_boxes(model, predictor.features[0], Frame.for_size(*image.shape[:2]), boxes)
-    for k, (m, s, _) in enumerate(official):
+    for k, (m, s, _) in enumerate(expected):
         assert np.array_equal(masks[k], m[0]), k
         assert scores[k] == pytest.approx(float(s[0]), abs=1e-5)
 
 
-def test_predict_end_to_end_matches_the_predictor_and_writes_usable_outputs(model, coco_set, tmp_path):
+def test_predict_end_to_end_matches_the_predictor_and_writes_usable_outputs(predicted, official):
     from pycocotools import mask as mask_utils
-    from segment_anything import SamPredictor
 
-    prompts = P.prompts_from_coco(coco_set / "annotations.json", coco_set / "images")
-    summary = P.predict(model, prompts, tmp_path / "out", batch_size=2, progress=False)
-    results = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    prompts, summary, out = predicted
+    results = json.loads((out / "predictions.json").read_text())
     assert summary["images"] == 3 and summary["instances"] == len(results) == sum(len(p.boxes) for p in prompts)
-    predictor = SamPredictor(model)
     for p in prompts:
-        image = np.asarray(Image.open(p.path).convert("RGB"))
-        predictor.set_image(image)
-        label = np.asarray(Image.open(tmp_path / "out" / "masks" / f"{p.path.stem}.png"))
+        predictor = official[p.path.name]
+        label = np.asarray(Image.open(out / "masks" / f"{p.path.stem}.png"))
         mine = [r for r in results if r["image_id"] == p.image_id]
         assert [r["category_id"] for r in mine] == p.category_ids
-        assert (tmp_path / "out" / "overlays" / f"{p.path.stem}.png").is_file()
+        assert (out / "overlays" / f"{p.path.stem}.png").is_file()
         for k, (box, r) in enumerate(zip(p.boxes, mine)):
             m, s, _ = predictor.predict(box=box, multimask_output=False)
             ours = mask_utils.decode({**r["segmentation"], "counts": r["segmentation"]["counts"].encode()}).astype(bool)
@@ -79,14 +93,12 @@ def test_predict_end_to_end_matches_the_predictor_and_writes_usable_outputs(mode
                                                                            if mine[j]["score"] > r["score"]]))
 
 
-def test_coco_results_load_in_pycocotools_and_score_against_their_ground_truth(model, coco_set, tmp_path):
+def test_coco_results_load_in_pycocotools_and_score_against_their_ground_truth(coco_set, predicted):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     gt = COCO(str(coco_set / "annotations.json"))
-    prompts = P.prompts_from_coco(coco_set / "annotations.json", coco_set / "images")
-    P.predict(model, prompts, tmp_path / "out", progress=False)
-    ev = COCOeval(gt, gt.loadRes(str(tmp_path / "out" / "predictions.json")), iouType="segm")
+    ev = COCOeval(gt, gt.loadRes(str(predicted[2] / "predictions.json")), iouType="segm")
     ev.evaluate(), ev.accumulate(), ev.summarize()
     assert 0.0 <= ev.stats[0] <= 1.0 and len(ev.evalImgs) > 0
     # The ground truth written as results through the same encoder scores AP 1.

@@ -56,59 +56,62 @@ def test_worker_loaded_batches_follow_the_sampler_and_resume_from_its_state():
     assert _drawn(resumed, 6) == rest
 
 
-def test_a_damaged_image_in_the_store_fails_training_in_one_line(tmp_path, dataset, random_vit_t, monkeypatch):
-    """A worker's user-facing error comes back as itself: one line naming the object, no worker traceback."""
-    from components.datasets.reader import SplitRefs
-    from components.storage import StorageError
-
-    store, manifest, path = dataset
-    _embed_all(store, manifest, path, random_vit_t, 1, tmp_path)
-    monkeypatch.setenv("SAM_DATA_CACHE", str(tmp_path / "fresh-cache"))
-    train_split = SplitRefs(store, manifest, "train", annotated_only=True)
-    key = train_split.items[0]["image"]["key"]
-    store.put_bytes(key, b"not the image the manifest names")
-    cfg = TrainConfig(device="cpu", n_iterations=1, batch_size=len(train_split), show_progress=False,
-                      checkpoint_dir=str(tmp_path / "ck"))
-    with pytest.raises(StorageError) as err:
-        train(cfg, random_vit_t[0], train_split, SplitRefs(store, manifest, "val", annotated_only=True),
-              store=store, weights_sha256=random_vit_t[1])
-    assert "\n" not in str(err.value) and key in str(err.value)
-
-
 # -- against the real store, model and trainer ----------------------------------------------------------
+# One dataset version and one set of embedding shards per module: the encoder (the slow part) runs once
+# for every image, and each test below reads what it needs.
 
-@pytest.fixture
-def dataset(tmp_path, s3, monkeypatch):
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, s3):
     """A synthetic dataset version ingested into the real S3 server (its own prefix), with its manifest."""
     from components.datasets import synthetic
     from components.datasets.ingest import ingest
     from components.storage import ObjectStore
 
+    tmp = tmp_path_factory.mktemp("stream")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAM_DATA_CACHE", str(tmp / "data-cache"))
+        mp.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
+        store = ObjectStore(replace(s3, prefix=f"t-stream-{uuid.uuid4().hex[:8]}/"))
+        root = synthetic.make_pennfudan(tmp / "src", 5, 2, seed=3, size_range=(96, 128))
+        manifest = ingest(str(root), "auto", "stream", store, seed=0).manifest
+        path = tmp / "manifest.json"
+        path.write_text(json.dumps(manifest))
+        yield store, manifest, path
+
+
+@pytest.fixture
+def store_env(s3, tmp_path, monkeypatch):
+    """The store's credentials and an empty local object cache, for the test's own steps."""
     monkeypatch.setenv("SAM_DATA_CACHE", str(tmp_path / "data-cache"))
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
-    store = ObjectStore(replace(s3, prefix=f"t-stream-{uuid.uuid4().hex[:8]}/"))
-    root = synthetic.make_pennfudan(tmp_path / "src", 5, 2, seed=3, size_range=(96, 128))
-    manifest = ingest(str(root), "auto", "stream", store, seed=0).manifest
-    path = tmp_path / "manifest.json"
-    path.write_text(json.dumps(manifest))
-    return store, manifest, path
 
 
-def _embed_all(store, manifest, path, random_vit_t, shards, tmp_path):
+def _embed_all(store, manifest, path, random_vit_t, shards, out_dir):
     from components.steps import embed_step
 
     cfg = store.config
     return [embed_step(weights_path=str(random_vit_t[0]), manifest_path=str(path), model_type="vit_t", shard=k,
                        shards=shards, device="cpu", s3_endpoint=cfg.endpoint, bucket=cfg.bucket, prefix=cfg.prefix,
-                       out_index_path=str(tmp_path / f"index-{k}.json")) for k in range(shards)]
+                       out_index_path=str(out_dir / f"index-{k}.json")) for k in range(shards)]
 
 
-def test_embed_shards_split_the_images_and_skip_what_the_store_has(tmp_path, dataset, random_vit_t):
+@pytest.fixture(scope="module")
+def embedded(dataset, random_vit_t, tmp_path_factory):
+    """The embed step in 3 shards on the fresh dataset: (each shard's metadata, each shard's index keys)."""
+    out = tmp_path_factory.mktemp("shards")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAM_DATA_CACHE", str(out / "data-cache"))
+        first = _embed_all(*dataset, random_vit_t, 3, out)
+    return first, [json.loads((out / f"index-{k}.json").read_text())["keys"] for k in range(3)]
+
+
+def test_embed_shards_split_the_images_and_skip_what_the_store_has(tmp_path, dataset, embedded, random_vit_t,
+                                                                   store_env):
     store, manifest, path = dataset
     distinct = {it["image"]["sha256"] for it in manifest["items"]}
-    first = _embed_all(store, manifest, path, random_vit_t, 3, tmp_path)
-    keys = [json.loads((tmp_path / f"index-{k}.json").read_text())["keys"] for k in range(3)]
+    first, keys = embedded
     assert sum(len(k) for k in keys) == len(set().union(*map(set, keys))) == len(distinct)  # disjoint, complete
     assert sum(m["computed"] for m in first) == len(distinct) and all(m["from_store"] == 0 for m in first)
     assert all(store.exists(k) for ks in keys for k in ks)
@@ -126,18 +129,40 @@ def test_embed_shards_split_the_images_and_skip_what_the_store_has(tmp_path, dat
         assert artifact_metadata(m) == m  # nothing had to be dropped
 
 
+def test_a_damaged_image_in_the_store_fails_training_in_one_line(tmp_path, dataset, embedded, random_vit_t,
+                                                                 store_env):
+    """A worker's user-facing error comes back as itself: one line naming the object, no worker traceback."""
+    from components.datasets.reader import SplitRefs
+    from components.storage import StorageError
+
+    store, manifest, path = dataset
+    train_split = SplitRefs(store, manifest, "train", annotated_only=True)
+    key = train_split.items[0]["image"]["key"]
+    original = store.get_bytes(key)
+    store.put_bytes(key, b"not the image the manifest names")
+    try:
+        cfg = TrainConfig(device="cpu", n_iterations=1, batch_size=len(train_split), show_progress=False,
+                          checkpoint_dir=str(tmp_path / "ck"))
+        with pytest.raises(StorageError) as err:
+            train(cfg, random_vit_t[0], train_split, SplitRefs(store, manifest, "val", annotated_only=True),
+                  store=store, weights_sha256=random_vit_t[1])
+    finally:  # the module's other tests read this dataset
+        store.put_bytes(key, original)
+    assert "\n" not in str(err.value) and key in str(err.value)
+
+
 def _in_memory(split):
     from components.datasets.reader import SampleSplit
 
     return SampleSplit([split.load(i) for i in range(len(split))], split.split)
 
 
-def test_training_from_the_store_matches_in_memory_samples_and_resumes_exactly(tmp_path, dataset, random_vit_t):
+def test_training_from_the_store_matches_in_memory_samples_and_resumes_exactly(tmp_path, dataset, embedded,
+                                                                              random_vit_t, store_env):
     from components.datasets.reader import SplitRefs
 
     store, manifest, path = dataset
-    _embed_all(store, manifest, path, random_vit_t, 2, tmp_path)
-    base = dict(device="cpu", n_iterations=4, n_objects_per_batch=3, batch_size=2, val_every=2, lr=1e-4,
+    base = dict(device="cpu", n_iterations=2, n_objects_per_batch=3, batch_size=2, val_every=1, lr=1e-4,
                 show_progress=False)
     kw = dict(store=store, weights_sha256=random_vit_t[1], dataset_hash=manifest["content_hash"])
     in_memory = train(TrainConfig(**base, checkpoint_dir=str(tmp_path / "mem")), random_vit_t[0],
@@ -149,13 +174,13 @@ def test_training_from_the_store_matches_in_memory_samples_and_resumes_exactly(t
                      SplitRefs(store, manifest, "train", annotated_only=True),
                      SplitRefs(store, manifest, "val", annotated_only=True), **kw)
 
-    straight = streamed(4, "straight")
+    straight = streamed(2, "straight")
     assert straight.embedding_stats["computed"] == 0  # every embedding came from the embed shards
     assert straight.history["loss"] == pytest.approx(in_memory.history["loss"], rel=1e-6)
     assert straight.history["val_dice"] == pytest.approx(in_memory.history["val_dice"], abs=1e-7)
-    streamed(2, "resumed")
-    resumed = streamed(4, "resumed")
-    assert resumed.resumed_from == 2
+    streamed(1, "resumed")
+    resumed = streamed(2, "resumed")
+    assert resumed.resumed_from == 1
     assert resumed.history["loss"] == pytest.approx(straight.history["loss"], rel=1e-6)
 
 
