@@ -99,7 +99,8 @@ def sources(tmp_path_factory):
     from components.sam.model import atomic_torch_save, build_sam
 
     d = tmp_path_factory.mktemp("sources")
-    make_pennfudan_zip(d / "eight.zip", n_fudan=4, n_penn=4, seed=0, size_range=(64, 96))
+    # Four images: every split gets its own (no overlap), and each image costs an encoder pass per run.
+    make_pennfudan_zip(d / "four.zip", n_fudan=2, n_penn=2, seed=0, size_range=(64, 96))
     make_pennfudan_zip(d / "one.zip", n_fudan=1, n_penn=0, seed=1, size_range=(64, 96))
     torch.manual_seed(0)
     atomic_torch_save(build_sam("vit_t").state_dict(), d / "vit_t_random.pth")
@@ -131,12 +132,12 @@ def test_nightly_runs_register_then_skip_then_train_on_changed_data(sources, htt
         data = json.loads(summary.read_text())
         return data, {t: data["tasks"][t]["state"] for t in ("check-changes", *STAGES)}, out
 
-    eight = ["--dataset-source", f"{base}/eight.zip", "--dataset-name", "eight"]
-    summary, states, _ = run(*eight)
+    four = ["--dataset-source", f"{base}/four.zip", "--dataset-name", "four"]
+    summary, states, _ = run(*four)
     assert states == dict.fromkeys(("check-changes", *STAGES), "SUCCEEDED")
     assert summary["registered"]["version"] == "v1" and "skipped" not in summary
 
-    summary, states, out = run(*eight)
+    summary, states, out = run(*four)
     assert states == {"check-changes": "SUCCEEDED", **dict.fromkeys(STAGES, "SKIPPED")}, summary["tasks"]
     assert summary["skipped"] == "nothing changed since sam-nightly v1"
     assert "skipped: nothing changed since sam-nightly v1" in out

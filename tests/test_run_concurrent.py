@@ -13,6 +13,9 @@ import pytest
 from helpers import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
+# What is shared and reused is the same at any size, and each image costs a whole encoder pass in both concurrent
+# runs: six images (every split still gets its own) and four objects per iteration keep the runs short.
+IMAGES = 6
 
 
 def _server_gone(folder: Path, limit: float = 30.0) -> bool:
@@ -23,7 +26,8 @@ def _server_gone(folder: Path, limit: float = 30.0) -> bool:
 
 
 def _run(tmp_path: Path, env: dict, *flags: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", "--demo", "-d", "-g", "cpu", *flags],
+    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", "--demo", "--demo-images", str(IMAGES), "-d",
+                             "-g", "cpu", "-n", "4", *flags],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -32,7 +36,7 @@ def test_two_runs_at_once_register_v1_and_v2_and_a_later_run_reuses_what_they_st
     from pipelines.local import make_demo_assets
     from pipelines.local_store import objects_folder
 
-    make_demo_assets(tmp_path / "runs" / "demo", images=12)  # made once: both runs then only read them
+    make_demo_assets(tmp_path / "runs" / "demo", images=IMAGES)  # made once: both runs then only read them
     env = {**os.environ, "PYTHONPATH": str(REPO), "SAM_MODELS": str(tmp_path / "models")}
     # --margin -1: the second run to evaluate meets the first's model as champion and must still register.
     procs = [_run(tmp_path, env, "-i", "2", "--margin", "-1", "--summary-json", f"s{i}.json") for i in range(2)]
@@ -61,7 +65,7 @@ def test_two_runs_at_once_register_v1_and_v2_and_a_later_run_reuses_what_they_st
     s = json.loads((tmp_path / "s2.json").read_text())
     assert s["object_store"]["endpoint"] != summaries[0]["object_store"]["endpoint"]  # a new server
     embedded = [shard["artifacts"]["index"]["metadata"] for shard in s["tasks"]["embed"]["shards"]]
-    assert [(e["computed"], e["from_store"]) for e in embedded] == [(0, 12)], embedded
+    assert [(e["computed"], e["from_store"]) for e in embedded] == [(0, IMAGES)], embedded
     assert s["metrics"]["embeddings_computed"] == 0 and s["metrics"]["champion_version"] == "v2", s["metrics"]
-    assert (s["dataset"]["uploaded"], s["dataset"]["skipped"]) == (0, 24)
+    assert (s["dataset"]["uploaded"], s["dataset"]["skipped"]) == (0, 2 * IMAGES)  # images and masks
     assert objects_folder(tmp_path / "local_outputs").is_dir()

@@ -54,9 +54,15 @@ def _iteration(path: Path) -> int | None:
 def test_a_killed_run_resumes_at_its_checkpoint(pipeline_sources, http_server, s3_env, tmp_path, capsys):
     from pipelines.cli import main
 
+    from components.datasets.synthetic import make_pennfudan_zip
+
     src, weights_sha = pipeline_sources
     base = http_server(src)
-    args = ["run", "-d", "-g", "cpu", "-n", "4", "--val-every", "2", "--dataset-source", f"{base}/PennFudanPed.zip",
+    # Four images (each split still gets its own): where training stops and resumes does not depend on how
+    # many there are, and each costs an encoder pass before the first checkpoint.
+    data = make_pennfudan_zip(tmp_path / "sources" / "four.zip", n_fudan=2, n_penn=2, seed=0, size_range=(64, 96))
+    args = ["run", "-d", "-g", "cpu", "-n", "4", "--val-every", "2",
+            "--dataset-source", f"{http_server(data.parent)}/{data.name}",
             "--weights-url", f"{base}/vit_t_random.pth", "--weights-sha256", weights_sha,
             "--s3-endpoint", s3_env.endpoint, "--prefix", s3_env.prefix, "--model-name", "sam-resume",
             "--pipeline-root", str(tmp_path / "outputs")]
