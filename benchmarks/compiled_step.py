@@ -50,7 +50,7 @@ def run_side(args) -> dict:
     device = torch.device(args.device)
     samples = [s for s in pedestrian_samples(60) if len(np.unique(s.mask)) - 1 == args.objects][:args.images]
     gen = torch.Generator().manual_seed(1)
-    items = prepare_items(samples, [torch.randn((256, 64, 64), generator=gen).to(device) for _ in samples], device)
+    items = prepare_items(samples, [torch.randn((256, 64, 64), generator=gen).to(device) for _ in samples])
     torch.manual_seed(0)
     model = build_sam("vit_t").to(device)
     cfg = TrainConfig(device=args.device, amp=args.precision != "fp32", amp_dtype=args.precision if

@@ -7,6 +7,7 @@ AOTAutograd's eager backend."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def model_and_items():
         make_samples(1, seed=6, size=(210, 90), max_instances=3)
     gen = torch.Generator().manual_seed(1)
     embs = [torch.randn((256, 64, 64), generator=gen) for _ in samples]
-    return model, prepare_items(samples, embs, CPU)
+    return model, prepare_items(samples, embs)
 
 
 def _trainer(model, items, **kw) -> Trainer:
@@ -57,7 +58,10 @@ def test_padding_changes_neither_loss_nor_gradients(model_and_items):
     parameter's gradient, are those of the unpadded batch; the padding rows add exactly nothing."""
     model, items = model_and_items
     t = _trainer(model, items, batch_size=2, n_objects_per_batch=3)
-    b = t.make_batch(1, t.sample_batch())
+    for _ in range(10):  # a batch whose objects come from both images (the draw may take all 3 from one)
+        b = t.make_batch(1, t.sample_batch())
+        if b.image_index is not None:
+            break
     n = b.coords.shape[0]
     assert n == 3 and b.image_index is not None
 
@@ -118,6 +122,8 @@ def test_captured_step_equals_eager_fp32(model_and_items):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SAM_TEST_INDUCTOR"), reason="Inductor's code generation takes ~4 min on two "
+                    "cores, a quarter of the suite; SAM_TEST_INDUCTOR=1 runs it (it passed in 243 s on 2026-12-05)")
 def test_compiled_step_equals_eager_fp32(model_and_items):
     model, items = model_and_items
     _compiled_against_eager(model, items, amp=False, rtol=1e-4, atol=1e-6)
