@@ -25,6 +25,23 @@ def wait_until(condition, limit: float, every: float = 0.2) -> bool:
     return False
 
 
+def model_and_two_size_items(n_tall: int):
+    """A random vit_t and training items of two image sizes (two 120x200 images, `n_tall` 210x90 ones, up to 3
+    objects each) with seeded random embeddings: a batch mixes frames and valid regions in one call."""
+    import torch
+
+    from components.datasets.synthetic import make_samples
+    from components.sam.model import build_sam
+    from components.training.data import prepare_items
+
+    torch.manual_seed(0)
+    model = build_sam("vit_t")
+    samples = make_samples(2, seed=5, size=(120, 200), max_instances=3) + \
+        make_samples(n_tall, seed=6, size=(210, 90), max_instances=3)
+    gen = torch.Generator().manual_seed(1)
+    return model, prepare_items(samples, [torch.randn((256, 64, 64), generator=gen) for _ in samples])
+
+
 def make_random_vit_t_checkpoint(path: str | Path, seed: int = 0) -> str:
     """A randomly initialised state dict of the real MobileSAM vit_t architecture (same keys and shapes
     as mobile_sam.pt, so every loader accepts it); returns its sha256."""

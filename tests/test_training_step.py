@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.datasets.synthetic import make_samples
-from components.sam.model import build_sam
 from components.training.config import TrainConfig, resolve_amp
-from components.training.trainer import Trainer, prepare_items
+from components.training.trainer import Trainer
+from helpers import model_and_two_size_items
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -18,14 +17,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 @pytest.fixture(scope="module")
 def model_and_items():
-    torch.manual_seed(0)
-    model = build_sam("vit_t")
-    # Two image sizes, so the batch mixes frames (and valid regions) in one call.
-    samples = make_samples(2, seed=5, size=(120, 200), max_instances=3) + \
-        make_samples(2, seed=6, size=(210, 90), max_instances=3)
-    gen = torch.Generator().manual_seed(1)
-    embs = [torch.randn((256, 64, 64), generator=gen) for _ in samples]
-    return model, prepare_items(samples, embs)
+    return model_and_two_size_items(2)
 
 
 def _trainer(model, items, **kw) -> Trainer:
