@@ -182,7 +182,8 @@ def run_peer(args) -> dict:
     cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
     if len(times) != args.iters:
         raise RuntimeError(f"the peer ran {len(times)} iterations, expected {args.iters}")
-    return _summary("micro-sam", times, cpu, end - t0, amp=trainer.mixed_precision_dtype)
+    return _summary("micro-sam", times, cpu, end - t0,
+                    amp=trainer.mixed_precision_dtype if args.amp_dtype != "fp32" else "off")
 
 
 def _side(args, python: str, side: str, weights: str) -> dict:

@@ -132,9 +132,10 @@ os.register_at_fork(after_in_child=_own_connections_after_fork)
 
 
 class ObjectStore:
-    def __init__(self, config: S3Config, *, create_bucket: bool = True, retries: int = 4):
+    def __init__(self, config: S3Config, *, create_bucket: bool = True, retries: int = 4, retry_delay: float = 0.5):
         check_bucket(config.bucket)
-        self.config, self.retries = config, retries
+        # retry_delay: the first backoff in seconds, doubling after each try (tests that count tries shorten it).
+        self.config, self.retries, self.retry_delay = config, retries, retry_delay
         self.client = Minio(config.endpoint, access_key=config.access_key, secret_key=config.secret_key,
                             secure=config.secure, region=config.region, http_client=_connections())
         _LIVE_STORES.add(self)
@@ -161,7 +162,7 @@ class ObjectStore:
         if bucket == self.config.bucket and not self.config.prefix:
             return self
         return ObjectStore(replace(self.config, bucket=bucket, prefix=""), create_bucket=False,
-                           retries=self.retries)
+                           retries=self.retries, retry_delay=self.retry_delay)
 
     # -- retries and error translation ---------------------------------------------------------
     def _call(self, what: str, fn, *args, **kwargs):
@@ -169,7 +170,7 @@ class ObjectStore:
         with jittered exponential backoff; what is still failing after `retries` becomes one line. A
         refused connection (nothing listens there) is retried once only, and the first retry of each
         call is said at once on stderr (the run's console shows it), not only after every retry failed."""
-        delay, limit = 0.5, self.retries
+        delay, limit = self.retry_delay, self.retries
         for attempt in range(self.retries + 1):
             try:
                 return fn(*args, **kwargs)

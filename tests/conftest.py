@@ -90,22 +90,34 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def http_server():
-    """Serve a directory over real HTTP on 127.0.0.1: `base_url = http_server(directory)`."""
-    servers = []
+def _serve(directory: Path, servers: list) -> str:
+    handler = functools.partial(_QuietHandler, directory=str(directory))
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    servers.append(srv)
+    return f"http://127.0.0.1:{srv.server_address[1]}"
 
-    def serve(directory: Path) -> str:
-        handler = functools.partial(_QuietHandler, directory=str(directory))
-        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        servers.append(srv)
-        return f"http://127.0.0.1:{srv.server_address[1]}"
 
-    yield serve
+def _stop(servers: list) -> None:
     for srv in servers:
         srv.shutdown()
         srv.server_close()
+
+
+@pytest.fixture
+def http_server():
+    """Serve a directory over real HTTP on 127.0.0.1: `base_url = http_server(directory)`."""
+    servers: list = []
+    yield functools.partial(_serve, servers=servers)
+    _stop(servers)
+
+
+@pytest.fixture(scope="module")
+def module_http_server():
+    """http_server for a module's shared fixtures (one whole run that several tests read)."""
+    servers: list = []
+    yield functools.partial(_serve, servers=servers)
+    _stop(servers)
 
 
 @pytest.fixture

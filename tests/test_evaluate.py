@@ -159,6 +159,30 @@ def test_evaluate_step_finds_the_champion(checkpoints, store, s3_env, tmp_path):
     assert second["passed"] is False and "can be compared with champion v1" in second["verdict"]
 
 
+def test_overlapping_splits_pass_only_with_allow_overlap(checkpoints, store, s3_env, tmp_path, caplog):
+    """One image serves train, val and test: the gate refuses it (the scores are of a trained-on image) unless
+    allow_overlap (`run --allow-overlap`), which passes and says so; the pipeline wires the flag to this step
+    (tests/test_pipeline.py) and the whole run's refusal is in tests/test_pipeline_local.py."""
+    from components.datasets.ingest import ingest
+    from components.datasets.synthetic import make_folder
+
+    cfg = store.config
+    folder = make_folder(tmp_path / "data", ["only"], seed=3, size=(48, 64))
+    manifest_path = tmp_path / "manifest.json"
+    manifest_path.write_text(json.dumps(ingest(str(folder), "folder", "one", store).manifest))
+    zs, ft = checkpoints
+    args = dict(weights_path=str(zs), model_path=str(ft), manifest_path=str(manifest_path), model_type="vit_t",
+                margin=-1.0, model_name="sam-overlap", device="cpu", s3_endpoint=cfg.endpoint, bucket=cfg.bucket,
+                prefix=cfg.prefix)
+    refused = evaluate_step(**args, out_report_path=str(tmp_path / "r1.html"))
+    assert refused["passed"] is False and refused["verdict"].startswith("not passed: the splits of one overlap")
+    assert refused["splits_overlap"] is True and "allow_overlap" in refused["verdict"]
+    with caplog.at_level("WARNING"):
+        allowed = evaluate_step(**args, allow_overlap=True, out_report_path=str(tmp_path / "r2.html"))
+    assert allowed["passed"] is True and allowed["splits_overlap"] is True
+    assert "registering anyway (allow_overlap)" in caplog.text
+
+
 def test_the_champion_is_never_scored_on_images_it_trained_or_validated_on(checkpoints, store, s3_env, tmp_path):
     """A champion trained on another dataset version (here: the same images split with another seed, as a
     change of split rule would) is compared only on the test images outside its train and val splits, and

@@ -1,12 +1,10 @@
 """Nightly retraining that does nothing when nothing changed (components/changes.py, the check-changes step),
-and the one-image overlap guard: the decision against a real registry in the real S3 server, then the whole
-pipeline through kfp.local as `sam-pipeline run` runs it."""
+and the one-image overlap guard: the decision against a real registry in the real S3 server. The whole pipeline
+meeting its own registry this way runs in tests/test_pipeline_local.py."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import pytest
 
 from components.card import build_card
 from components.changes import decide
@@ -86,84 +84,6 @@ def test_a_one_image_dataset_records_its_overlapping_splits(store, tmp_path, cap
 
     eight = make_pennfudan_zip(tmp_path / "eight.zip", n_fudan=4, n_penn=4, size_range=(48, 64))
     assert ingest(str(eight), name="eight", store=store).to_json()["splits_overlap"] is False
-
-
-# -- the whole pipeline --------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    import torch
-
-    from components.datasets.synthetic import make_pennfudan_zip
-    from components.hashing import sha256_file
-    from components.sam.model import atomic_torch_save, build_sam
-
-    d = tmp_path_factory.mktemp("sources")
-    # Four images: every split gets its own (no overlap), and each image costs an encoder pass per run.
-    make_pennfudan_zip(d / "four.zip", n_fudan=2, n_penn=2, seed=0, size_range=(64, 96))
-    make_pennfudan_zip(d / "one.zip", n_fudan=1, n_penn=0, seed=1, size_range=(64, 96))
-    torch.manual_seed(0)
-    atomic_torch_save(build_sam("vit_t").state_dict(), d / "vit_t_random.pth")
-    return d, sha256_file(d / "vit_t_random.pth")
-
-
-STAGES = ("finetune", "evaluate", "register-model")
-
-
-@pytest.mark.slow
-def test_nightly_runs_register_then_skip_then_train_on_changed_data(sources, http_server, store, s3_env, tmp_path,
-                                                                     monkeypatch, capsys):
-    """register -> the same run again (nothing to train) -> changed data (a one-image dataset: trains, and
-    its overlapping splits refuse registration) -> the same with --allow-overlap (registers)."""
-    from pipelines.cli import main
-
-    src, weights_sha = sources
-    base = http_server(src)
-    monkeypatch.chdir(tmp_path)
-    common = ["-d", "-i", "2", "-g", "cpu", "-n", "4", "--val-every", "2", "--weights-url", f"{base}/vit_t_random.pth",
-              "--weights-sha256", weights_sha, "--s3-endpoint", s3_env.endpoint, "--prefix", s3_env.prefix,
-              "--model-name", "sam-nightly", "--margin", "-1", "--pipeline-root", str(tmp_path / "outputs")]
-
-    def run(*extra):
-        summary = tmp_path / f"summary{len(list(tmp_path.glob('summary*')))}.json"
-        code = main(["run", *common, *extra, "--summary-json", str(summary)])
-        out, err = capsys.readouterr()
-        assert code == 0, (out + err)[-3000:]
-        data = json.loads(summary.read_text())
-        return data, {t: data["tasks"][t]["state"] for t in ("check-changes", *STAGES)}, out
-
-    four = ["--dataset-source", f"{base}/four.zip", "--dataset-name", "four"]
-    summary, states, _ = run(*four)
-    assert states == dict.fromkeys(("check-changes", *STAGES), "SUCCEEDED")
-    assert summary["registered"]["version"] == "v1" and "skipped" not in summary
-
-    summary, states, out = run(*four)
-    assert states == {"check-changes": "SUCCEEDED", **dict.fromkeys(STAGES, "SKIPPED")}, summary["tasks"]
-    assert summary["skipped"] == "nothing changed since sam-nightly v1"
-    assert "skipped: nothing changed since sam-nightly v1" in out
-    assert summary["succeeded"] is True and summary["registered"] is None
-
-    one = ["--dataset-source", f"{base}/one.zip", "--dataset-name", "one"]
-    summary, states, out = run(*one)
-    assert states == {**dict.fromkeys(("check-changes", "finetune", "evaluate"), "SUCCEEDED"),
-                      "register-model": "SKIPPED"}
-    assert summary["tasks"]["check-changes"]["parameters"]["reason"].startswith(
-        "changed since sam-nightly v1: dataset content hash")
-    verdict = summary["metrics"]["verdict"]
-    assert verdict.startswith("not passed: the splits of one overlap") and verdict in summary["tasks"][
-        "register-model"]["reason"]
-    # One test image cannot be compared with v1 either: both reasons, each said once.
-    assert "only 1 test image(s) can be compared with champion v1" in verdict
-    assert summary["passed"] is False and summary["metrics"]["splits_overlap"] is True
-    assert out.count("the splits of one overlap") == 1 and "WARNING" not in out
-    # The evaluation report gives the same verdict as the gate, with the reason.
-    assert "NOT PASSED: the splits of one overlap" in Path(summary["reports"]["evaluate"]).read_text()
-    assert ObjectStoreRegistry(store).versions("sam-nightly") == ["v1"]
-
-    # --allow-overlap lifts the overlap refusal; a new line of versions has no champion to compare with.
-    summary, states, _ = run(*one, "--allow-overlap", "--model-name", "sam-one")
-    assert states == dict.fromkeys(("check-changes", *STAGES), "SUCCEEDED")
-    assert summary["registered"]["version"] == "v1"
 
 
 def test_run_flags_become_pipeline_parameters():

@@ -1,17 +1,27 @@
 """The whole pipeline through kfp.local (SubprocessRunner, this interpreter), as `sam-pipeline run` runs it:
 a synthetic Penn-Fudan zip and a random vit_t checkpoint served over HTTP, the S3 server on loopback.
-The first run also loses an embed shard (tests/faults/sitecustomize.py makes its body raise, as a store
-outage or a CUDA error would): that costs time only, and finetune says what it computed itself."""
+
+One registered run is shared by the module, and each later test runs the pipeline again on what it left, the
+way nightly retraining meets its own registry: the same run again does nothing after check-changes
+(components/changes.py), a forced run with an impossible margin evaluates against v1 and registers nothing,
+and changed data trains but its overlapping splits refuse registration. The first run also loses an embed shard
+(tests/faults/sitecustomize.py makes its body raise, as a store outage or a CUDA error would): that costs time
+only, and finetune says what it computed itself."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import uuid
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 from kfp_launcher_rules import check_run
 
 from components.datasets.reader import shard_images
+from components.registry import ObjectStoreRegistry
 from pipelines.cli import main
 from pipelines.sam_finetune import DEFAULT_YAML
 
@@ -20,39 +30,71 @@ ROOT = Path(__file__).resolve().parents[1]
 LOST = "ConnectionError: injected: shard 1 lost its object store"
 TASKS = ("fetch-weights", "ingest-dataset", "check-changes", "embed-shards", "embed", "finetune", "evaluate",
          "register-model")
+STAGES = ("finetune", "evaluate", "register-model")
 
 
-def _run(tmp_path, capsys, *extra) -> tuple[int, dict, str]:
-    summary = tmp_path / f"summary{len(list(tmp_path.glob('summary*')))}.json"
-    code = main(["run", *extra, "--pipeline-root", str(tmp_path / "outputs"), "--summary-json", str(summary)])
-    out, err = capsys.readouterr()
-    return code, json.loads(summary.read_text()) if summary.is_file() else {}, out + err
+@dataclass
+class Chain:
+    """The module's working folder, store and sources, and its first run's (summary, console text)."""
+    tmp: Path
+    store: object
+    common: list
+    first: tuple = ()
+    one: tuple = ()  # the flags that name a one-image dataset instead
+
+    def run(self, *extra) -> tuple[int, dict, str]:
+        summary = self.tmp / f"summary{len(list(self.tmp.glob('summary*')))}.json"
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["run", *self.common, *extra, "--pipeline-root", str(self.tmp / "outputs"),
+                         "--summary-json", str(summary)])
+        return code, json.loads(summary.read_text()) if summary.is_file() else {}, out.getvalue() + err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def chain(pipeline_sources, module_http_server, s3, tmp_path_factory):
+    from components.datasets.synthetic import make_pennfudan_zip
+    from components.storage import ObjectStore
+
+    src, weights_sha = pipeline_sources
+    tmp = tmp_path_factory.mktemp("e2e")
+    make_pennfudan_zip(tmp / "sources" / "one.zip", n_fudan=1, n_penn=0, seed=1, size_range=(64, 96))
+    base = module_http_server(src)
+    store = ObjectStore(replace(s3, prefix=f"t-e2e-{uuid.uuid4().hex[:8]}/"))
+    common = ["--dataset-source", f"{base}/PennFudanPed.zip", "-i", "3", "-g", "cpu", "-n", "4", "--val-every", "3",
+              "--weights-url", f"{base}/vit_t_random.pth", "--weights-sha256", weights_sha, "--s3-endpoint", s3.endpoint, "--prefix", store.config.prefix,
+              "--model-name", "sam-e2e", "--embed-shards", "3"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)  # finetune leaves checkpoints/<name>/ in the working directory, like the seed
+        for name, value in {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+                            "SAM_MODELS": str(tmp / "sam_models")}.items():
+            mp.setenv(name, value)
+        # kfp.local starts each task in a fresh interpreter with this environment.
+        mp.setenv("PYTHONPATH", os.pathsep.join([str(FAULTS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        mp.setenv("SAM_TEST_FAIL_EMBED_SHARD", "1")
+        one = ("--dataset-source", f"{module_http_server(tmp / 'sources')}/one.zip", "--dataset-name", "one")
+        chain = Chain(tmp, store, common, one=one)
+        # margin -1: any fine-tuned model beats the bar, so every task runs; three embed shards fan out first,
+        # and shard 1 fails inside its body.
+        chain.first = chain.run("--margin", "-1")
+        mp.delenv("SAM_TEST_FAIL_EMBED_SHARD")
+        yield chain
 
 
 @pytest.mark.slow
-def test_run_end_to_end_then_gate_skips_register(pipeline_sources, http_server, store, s3_env, tmp_path,
-                                                  monkeypatch, capsys):
-    src, weights_sha = pipeline_sources
-    base = http_server(src)
-    monkeypatch.chdir(tmp_path)  # finetune leaves checkpoints/<name>/ in the working directory, like the seed
-    common = ["-i", "3", "-g", "cpu", "-n", "4", "--val-every", "3", "--dataset-source", f"{base}/PennFudanPed.zip",
-              "--weights-url", f"{base}/vit_t_random.pth", "--weights-sha256", weights_sha,
-              "--s3-endpoint", s3_env.endpoint, "--prefix", s3_env.prefix, "--model-name", "sam-e2e"]
-
-    # margin -1: any fine-tuned model beats the bar, so every task runs; three embed shards fan out first,
-    # and shard 1 fails inside its body. kfp.local starts each task in a fresh interpreter with this environment.
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FAULTS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.setenv("SAM_TEST_FAIL_EMBED_SHARD", "1")
-    code, summary, log = _run(tmp_path, capsys, *common, "--margin", "-1", "--embed-shards", "3")
+def test_run_end_to_end_registers_v1_and_loses_a_shard_only_in_time(chain, tmp_path):
+    code, summary, log = chain.first
     assert code == 0, log[-3000:]
+    tmp = chain.tmp
     assert {t: summary["tasks"][t]["state"] for t in TASKS} == dict.fromkeys(TASKS, "SUCCEEDED")
+    assert summary["registered"]["version"] == "v1" and "skipped" not in summary
     # What a real KFP 2.17 backend would record: every artifact's metadata and every output parameter,
     # the failed shard's included.
     assert check_run(Path(summary["run_dir"]), DEFAULT_YAML) == len(TASKS) + 2  # embed ran three times
     shards = [s["artifacts"]["index"]["metadata"] for s in summary["tasks"]["embed"]["shards"]]
     assert [(m["shard"], m["failed"]) for m in shards] == [(0, False), (1, True), (2, False)]
     assert {m["shards"] for m in shards} == {3} and shards[1]["error"] == LOST
-    manifest = json.loads((tmp_path / summary["tasks"]["ingest-dataset"]["artifacts"]["dataset"]["path"]).read_text())
+    manifest = json.loads((tmp / summary["tasks"]["ingest-dataset"]["artifacts"]["dataset"]["path"]).read_text())
     images = summary["tasks"]["ingest-dataset"]["artifacts"]["dataset"]["metadata"]["images"]
     lost = {r["sha256"] for r in shard_images(manifest, 1, 3)}
     ok = [m for m in shards if not m["failed"]]
@@ -65,19 +107,19 @@ def test_run_end_to_end_then_gate_skips_register(pipeline_sources, http_server, 
     assert finetuned["embeddings_from_store"] >= 1
     assert finetuned["embed_shards_failed"] == 1 and summary["metrics"]["embed_shards_failed"] == 1
     assert finetuned["embed_failed_shards"] == f"1 ({LOST})"
-    report = (tmp_path / summary["reports"]["finetune"]).read_text()
+    report = (tmp / summary["reports"]["finetune"]).read_text()
     assert "embed_failed_shards" in report and "injected: shard 1" in report
     for task, output in (("fetch-weights", "weights"), ("ingest-dataset", "dataset"), ("finetune", "model"),
                          ("finetune", "report"), ("evaluate", "report")):
         art = summary["tasks"][task]["artifacts"][output]
-        assert art["path"] and (tmp_path / art["path"]).is_file(), (task, output)
-    assert summary["dataset"]["content_hash"] and summary["weights"]["sha256"] == weights_sha
+        assert art["path"] and (tmp / art["path"]).is_file(), (task, output)
+    assert summary["dataset"]["content_hash"] and summary["weights"]["sha256"]
     m = summary["metrics"]
     assert 0 <= m["finetuned_box_dice"] <= 1 and 0 <= m["zero_shot_box_dice"] <= 1
-    assert summary["passed"] is True and summary["registered"]["version"] == "v1"
+    assert summary["passed"] is True
     assert {"best", "latest"} <= set(summary["checkpoints"])
-    assert (tmp_path / "checkpoints" / "sam_instance_seg" / "best.pt").is_file()
-    html = (tmp_path / summary["reports"]["evaluate"]).read_text()
+    assert (tmp / "checkpoints" / "sam_instance_seg" / "best.pt").is_file()
+    html = (tmp / summary["reports"]["evaluate"]).read_text()
     assert "data:image/png;base64," in html and "<svg" in html and "95 % bootstrap interval" in html
     # The gate's intervals: on the KFP Metrics artifact (what the UI shows), in the summary and on the card.
     logged = summary["tasks"]["evaluate"]["artifacts"]["metrics"]["metadata"]
@@ -88,12 +130,10 @@ def test_run_end_to_end_then_gate_skips_register(pipeline_sources, http_server, 
     # The registered version loads with the official MobileSAM builder.
     from mobile_sam import sam_model_registry
 
-    from components.registry import ObjectStoreRegistry
-
-    reg = ObjectStoreRegistry(store)
+    reg = ObjectStoreRegistry(chain.store)
     card = reg.card("sam-e2e", "v1")
     assert card["dataset"]["content_hash"] == summary["dataset"]["content_hash"]
-    assert card["weights"]["sha256"] == weights_sha and card["run_id"]
+    assert card["weights"]["sha256"] == summary["weights"]["sha256"] and card["run_id"]
     assert card["training"]["config"]["n_iterations"] == 3 and card["training"]["config"]["device"] == "cpu"
     assert card["zero_shot"]["box_dice"] == m["zero_shot_box_dice"]
     assert card["metrics"]["box_dice"] == m["finetuned_box_dice"]
@@ -105,21 +145,57 @@ def test_run_end_to_end_then_gate_skips_register(pipeline_sources, http_server, 
     path = reg.fetch("sam-e2e", "latest", tmp_path / "registered.pt")
     sam_model_registry["vit_t"](checkpoint=str(path))
 
-    monkeypatch.delenv("SAM_TEST_FAIL_EMBED_SHARD")
-    # An impossible margin: evaluate runs (against v1 as the champion too) and register-model is skipped.
-    # --force: the data and settings are v1's, which alone would skip training (tests/test_nightly.py).
-    code, summary, log = _run(tmp_path, capsys, *common, "--margin", "2.0", "--force")
+
+@pytest.mark.slow
+def test_the_same_run_again_stops_after_check_changes(chain):
+    """Tonight's scheduled run on unchanged data and settings trains nothing (tests/test_nightly.py: the rule)."""
+    code, summary, out = chain.run("--margin", "-1")
+    assert code == 0, out[-3000:]
+    states = {t: summary["tasks"][t]["state"] for t in ("check-changes", *STAGES)}
+    assert states == {"check-changes": "SUCCEEDED", **dict.fromkeys(STAGES, "SKIPPED")}, summary["tasks"]
+    assert summary["skipped"] == "nothing changed since sam-e2e v1"
+    assert "skipped: nothing changed since sam-e2e v1" in out
+    assert summary["succeeded"] is True and summary["registered"] is None
+
+
+@pytest.mark.slow
+def test_a_forced_run_with_an_impossible_margin_evaluates_against_v1_and_registers_nothing(chain):
+    # --force: the data and settings are v1's, which alone would skip training (the test above).
+    code, summary, log = chain.run("--margin", "2.0", "--force", "--embed-shards", "1")
     assert code == 0, log[-3000:]
     states = {t: summary["tasks"][t]["state"] for t in TASKS}
     assert states == {**dict.fromkeys(TASKS[:-1], "SUCCEEDED"), "register-model": "SKIPPED"}
     assert summary["tasks"]["check-changes"]["parameters"]["reason"] == "retraining forced (force_retrain)"
     assert check_run(Path(summary["run_dir"]), DEFAULT_YAML) == 7  # a resumed finetune, a champion in evaluate
-    # The default: one shard, everything already in the store (finetune and evaluate stored what they computed).
+    # One shard (the default), everything already in the store (finetune and evaluate stored what they computed).
     (shard,) = summary["tasks"]["embed"]["shards"]
     assert shard["artifacts"]["index"]["metadata"]["computed"] == 0
     assert summary["passed"] is False and summary["metrics"]["champion_version"] == "v1"
-    assert reg.versions("sam-e2e") == ["v1"]
+    assert ObjectStoreRegistry(chain.store).versions("sam-e2e") == ["v1"]
     assert "register-model skipped" in log
+
+
+@pytest.mark.slow
+def test_changed_data_trains_and_its_overlapping_splits_refuse_registration(chain):
+    """A one-image dataset serves all three splits: it trains (the data changed), evaluate says why it cannot
+    pass, once, and the registry keeps v1 alone (evaluate_step's allow_overlap: tests/test_evaluate.py)."""
+    code, summary, out = chain.run(*chain.one, "--margin", "-1", "--embed-shards", "1", "-i", "1")
+    assert code == 0, out[-3000:]
+    states = {t: summary["tasks"][t]["state"] for t in ("check-changes", *STAGES)}
+    assert states == {**dict.fromkeys(("check-changes", "finetune", "evaluate"), "SUCCEEDED"),
+                      "register-model": "SKIPPED"}
+    assert summary["tasks"]["check-changes"]["parameters"]["reason"].startswith(
+        "changed since sam-e2e v1: dataset content hash")
+    verdict = summary["metrics"]["verdict"]
+    assert verdict.startswith("not passed: the splits of one overlap") and verdict in summary["tasks"][
+        "register-model"]["reason"]
+    # One test image cannot be compared with v1 either: both reasons, each said once.
+    assert "only 1 test image(s) can be compared with champion v1" in verdict
+    assert summary["passed"] is False and summary["metrics"]["splits_overlap"] is True
+    assert out.count("the splits of one overlap") == 1 and "WARNING" not in out
+    # The evaluation report gives the same verdict as the gate, with the reason.
+    assert "NOT PASSED: the splits of one overlap" in Path(summary["reports"]["evaluate"]).read_text()
+    assert ObjectStoreRegistry(chain.store).versions("sam-e2e") == ["v1"]
 
 
 def test_run_stops_in_one_line_when_a_source_is_unreachable(tmp_path, capsys, monkeypatch):

@@ -79,7 +79,7 @@ def serve_handler():
 def test_transient_html_5xx_is_retried(store, serve_handler):
     host, port = store.config.endpoint.split(":")
     handler = type("Flaky", (_FlakyProxy,), {"upstream": (host, int(port)), "failures": 3, "status": 502})
-    flaky = ObjectStore(replace(store.config, endpoint=serve_handler(handler)), retries=4)
+    flaky = ObjectStore(replace(store.config, endpoint=serve_handler(handler)), retries=4, retry_delay=0.01)
     handler.failures = 3  # the bucket check above went through already; fail the next three calls
     flaky.put_bytes(flaky.key("a"), b"payload")
     assert handler.failures == 0
@@ -90,7 +90,7 @@ def test_persistent_5xx_is_one_line(store, serve_handler):
     host, port = store.config.endpoint.split(":")
     handler = type("Down", (_FlakyProxy,), {"upstream": (host, int(port)), "failures": 10**6, "status": 503})
     with pytest.raises(StorageError) as e:
-        ObjectStore(replace(store.config, endpoint=serve_handler(handler)), retries=1)
+        ObjectStore(replace(store.config, endpoint=serve_handler(handler)), retries=1, retry_delay=0.01)
     msg = str(e.value)
     assert "\n" not in msg and "503" in msg and handler.__name__ not in msg
 
@@ -214,7 +214,7 @@ class _S3InternalError(_FlakyProxy):
 def test_xml_5xx_with_an_unknown_code_is_retried_then_one_line(store, serve_handler):
     host, port = store.config.endpoint.split(":")
     handler = type("Backend", (_S3InternalError,), {"upstream": (host, int(port)), "failures": 0})
-    flaky = ObjectStore(replace(store.config, endpoint=serve_handler(handler)), retries=3)
+    flaky = ObjectStore(replace(store.config, endpoint=serve_handler(handler)), retries=3, retry_delay=0.01)
     handler.failures = 2
     flaky.put_bytes(flaky.key("b"), b"ok")
     assert handler.failures == 0 and store.get_bytes(store.key("b")) == b"ok"
