@@ -91,6 +91,8 @@ def run(repeats: int, seed_defaults: bool = False) -> tuple[list[dict], dict]:
             runs.append({"wall": wall, "tasks": {n: s["tasks"].get(n, {}).get("seconds") for n in tasks},
                          "states": {n: s["tasks"].get(n, {}).get("state", "absent") for n in tasks},
                          "finetune_s": s["model_metadata"].get("seconds"), "eval_s": s["metrics"].get("seconds"),
+                         "validation_s": s["model_metadata"].get("validation_seconds"),
+                         "checkpoint_s": s["model_metadata"].get("checkpoint_seconds"),
                          "finetune": {k: s["metrics"].get(k) for k in (
                              "amp", "iterations_per_second", "embeddings_computed", "embeddings_from_store",
                              "initial_val_dice", "best_val_dice", "train_images", "val_images")}})
@@ -151,7 +153,8 @@ def seed_table(runs: list[dict], info: dict) -> str:
         lines += ["", f"Run {i + 1}: finetune AMP {f['amp']}, {f['train_images']} train / {f['val_images']} val images, "
                   f"{f['embeddings_computed']} embeddings computed in finetune ({f['embeddings_from_store']} from the "
                   f"embed step), {f['iterations_per_second'] or 0:.2f} it/s, val Dice {f['initial_val_dice']} -> best "
-                  f"{f['best_val_dice']}; finetune's own clock {r['finetune_s']} s, evaluate's {r['eval_s']} s."]
+                  f"{f['best_val_dice']}; finetune's own clock {r['finetune_s']} s (validations {r['validation_s']} s, "
+                  f"checkpoints {r['checkpoint_s']} s), evaluate's {r['eval_s']} s."]
     return "\n".join(lines) + "\n"
 
 

@@ -283,6 +283,9 @@ def finetune_step(weights_path: str, manifest_path: str, *, run_id: str = "", re
         "embed_shards_failed": len(failed_shards),
         "embed_failed_shards": ", ".join(f"{k} ({v})" for k, v in failed_shards.items()) or None,
         "seconds": round(result.seconds, 1),
+        # Where the loop's time went besides the iterations (benchmarks/RESULTS.md reads these).
+        "validation_seconds": round(result.validation_seconds, 1),
+        "checkpoint_seconds": round(result.checkpoint_seconds, 1),
         "weights_sha256": weights_sha,
         "dataset_content_hash": manifest["content_hash"],
         "model_sha256": sha256_file(out_model),

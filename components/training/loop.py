@@ -36,7 +36,9 @@ class TrainResult:
     device: str = "cpu"
     amp: str = "off"
     seconds: float = 0.0
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # the loop: iterations, validations and checkpoints
+    validation_seconds: float = 0.0  # of which validation passes (iteration 0's included)
+    checkpoint_seconds: float = 0.0  # of which checkpoint writes and their copies to the store
     embedding_stats: dict = field(default_factory=dict)
 
 
@@ -82,6 +84,13 @@ class _Run:
     checkpoints: Checkpoints | None = None
     progress: Progress = field(default_factory=Progress)
     resumed_from: int | None = None
+    seconds: dict = field(default_factory=lambda: {"validation": 0.0, "checkpoints": 0.0})  # not checkpointed
+
+    def validate(self) -> dict:
+        t = time.perf_counter()
+        metrics = self.trainer.validate()
+        self.seconds["validation"] += time.perf_counter() - t
+        return metrics
 
 
 def _select(cfg: TrainConfig, train_split, val_split):
@@ -122,7 +131,7 @@ def _resume_or_score_the_start(run: _Run) -> None:
         run.progress, run.resumed_from = progress, progress.iteration
         log.info("resumed at iteration %d (best val Dice %.3f)", progress.iteration, progress.best_dice)
         return
-    metrics = run.trainer.validate()
+    metrics = run.validate()
     _record_validation(run.progress.history, 0, metrics)
     tqdm.write(f"Before training: Dice Score = {metrics['dice']:.3f}")
 
@@ -154,7 +163,7 @@ def _loop(run: _Run) -> None:
 
 def _validate_and_save(run: _Run, iteration: int) -> float:
     cfg, progress = run.cfg, run.progress
-    metrics = run.trainer.validate()
+    metrics = run.validate()
     run.trainer.scheduler.step(metrics["dice"])
     _record_validation(progress.history, iteration, metrics)
     improved = metrics["dice"] > progress.best_dice
@@ -162,7 +171,9 @@ def _validate_and_save(run: _Run, iteration: int) -> float:
         progress.best_dice, progress.best_iteration = metrics["dice"], iteration
     epoch = iteration // cfg.val_every - 1 if iteration % cfg.val_every == 0 else iteration // cfg.val_every
     tqdm.write(f"Epoch {epoch}: Dice Score = {metrics['dice']:.3f} (best: {progress.best_dice:.3f})")
+    t = time.perf_counter()
     run.checkpoints.save(progress, run.trainer, improved)
+    run.seconds["checkpoints"] += time.perf_counter() - t
     return metrics["dice"]
 
 
@@ -176,6 +187,7 @@ def _export(run: _Run, t_start: float, train_seconds: float) -> TrainResult:
         best_val_dice=best.best_dice, history=run.progress.history, best_iteration=best.best_iteration,
         iterations=run.cfg.n_iterations, resumed_from=run.resumed_from, device=str(run.device), amp=run.amp.label,
         seconds=time.perf_counter() - t_start, train_seconds=train_seconds,
+        validation_seconds=run.seconds["validation"], checkpoint_seconds=run.seconds["checkpoints"],
         embedding_stats=dict(run.cache.stats, it_per_s=(done / train_seconds) if done > 0 and train_seconds > 0
                              else None),
     )
