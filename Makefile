@@ -6,10 +6,6 @@ BIN    := $(VENV)/bin
 # Extra arguments for `make run`, e.g. make run ARGS="--demo -d -i 5"
 ARGS   ?=
 PYTEST_ARGS ?=
-# Two workers, one torch thread each: the suite's runs spend much of their time in one thread (process starts,
-# imports, small decoder ops), so two of them at once use both cores; a module stays on one worker (loadfile),
-# so a run that several tests of a module share is made once.
-TEST_WORKERS ?= 2
 
 .PHONY: setup run demo test test-fast compile bench help
 
@@ -38,10 +34,10 @@ demo: setup
 	$(BIN)/sam-pipeline run --demo $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 compile: setup
 	$(BIN)/sam-pipeline compile

@@ -11,10 +11,8 @@ from pathlib import Path
 
 import pytest
 
-# Two cores on CI: keep torch from oversubscribing when it is imported by a test. `make test` runs two pytest-xdist
-# workers, so each worker (and every process it starts: kfp.local's tasks, the runs it launches) gets one thread.
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, 2 // _WORKERS)))
+# Two cores on CI: keep torch from oversubscribing when it is imported by a test.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
 # No test may reach the internet or a developer's real caches.
 os.environ.pop("S3_ENDPOINT", None)
 
