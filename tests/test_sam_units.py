@@ -174,6 +174,41 @@ def test_deepest_point_of_a_rectangle():
     assert valid.tolist() == [False]
 
 
+def _deepest_over_the_whole_frame(masks):
+    """The definition, unoptimised: erode the whole frame (its border is background) until nothing is left."""
+    import torch.nn.functional as F
+
+    n, h, w = masks.shape
+    depth, cur = torch.zeros((n, h, w)), masks.float()
+    while cur.any():
+        depth += cur
+        cur = (-F.max_pool2d(-F.pad(cur, (1, 1, 1, 1)).unsqueeze(1), 3, stride=1)).squeeze(1)
+    flat = depth.view(n, -1).argmax(dim=1)
+    return torch.stack([flat % w, flat // w], dim=1)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_deepest_points_in_bounding_boxes_equal_the_whole_frame(seed):
+    """Boxes of any size and place (touching the frame's edges, one pixel, several blobs, empty masks among
+    them): the same pixel, first maximum included, as eroding the whole frame."""
+    g = torch.Generator().manual_seed(seed)
+    n, h, w = int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(1, 50, (1,), generator=g)), \
+        int(torch.randint(1, 50, (1,), generator=g))
+    masks = torch.zeros(n, h, w, dtype=torch.bool)
+    for i in range(n):
+        for _ in range(int(torch.randint(0, 4, (1,), generator=g))):  # 0-3 rectangles, maybe overlapping
+            y, x = int(torch.randint(0, h, (1,), generator=g)), int(torch.randint(0, w, (1,), generator=g))
+            dy, dx = int(torch.randint(1, h + 1, (1,), generator=g)), int(torch.randint(1, w + 1, (1,), generator=g))
+            masks[i, y:y + dy, x:x + dx] = True
+        if seed % 3 == 0:  # ragged: drop random pixels
+            masks[i] &= torch.rand(h, w, generator=g) > 0.2
+    xy, valid = deepest_points(masks)
+    assert valid.tolist() == masks.flatten(1).any(1).tolist()
+    expected = _deepest_over_the_whole_frame(masks)
+    assert xy[valid].tolist() == expected[valid].tolist()
+    assert xy[~valid].tolist() == [[0, 0]] * int((~valid).sum())
+
+
 def test_corrective_clicks_on_a_hand_made_error():
     gt = torch.zeros(2, 60, 60, dtype=torch.bool)
     gt[:, 10:30, 10:30] = True

@@ -120,18 +120,33 @@ def deepest_points(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, H, W) bool -> ((N, 2) long x/y of the pixel farthest from the region's border, (N,) valid).
 
     Depth is the number of 3x3 erosions a pixel survives (a chessboard distance transform), with the
-    image border counting as background so a click never lands on the edge of the frame.
+    image border counting as background so a click never lands on the edge of the frame. The erosions run
+    on each mask's bounding box with a one-pixel margin (all of a mask's depth is decided there: everything
+    outside it is background), in one window as large as the largest box: a full-size Penn-Fudan person
+    otherwise cost tens of whole-frame erosions (evaluate's point prompts spent 65 % of their time here).
     """
     n, h, w = masks.shape
-    depth = torch.zeros((n, h, w), dtype=torch.float32, device=masks.device)
-    cur = masks.to(torch.float32)
+    valid = masks.reshape(n, -1).any(dim=1)
+    if n == 0 or not bool(valid.any()):
+        return torch.zeros((n, 2), dtype=torch.long, device=masks.device), valid
+    rows, cols = masks.any(dim=2), masks.any(dim=1)  # (N, H), (N, W)
+    y0, x0 = rows.to(torch.uint8).argmax(dim=1), cols.to(torch.uint8).argmax(dim=1)
+    y1 = h - 1 - rows.flip(1).to(torch.uint8).argmax(dim=1)
+    x1 = w - 1 - cols.flip(1).to(torch.uint8).argmax(dim=1)
+    wh, ww = int((y1 - y0).max()) + 3, int((x1 - x0).max()) + 3  # the largest box and its margin
+    # In the zero-padded frame, row y0 is the margin above the box; indices past the frame land on padding.
+    padded = F.pad(masks.to(torch.float32), (1, 1, 1, 1), value=0.0)
+    ri = (y0[:, None] + torch.arange(wh, device=masks.device)).clamp_(max=h + 1)
+    ci = (x0[:, None] + torch.arange(ww, device=masks.device)).clamp_(max=w + 1)
+    cur = padded[torch.arange(n, device=masks.device)[:, None, None], ri[:, :, None], ci[:, None, :]]
+    depth = torch.zeros_like(cur)
     while cur.any():
         depth += cur
-        padded = F.pad(cur, (1, 1, 1, 1), value=0.0).unsqueeze(1)
-        cur = (-F.max_pool2d(-padded, 3, stride=1)).squeeze(1)
-    flat = depth.view(n, -1).argmax(dim=1)  # first maximum: deterministic
-    coords = torch.stack([flat % w, flat // w], dim=1)
-    return coords, masks.view(n, -1).any(dim=1)
+        cur = (-F.max_pool2d(-F.pad(cur, (1, 1, 1, 1), value=0.0).unsqueeze(1), 3, stride=1)).squeeze(1)
+    # The first maximum in row-major order, as over the whole frame: a box keeps its pixels' order.
+    flat = depth.view(n, -1).argmax(dim=1)
+    coords = torch.stack([flat % ww + x0 - 1, flat // ww + y0 - 1], dim=1)
+    return torch.where(valid[:, None], coords, torch.zeros_like(coords)), valid
 
 
 def corrective_clicks(pred: torch.Tensor, gt: torch.Tensor, *, by_area: bool = False
