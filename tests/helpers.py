@@ -42,6 +42,19 @@ def model_and_two_size_items(n_tall: int):
     return model, prepare_items(samples, [torch.randn((256, 64, 64), generator=gen) for _ in samples])
 
 
+def cpu_trainer(model, items, **settings):
+    """A CPU Trainer on `items` (validating on the first), with the seed's 25 objects per batch at lr 1e-3 unless
+    `settings` say otherwise."""
+    import torch
+
+    from components.training.config import TrainConfig, resolve_amp
+    from components.training.trainer import Trainer
+
+    cpu = torch.device("cpu")
+    cfg = TrainConfig(device="cpu", **{"n_objects_per_batch": 25, "lr": 1e-3, **settings})
+    return Trainer(cfg, model, items, items[:1], cpu, resolve_amp(cfg, cpu))
+
+
 def make_random_vit_t_checkpoint(path: str | Path, seed: int = 0) -> str:
     """A randomly initialised state dict of the real MobileSAM vit_t architecture (same keys and shapes
     as mobile_sam.pt, so every loader accepts it); returns its sha256."""

@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from components.training.compiled_step import DecoderRound, object_weights, pad_batch, padded_size
-from components.training.config import TrainConfig, resolve_amp, resolve_compile
-from components.training.trainer import Trainer
-from helpers import model_and_two_size_items
+from components.training.config import TrainConfig, resolve_compile
+from helpers import cpu_trainer, model_and_two_size_items
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -26,9 +25,9 @@ def model_and_items():
     return model_and_two_size_items(1)
 
 
-def _trainer(model, items, **kw) -> Trainer:
-    cfg = TrainConfig(device="cpu", **{"n_objects_per_batch": 25, "lr": 1e-3, "mask_prompt_prob": 1.0, **kw})
-    return Trainer(cfg, model, items, items[:1], CPU, resolve_amp(cfg, CPU))
+def _trainer(model, items, **kw):
+    """cpu_trainer with a mask prompt in every later round."""
+    return cpu_trainer(model, items, **{"mask_prompt_prob": 1.0, **kw})
 
 
 def _grads(model) -> dict:

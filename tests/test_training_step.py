@@ -7,9 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.training.config import TrainConfig, resolve_amp
-from components.training.trainer import Trainer
-from helpers import model_and_two_size_items
+from helpers import cpu_trainer, model_and_two_size_items
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -18,11 +16,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.fixture(scope="module")
 def model_and_items():
     return model_and_two_size_items(2)
-
-
-def _trainer(model, items, **kw) -> Trainer:
-    cfg = TrainConfig(device="cpu", **{"n_objects_per_batch": 25, "lr": 1e-3, **kw})
-    return Trainer(cfg, model, items, items[:1], CPU, resolve_amp(cfg, CPU))
 
 
 def _reference_round(model, b, coords, labels, mask_input, n_points):
@@ -65,7 +58,7 @@ def test_batched_step_equals_the_per_object_path(model_and_items, n_points):
     """Same loss and gradients, two prompting rounds (clicks and a mask prompt in the second), a batch
     of two images of different sizes, boxes and points mixed."""
     model, items = model_and_items
-    t = _trainer(model, items, batch_size=2, n_points=n_points)
+    t = cpu_trainer(model, items, batch_size=2, n_points=n_points)
     b = t.make_batch(1, t.sample_batch())
     assert b.image_index is not None and len(set(b.image_index.tolist())) == 2
     assert {2, 1} <= set(b.labels[:, 0].tolist())  # boxes and points in the same call
@@ -104,14 +97,14 @@ def test_single_points_train_the_multimask_heads_and_evaluation_scores_them(mode
     state = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         # Boxes only: the gradient never reaches outputs 1-3.
-        t = _trainer(model, items, prompt_mode="box", n_sub_iteration=1)
+        t = cpu_trainer(model, items, prompt_mode="box", n_sub_iteration=1)
         before = _decoder_heads(model)
         t.train_step(1)
         after = _decoder_heads(model)
         assert not torch.equal(before[0], after[0])
         assert all(torch.equal(before[i], after[i]) for i in (1, 2, 3))
         # Single points: the best of outputs 1-3 learns (and the IoU head on all three).
-        t = _trainer(model, items, prompt_mode="point", n_sub_iteration=1)
+        t = cpu_trainer(model, items, prompt_mode="point", n_sub_iteration=1)
         for i in range(2):
             t.train_step(i + 1)
         moved = _decoder_heads(model)
@@ -148,7 +141,7 @@ def test_a_batch_never_holds_an_image_twice(model_and_items):
     # Still every image once per epoch: 60 draws over 3 images, 20 epochs.
     assert all(sorted(seen[3 * e:3 * e + 3]) == [0, 1, 2] for e in range(20))
     # sample_batch then holds each object at most once.
-    t = _trainer(model, items[:3], batch_size=2)
+    t = cpu_trainer(model, items[:3], batch_size=2)
     try:
         pairs = [(i, k) for i, _, objs in t.sample_batch() for k in objs.tolist()]
     finally:
