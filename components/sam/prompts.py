@@ -133,7 +133,8 @@ def deepest_points(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     y0, x0 = rows.to(torch.uint8).argmax(dim=1), cols.to(torch.uint8).argmax(dim=1)
     y1 = h - 1 - rows.flip(1).to(torch.uint8).argmax(dim=1)
     x1 = w - 1 - cols.flip(1).to(torch.uint8).argmax(dim=1)
-    wh, ww = int((y1 - y0).max()) + 3, int((x1 - x0).max()) + 3  # the largest box and its margin
+    # The largest box and its margin; an empty mask has no box (its argmaxes span the frame) and stays all zeros.
+    wh, ww = int((y1 - y0)[valid].max()) + 3, int((x1 - x0)[valid].max()) + 3
     # In the zero-padded frame, row y0 is the margin above the box; indices past the frame land on padding.
     padded = F.pad(masks.to(torch.float32), (1, 1, 1, 1), value=0.0)
     ri = (y0[:, None] + torch.arange(wh, device=masks.device)).clamp_(max=h + 1)
