@@ -17,6 +17,7 @@ from PIL import Image
 from components.datasets.split import SPLITS
 from components.files import atomic_path
 from components.hashing import sha256_file
+from components.label_values import instance_ids
 from components.storage import ObjectStore, StorageError
 
 
@@ -134,7 +135,7 @@ class SampleSplit(SplitRefs):
         import hashlib
 
         self.store, self.split, self.cache_dir = None, split, None
-        self.items = [{"id": s.id, "sample": s, "instances": _instances(s.mask),
+        self.items = [{"id": s.id, "sample": s, "instances": len(instance_ids(s.mask)),
                        "image": {"sha256": s.image_sha256},
                        "mask": {"sha256": hashlib.sha256(np.ascontiguousarray(s.mask).tobytes()).hexdigest()}}
                       for s in samples]
@@ -143,12 +144,6 @@ class SampleSplit(SplitRefs):
 
     def load(self, i: int) -> Sample:
         return self.items[i]["sample"]
-
-
-def _instances(mask: np.ndarray) -> int:
-    from components.label_values import IGNORE
-
-    return len(np.setdiff1d(np.unique(np.asarray(mask)), [0, IGNORE]))
 
 
 def shard_images(manifest: dict, shard: int, shards: int) -> list[dict]:
