@@ -35,7 +35,7 @@ STAGES = ("finetune", "evaluate", "register-model")
 
 @dataclass
 class Chain:
-    """The module's working folder, store and sources, and its first run's (summary, console text)."""
+    """The module's working folder, store and flags, and its first run's (exit code, summary, console text)."""
     tmp: Path
     store: object
     common: list
