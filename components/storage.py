@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from minio import Minio
+from minio.commonconfig import CopySource
 from minio.error import InvalidResponseError, S3Error, ServerError
 from minio.helpers import check_bucket_name
 
@@ -256,6 +257,12 @@ class ObjectStore:
         self._call(f"upload {path} to {self.uri(key)}", self.client.fput_object, self.config.bucket,
                    key, str(path), content_type=content_type, metadata={SHA_META: sha256})
         return ObjectInfo(key, Path(path).stat().st_size, sha256)
+
+    def copy(self, src_key: str, dst_key: str) -> None:
+        """`src_key`'s bytes and metadata under `dst_key` too, copied by the server: nothing travels again (S3
+        CopyObject, sources up to 5 GiB)."""
+        self._call(f"copy {self.uri(src_key)} to {self.uri(dst_key)}", self.client.copy_object,
+                   self.config.bucket, dst_key, CopySource(self.config.bucket, src_key))
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> ObjectInfo:
         sha = sha256_bytes(data)

@@ -79,3 +79,42 @@ def test_amp_default_is_fp32_on_a_cpu_and_fp16_on_cuda(caplog):
     assert "fp16 autocast is CUDA-only" in caplog.text
     assert resolve_amp(TrainConfig(device="cpu", amp=False), cpu).label == "off"
     assert resolve_amp(TrainConfig(device="cuda"), torch.device("cuda")).label == "fp16+scaler"
+
+
+
+_FREED_AND_KEPT = """
+import torch
+from components.sam.device import keep_freed_host_memory
+
+def kept_mib():
+    \"\"\"How much of a freed 256 MiB block (over glibc's largest default mmap threshold) the process still holds.\"\"\"
+    def rss():
+        return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+    before = rss()
+    x = torch.ones(256 << 20, dtype=torch.uint8)
+    del x
+    return rss() - before
+
+default = kept_mib()
+assert keep_freed_host_memory()
+print(default, kept_mib())
+"""
+
+
+def _glibc() -> bool:
+    try:
+        return dev.os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (ValueError, OSError):
+        return False
+
+
+@pytest.mark.skipif(not _glibc(), reason="needs glibc")
+def test_freed_host_memory_stays_for_the_next_encoder_pass_once_asked():
+    """By default glibc gives a freed 256 MiB block back to the kernel (the next pass faults it in again, zeroed);
+    after keep_freed_host_memory() (build_sam calls it) the process keeps it for reuse."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _FREED_AND_KEPT], capture_output=True, text=True, check=True).stdout
+    default, kept = map(int, out.split())
+    assert default < 32 and kept >= 200, (default, kept)

@@ -24,6 +24,17 @@ def test_round_trip_records_sha256(store, tmp_path):
     assert store.uri(st.key) == f"s3://{store.config.bucket}/{st.key}"
 
 
+def test_a_server_side_copy_keeps_the_bytes_and_their_sha256(store, tmp_path):
+    src = tmp_path / "best.pt"
+    src.write_bytes(b"weights" * 1000)
+    store.put_file(store.key("ck", "best.pt"), src)
+    store.copy(store.key("ck", "best.pt"), store.key("ck", "latest.pt"))
+    st = store.stat(store.key("ck", "latest.pt"))
+    assert (st.size, st.sha256) == (7000, sha256_file(src))
+    store.get_file(st.key, tmp_path / "latest.pt")  # checks the bytes against the recorded sha256
+    assert (tmp_path / "latest.pt").read_bytes() == src.read_bytes()
+
+
 def test_json_and_missing(store):
     store.put_json(store.key("m.json"), {"b": 1})
     assert store.get_json(store.key("m.json")) == {"b": 1}

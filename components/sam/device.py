@@ -8,6 +8,8 @@ downward API by backend/src/v2/compiler/argocompiler/common.go).
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 import re
@@ -81,6 +83,29 @@ def resolve_device(name: str, *, notice: bool = True) -> torch.device:
         warnings.warn(f"device {name!r} requested but CUDA is not available; running on cpu", stacklevel=2)
         log.warning("CUDA is not available; falling back to cpu")
     return torch.device("cpu")
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+@functools.cache
+def keep_freed_host_memory() -> bool:
+    """Let glibc keep freed memory for reuse instead of handing it back to the kernel; True when it took.
+
+    By default every freed block over the mmap threshold (at most 32 MiB) goes back to the kernel, and the next
+    one is page-faulted in again, zeroed. A 1024x1024 encoder pass on the CPU allocates and frees hundreds of
+    MiB of activations, so a third of its time went to those faults: on 2 cores 1.21 -> 0.69 s per image, 5.8
+    -> 0.6 s of system time for six passes, peak RSS +6 % (1,196 -> 1,263 MiB). PyTorch's CPU tuning guide
+    gets the same effect by preloading jemalloc or tcmalloc; mallopt needs nothing installed. Process-wide, so
+    it is set where a model is built; elsewhere than glibc (macOS, musl) nothing changes."""
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return False
+    except (ValueError, OSError):
+        return False
+    libc = ctypes.CDLL(None)  # the C library this process already runs on
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

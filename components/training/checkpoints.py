@@ -125,6 +125,9 @@ class StoreMirror:
     def push(self, path: Path) -> None:
         self.store.put_file(self.key(path.name), path)
 
+    def copy(self, src: Path, dst: Path) -> None:
+        self.store.copy(self.key(src.name), self.key(dst.name))
+
 
 class Checkpoints:
     """best.pt (the best validation Dice so far), latest.pt (where to resume) and model.pt (the export)
@@ -174,10 +177,15 @@ class Checkpoints:
                            "best_iteration": progress.best_iteration, "history": progress.history,
                            "model_type": self.cfg.model_type, **self.identity, **trainer.state(),
                            "rng": _global_rng_state()})
-        for path in ([self.best] if improved else []) + [self.latest]:
+        paths = ([self.best] if improved else []) + [self.latest]
+        for path in paths:
             atomic_torch_save(state, path)
-            if self.mirror is not None:
-                self.mirror.push(path)
+        if self.mirror is not None:
+            # best.pt before latest.pt, as here. Both hold the same bytes: one upload (49 MB for vit_t with its
+            # optimizer state, at every validation) and a copy made by the store.
+            self.mirror.push(paths[0])
+            if len(paths) == 2:
+                self.mirror.copy(self.best, self.latest)
 
     def export(self, model: torch.nn.Module, device: torch.device) -> Progress:
         """best.pt's weights into `model`, written as a plain state dict (model.pt); best.pt's progress."""
