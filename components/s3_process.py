@@ -1,7 +1,7 @@
 """The embedded S3 server's own process: moto's S3 server, a watchdog that ends it when nobody needs it any more,
 and, for the store the local runs of a working folder share, its objects kept in a folder across servers.
 
-components/s3server.py runs this file as a script (`python s3_process.py OWNER EVERY [--objects DIR] -H -p`). It
+components/s3server.py runs this file as a script (`python s3_process.py OWNER EVERY [--objects DIR] --fd -p`). It
 imports nothing of this package on purpose: the child needs only the standard library and moto.
 
 Why moto with write-through (and not an S3 server with a filesystem backend): the steps keep talking to a real
@@ -228,8 +228,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("owner", help='"pid:<parent>" or "lease:<file>"')
     parser.add_argument("every", type=float, help="watchdog interval, seconds")
     parser.add_argument("--objects", type=Path, help="keep objects in this folder (write-through)")
-    parser.add_argument("-H", "--host", default="127.0.0.1")
-    parser.add_argument("-p", "--port", type=int, required=True)
+    parser.add_argument("--fd", type=int, required=True, help="the listening socket, bound by the parent")
+    parser.add_argument("-p", "--port", type=int, required=True, help="its port (moto puts it in URLs)")
     args = parser.parse_args(argv)
     kind, _, arg = args.owner.partition(":")
     target, owner = (watch_parent, int(arg)) if kind == "pid" else (watch_lease, arg)
@@ -239,7 +239,7 @@ def main(argv: list[str]) -> None:
     from moto.core import DEFAULT_ACCOUNT_ID
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
     from moto.s3.models import s3_backends
-    from werkzeug.serving import run_simple
+    from werkzeug.serving import make_server
 
     for sig in (signal.SIGINT, signal.SIGTERM):  # as moto's own server does: exit, running finally blocks
         signal.signal(sig, lambda *_: sys.exit(0))
@@ -249,7 +249,8 @@ def main(argv: list[str]) -> None:
         backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
         args.objects.mkdir(parents=True, exist_ok=True)
         app = WriteThrough(app, args.objects, backend, load(args.objects, backend))
-    run_simple(args.host, args.port, app, threaded=True, request_handler=MotoRequestHandler)
+    make_server("127.0.0.1", args.port, app, threaded=True, request_handler=MotoRequestHandler,
+                fd=args.fd).serve_forever()
 
 
 if __name__ == "__main__":

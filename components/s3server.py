@@ -92,12 +92,19 @@ def start_server(owner: str, *, auth: bool = False, objects: Path | None = None,
     written through on every change); None: in memory only. Own session: a Ctrl-C in the terminal reaches the
     run, which then stops the server in order. A lease-owned server must outlive the run that started it, so it
     does not get the parent-death signal."""
-    port = free_port()
     keep = ["--objects", str(objects)] if objects is not None else []
-    proc = subprocess.Popen(
-        [sys.executable, "-P", _PROCESS, owner, str(WATCHDOG_SECONDS), *keep, "-H", "127.0.0.1", "-p", str(port)],
-        env=_server_env(auth), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        preexec_fn=_die_with_parent() if owner.startswith("pid:") else None)
+    # The port is bound here and the listening socket handed to the server: a port looked up free and bound
+    # later by the child could be taken in between by another run's server starting at the same moment, and
+    # that server's answer taken for this one's.
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(128)
+        port = listening.getsockname()[1]
+        proc = subprocess.Popen(
+            [sys.executable, "-P", _PROCESS, owner, str(WATCHDOG_SECONDS), *keep, "--fd", str(listening.fileno()),
+             "-p", str(port)], pass_fds=(listening.fileno(),),
+            env=_server_env(auth), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent() if owner.startswith("pid:") else None)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_until_up(url, proc)
