@@ -33,11 +33,14 @@ run: setup
 demo: setup
 	$(BIN)/sam-pipeline run --demo $(ARGS)
 
+# One worker per core (at most four), each taking whole test files, the slow ones first (tests/conftest.py).
+XDIST  := -n auto --dist loadfile --no-loadscope-reorder
+
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 compile: setup
 	$(BIN)/sam-pipeline compile

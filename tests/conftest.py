@@ -11,10 +11,28 @@ from pathlib import Path
 
 import pytest
 
-# Two cores on CI: keep torch from oversubscribing when it is imported by a test.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# `make test` runs one pytest-xdist worker per core: each worker's torch (and the task processes its runs start)
+# gets its share of the cores, so the workers do not oversubscribe them (on CI's two cores: one thread each).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(4, (os.cpu_count() or 2) // _WORKERS))))
 # No test may reach the internet or a developer's real caches.
 os.environ.pop("S3_ENDPOINT", None)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most four: a worker running a whole pipeline holds a few GB."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The files with whole-run (slow) tests first, each file's own order kept. Workers take whole files
+    (--dist loadfile) in this order, so the long files start at once and the short ones fill in around them,
+    instead of one long file running alone at the end."""
+    def path(item):
+        return item.nodeid.split("::")[0]
+
+    slow = {path(item) for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: path(item) not in slow)
 
 
 @pytest.fixture(autouse=True)

@@ -3,8 +3,10 @@ a synthetic Penn-Fudan zip and a random vit_t checkpoint served over HTTP, the S
 
 One registered run is shared by the module, and each later test runs the pipeline again on what it left, the
 way nightly retraining meets its own registry: the same run again does nothing after check-changes
-(components/changes.py), a forced run with an impossible margin evaluates against v1 and registers nothing,
-and changed data trains but its overlapping splits refuse registration. The first run also loses an embed shard
+(components/changes.py), and changed data (one image of the first dataset's test split) trains on the embedding
+the first run stored, evaluates against v1, but its overlapping splits refuse registration (forcing a run and the
+gate's margin are decisions tested on their own: tests/test_nightly.py, tests/test_gate.py). The first run also
+loses an embed shard
 (tests/faults/sitecustomize.py makes its body raise, as a store outage or a CUDA error would): that costs time
 only, and finetune says what it computed itself."""
 from __future__ import annotations
@@ -53,12 +55,10 @@ class Chain:
 
 @pytest.fixture(scope="module")
 def chain(pipeline_sources, module_http_server, s3, tmp_path_factory):
-    from components.datasets.synthetic import make_pennfudan_zip
     from components.storage import ObjectStore
 
     src, weights_sha = pipeline_sources
     tmp = tmp_path_factory.mktemp("e2e")
-    make_pennfudan_zip(tmp / "sources" / "one.zip", n_fudan=1, n_penn=0, seed=1, size_range=(64, 96))
     base = module_http_server(src)
     store = ObjectStore(replace(s3, prefix=f"t-e2e-{uuid.uuid4().hex[:8]}/"))
     common = ["--dataset-source", f"{base}/PennFudanPed.zip", "-i", "3", "-g", "cpu", "-n", "4", "--val-every", "3",
@@ -72,13 +72,28 @@ def chain(pipeline_sources, module_http_server, s3, tmp_path_factory):
         # kfp.local starts each task in a fresh interpreter with this environment.
         mp.setenv("PYTHONPATH", os.pathsep.join([str(FAULTS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
         mp.setenv("SAM_TEST_FAIL_EMBED_SHARD", "1")
-        one = ("--dataset-source", f"{module_http_server(tmp / 'sources')}/one.zip", "--dataset-name", "one")
-        chain = Chain(tmp, store, common, one=one)
+        chain = Chain(tmp, store, common)
         # margin -1: any fine-tuned model beats the bar, so every task runs; three embed shards fan out first,
         # and shard 1 fails inside its body.
         chain.first = chain.run("--margin", "-1")
         mp.delenv("SAM_TEST_FAIL_EMBED_SHARD")
+        manifest = tmp / chain.first[1]["tasks"]["ingest-dataset"]["artifacts"]["dataset"]["path"]
+        one = _one_image_zip(src / "PennFudanPed.zip", json.loads(manifest.read_text()), tmp / "sources" / "one.zip")
+        chain.one = ("--dataset-source", f"{module_http_server(one.parent)}/{one.name}", "--dataset-name", "one")
         yield chain
+
+
+def _one_image_zip(source: Path, manifest: dict, dest: Path) -> Path:
+    """A Penn-Fudan zip of one image of `source`, the first of its test split: new data, a known image."""
+    import zipfile
+
+    (name,) = [it["id"] for it in manifest["items"] if it["split"] == "test"][:1]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(dest, "w") as zout:
+        for info in zin.infolist():
+            if info.is_dir() or name in info.filename:
+                zout.writestr(info, zin.read(info))
+    return dest
 
 
 @pytest.mark.slow
@@ -159,33 +174,21 @@ def test_the_same_run_again_stops_after_check_changes(chain):
 
 
 @pytest.mark.slow
-def test_a_forced_run_with_an_impossible_margin_evaluates_against_v1_and_registers_nothing(chain):
-    # --force: the data and settings are v1's, which alone would skip training (the test above).
-    code, summary, log = chain.run("--margin", "2.0", "--force", "--embed-shards", "1")
-    assert code == 0, log[-3000:]
-    states = {t: summary["tasks"][t]["state"] for t in TASKS}
-    assert states == {**dict.fromkeys(TASKS[:-1], "SUCCEEDED"), "register-model": "SKIPPED"}
-    assert summary["tasks"]["check-changes"]["parameters"]["reason"] == "retraining forced (force_retrain)"
-    assert check_run(Path(summary["run_dir"]), DEFAULT_YAML) == 7  # a resumed finetune, a champion in evaluate
-    # One shard (the default), everything already in the store (finetune and evaluate stored what they computed).
-    (shard,) = summary["tasks"]["embed"]["shards"]
-    assert shard["artifacts"]["index"]["metadata"]["computed"] == 0
-    assert summary["passed"] is False and summary["metrics"]["champion_version"] == "v1"
-    assert ObjectStoreRegistry(chain.store).versions("sam-e2e") == ["v1"]
-    assert "register-model skipped" in log
-
-
-@pytest.mark.slow
 def test_changed_data_trains_and_its_overlapping_splits_refuse_registration(chain):
-    """A one-image dataset serves all three splits: it trains (the data changed), evaluate says why it cannot
-    pass, once, and the registry keeps v1 alone (evaluate_step's allow_overlap: tests/test_evaluate.py)."""
+    """A one-image dataset serves all three splits: it trains (the data changed) on the embedding the first run
+    stored for that image (content-addressed, whichever dataset version it came in), evaluate scores champion v1
+    on it and says why it cannot pass, once, and the registry keeps v1 alone (evaluate_step's allow_overlap:
+    tests/test_evaluate.py)."""
     code, summary, out = chain.run(*chain.one, "--margin", "-1", "--embed-shards", "1", "-i", "1")
     assert code == 0, out[-3000:]
-    states = {t: summary["tasks"][t]["state"] for t in ("check-changes", *STAGES)}
-    assert states == {**dict.fromkeys(("check-changes", "finetune", "evaluate"), "SUCCEEDED"),
-                      "register-model": "SKIPPED"}
+    states = {t: summary["tasks"][t]["state"] for t in TASKS}
+    assert states == {**dict.fromkeys(TASKS[:-1], "SUCCEEDED"), "register-model": "SKIPPED"}
     assert summary["tasks"]["check-changes"]["parameters"]["reason"].startswith(
         "changed since sam-e2e v1: dataset content hash")
+    assert check_run(Path(summary["run_dir"]), DEFAULT_YAML) == 7  # a champion in evaluate, no register-model
+    (shard,) = summary["tasks"]["embed"]["shards"]
+    assert (shard["artifacts"]["index"]["metadata"]["computed"], summary["metrics"]["embeddings_computed"]) == (0, 0)
+    assert summary["metrics"]["champion_version"] == "v1"
     verdict = summary["metrics"]["verdict"]
     assert verdict.startswith("not passed: the splits of one overlap") and verdict in summary["tasks"][
         "register-model"]["reason"]
