@@ -7,6 +7,7 @@ settings (GPU, secrets, node selector) are ignored locally.
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import json
@@ -191,6 +192,7 @@ def _execute(pipeline, params: dict, own: Path, workspace: Path, env: dict, cons
     events = Events(console)
     root = logging.getLogger()
     handlers = root.handlers[:]
+    printer = builtins.print
     root.addFilter(events)
     # kfp.local's own handler exists only while a task runs; between tasks its records (skips, clean-up)
     # go to the log file through this one, and logging's implicit basicConfig cannot print them here.
@@ -222,6 +224,10 @@ def _execute(pipeline, params: dict, own: Path, workspace: Path, env: dict, cons
         # "--- Logging error ---").
         root.handlers[:] = handlers
         root.setLevel(level)
+        # The same race with print: kfp.local indents it around each task by swapping builtins.print
+        # (logging_utils.py, `indented_print`), and a thread of the fan-out can restore another's indenting print
+        # for good: every later print in this process began with four spaces.
+        builtins.print = printer
         console.write("\n")
     return events
 

@@ -11,6 +11,7 @@ loses an embed shard
 only, and finetune says what it computed itself."""
 from __future__ import annotations
 
+import builtins
 import contextlib
 import io
 import json
@@ -43,6 +44,7 @@ class Chain:
     common: list
     first: tuple = ()
     one: tuple = ()  # the flags that name a one-image dataset instead
+    print_kept: bool = False  # whether print was the same function after the first run as before it
 
     def run(self, *extra) -> tuple[int, dict, str]:
         summary = self.tmp / f"summary{len(list(self.tmp.glob('summary*')))}.json"
@@ -75,7 +77,9 @@ def chain(pipeline_sources, module_http_server, s3, tmp_path_factory):
         chain = Chain(tmp, store, common)
         # margin -1: any fine-tuned model beats the bar, so every task runs; three embed shards fan out first,
         # and shard 1 fails inside its body.
+        printer = builtins.print
         chain.first = chain.run("--margin", "-1")
+        chain.print_kept = builtins.print is printer
         mp.delenv("SAM_TEST_FAIL_EMBED_SHARD")
         manifest = tmp / chain.first[1]["tasks"]["ingest-dataset"]["artifacts"]["dataset"]["path"]
         one = _one_image_zip(src / "PennFudanPed.zip", json.loads(manifest.read_text()), tmp / "sources" / "one.zip")
@@ -106,6 +110,8 @@ def test_run_end_to_end_registers_v1_and_loses_a_shard_only_in_time(chain, tmp_p
     # What a real KFP 2.17 backend would record: every artifact's metadata and every output parameter,
     # the failed shard's included.
     assert check_run(Path(summary["run_dir"]), DEFAULT_YAML) == len(TASKS) + 2  # embed ran three times
+    # kfp.local swaps print around each task, and the fan-out's threads could leave it indenting for good.
+    assert chain.print_kept
     shards = [s["artifacts"]["index"]["metadata"] for s in summary["tasks"]["embed"]["shards"]]
     assert [(m["shard"], m["failed"]) for m in shards] == [(0, False), (1, True), (2, False)]
     assert {m["shards"] for m in shards} == {3} and shards[1]["error"] == LOST
