@@ -13,8 +13,11 @@ import pytest
 
 # `make test` runs one pytest-xdist worker per core: each worker's torch (and the task processes its runs start)
 # gets its share of the cores, so the workers do not oversubscribe them (on CI's two cores: one thread each).
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, min(4, (os.cpu_count() or 2) // _WORKERS))))
+# A worker sets it whatever it inherited: the controller process set its own one-process default before starting
+# the workers.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ or "OMP_NUM_THREADS" not in os.environ:
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, min(4, (os.cpu_count() or 2) // _workers)))
 # No test may reach the internet or a developer's real caches.
 os.environ.pop("S3_ENDPOINT", None)
 
