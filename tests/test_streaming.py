@@ -197,7 +197,8 @@ def test_evaluation_from_the_store_matches_in_memory_and_keeps_its_overlays(tmp_
 
     monkeypatch.setenv("SAM_DATA_CACHE", str(tmp_path / "data-cache"))
     store = ObjectStore(replace(s3, prefix=f"t-stream-eval-{uuid.uuid4().hex[:8]}/"))
-    folder = make_folder(tmp_path / "data", [f"img{i}" for i in range(10)], seed=2, size=(48, 64))
+    # Seven images: five in the test split, one more than the report overlays.
+    folder = make_folder(tmp_path / "data", [f"img{i}" for i in range(7)], seed=2, size=(48, 64))
     manifest = ingest(str(folder), "folder", "eval", store, seed=0,
                       fractions={"train": 0.2, "val": 0.1, "test": 0.7}).manifest
     torch.manual_seed(0)
