@@ -95,7 +95,7 @@ def keep_freed_host_memory() -> bool:
 
     By default every freed block over the mmap threshold (at most 32 MiB) goes back to the kernel, and the next
     one is page-faulted in again, zeroed. A 1024x1024 encoder pass on the CPU allocates and frees hundreds of
-    MiB of activations, so a third of its time went to those faults: on 2 cores 1.21 -> 0.69 s per image, 5.8
+    MiB of activations, so over 40 % of its time went to those faults: on 2 cores 1.21 -> 0.69 s per image, 5.8
     -> 0.6 s of system time for six passes, peak RSS +6 % (1,196 -> 1,263 MiB). PyTorch's CPU tuning guide
     gets the same effect by preloading jemalloc or tcmalloc; mallopt needs nothing installed. Process-wide, so
     it is set where a model is built; elsewhere than glibc (macOS, musl) nothing changes."""

@@ -181,7 +181,7 @@ class Checkpoints:
         for path in paths:
             atomic_torch_save(state, path)
         if self.mirror is not None:
-            # best.pt before latest.pt, as here. Both hold the same bytes: one upload (49 MB for vit_t with its
+            # best.pt before latest.pt, as on disk. Both hold the same bytes: one upload (49 MB for vit_t with its
             # optimizer state, at every validation) and a copy made by the store.
             self.mirror.push(paths[0])
             if len(paths) == 2:
