@@ -25,6 +25,15 @@ def wait_until(condition, limit: float, every: float = 0.2) -> bool:
     return False
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on (a moment ago): where a test needs a refused connection."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def model_and_two_size_items(n_tall: int):
     """A random vit_t and training items of two image sizes (two 120x200 images, `n_tall` 210x90 ones, up to 3
     objects each) with seeded random embeddings: a batch mixes frames and valid regions in one call."""

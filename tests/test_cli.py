@@ -90,7 +90,7 @@ def test_bad_input_is_one_line_and_non_zero(capsys, argv, needle):
 
 
 def test_unreachable_host_is_one_line(capsys):
-    from components.s3server import free_port
+    from helpers import free_port
 
     code, _, err = run_cli(capsys, "submit", "--host", f"http://127.0.0.1:{free_port()}")
     assert code == 1 and "is unreachable" in err and err.count("\n") == 1

@@ -63,7 +63,7 @@ def test_anything_else_is_a_bug_and_keeps_its_traceback(monkeypatch):
     (["--bucket", "my..bucket"], "--bucket: "),
 ])
 def test_run_checks_every_parameter_before_any_work(flags, needle, tmp_path, monkeypatch, capsys):
-    from components.s3server import free_port
+    from helpers import free_port
 
     monkeypatch.chdir(tmp_path)
     # An unreachable source: had the check come after it, the error would be "cannot reach".

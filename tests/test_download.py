@@ -43,7 +43,7 @@ def test_http_404_names_url(served, tmp_path):
 
 
 def test_unreachable_host(tmp_path):
-    from components.s3server import free_port
+    from helpers import free_port
 
     url = f"http://127.0.0.1:{free_port()}/w.pt"
     with pytest.raises(DownloadError, match="unreachable"):

@@ -19,8 +19,8 @@ from components.datasets.split import SPLIT_RULE
 from components.steps import ingest_step
 from components.datasets.sources import PENNFUDAN_URL, cache_path
 from components.datasets.validate import DatasetError
-from components.s3server import free_port
 from components.storage import ObjectStore, StorageError
+from helpers import free_port
 
 pytestmark = pytest.mark.usefixtures("data_dir")  # fresh DATA_DIR and object cache per test
 

@@ -208,7 +208,7 @@ def test_changed_data_trains_and_its_overlapping_splits_refuse_registration(chai
 
 
 def test_run_stops_in_one_line_when_a_source_is_unreachable(tmp_path, capsys, monkeypatch):
-    from components.s3server import free_port
+    from helpers import free_port
 
     monkeypatch.chdir(tmp_path)
     url = f"http://127.0.0.1:{free_port()}/PennFudanPed.zip"

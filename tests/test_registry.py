@@ -221,7 +221,7 @@ def test_model_registry_contract(store, s3_env, model_file, model_registry):
 
 
 def test_model_registry_unreachable_is_one_line(store, s3_env, model_file):
-    from components.s3server import free_port
+    from helpers import free_port
 
     with pytest.raises(RegistryError, match=r"Kubeflow Model Registry at http://127\.0\.0\.1:\d+: ") as err:
         _step(store, model_file, model_registry_url=f"http://127.0.0.1:{free_port()}")

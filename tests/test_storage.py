@@ -72,7 +72,7 @@ def test_missing_bucket_is_created(s3):
 
 
 def test_unreachable_endpoint_is_one_clear_line():
-    from components.s3server import free_port
+    from helpers import free_port
 
     cfg = S3Config(endpoint=f"127.0.0.1:{free_port()}", access_key="a", secret_key="b")
     with pytest.raises(StorageError) as e:

@@ -228,7 +228,7 @@ def test_xml_5xx_with_an_unknown_code_is_retried_then_one_line(store, serve_hand
 def test_a_refused_connection_gives_up_after_one_retry_and_says_so_at_once(capfd):
     import time
 
-    from components.s3server import free_port
+    from helpers import free_port
 
     started = time.monotonic()
     with pytest.raises(StorageError, match="connection refused") as e:

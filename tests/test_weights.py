@@ -12,10 +12,10 @@ import pytest
 from components import weights
 from components.download import DownloadError
 from components.hashing import sha256_file
-from components.s3server import free_port
 from components.storage import ObjectStore, StorageError
 from components.steps import fetch_step
 from components.weights import CATALOGUE, WeightsError, fetch_weights
+from helpers import free_port
 
 
 @pytest.fixture
