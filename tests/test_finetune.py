@@ -119,48 +119,21 @@ def straight(tmp_path_factory, random_vit_t, samples, emb_store):
                  run_id=STRAIGHT_RUN_ID, weights_sha256=random_vit_t[1])
 
 
-def _trainable(path):
-    return torch.load(path, map_location="cpu", weights_only=True)["trainable_state"]
-
-
-def _assert_same_state(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
-
-
-def test_resume_from_the_object_store_on_another_pod(tmp_path, straight, random_vit_t, samples, emb_store):
-    """A KFP retry lands on a fresh pod: no local files, latest.pt comes from runs/<run_id>/."""
-    run_id = f"run-{uuid.uuid4().hex[:6]}"
-    train(cfg(tmp_path / "pod1", n_iterations=2), random_vit_t[0], *_splits(samples), store=emb_store,
-          run_id=run_id, weights_sha256=random_vit_t[1])
-    assert emb_store.exists(emb_store.key("runs", run_id, "checkpoints", "latest.pt"))
-    assert emb_store.exists(emb_store.key("runs", run_id, "checkpoints", "best.pt"))
-    full = train(cfg(tmp_path / "pod2", n_iterations=4), random_vit_t[0], *_splits(samples), store=emb_store,
-                 run_id=run_id, weights_sha256=random_vit_t[1])
-    assert full.resumed_from == 2
-    _assert_same_state(_trainable(straight.latest_path), _trainable(full.latest_path))
-
-
-def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path, random_vit_t, samples, emb_store):
-    train(cfg(tmp_path, n_iterations=1), random_vit_t[0], *_splits(samples), store=emb_store,
-          weights_sha256=random_vit_t[1])
-    other = train(cfg(tmp_path, n_iterations=1, lr=2e-4), random_vit_t[0], *_splits(samples), store=emb_store,
-                  weights_sha256=random_vit_t[1])
-    assert other.resumed_from is None
-    ckpt = torch.load(other.latest_path, map_location="cpu", weights_only=True)
-    assert ckpt["config"]["lr"] == 2e-4 and ckpt["weights_sha256"] == random_vit_t[1]
-    assert {"optimizer", "scheduler", "scaler", "rng", "iteration", "best_val_dice", "dataset_hash"} <= ckpt.keys()
-
-
-def test_a_new_run_id_starts_fresh_in_the_same_folder(tmp_path, random_vit_t, samples, emb_store):
-    """A second local `sam-pipeline run` (or tonight's scheduled run) must train, not resume the last one."""
+def test_neither_another_run_nor_another_config_is_resumed(tmp_path, random_vit_t, samples, emb_store):
+    """A second local `sam-pipeline run` (or tonight's scheduled run) in the same folder trains, it does not
+    resume the last one; nor does the same run with other settings."""
     first = train(cfg(tmp_path, n_iterations=1), random_vit_t[0], *_splits(samples), store=emb_store,
                   run_id="run-a", weights_sha256=random_vit_t[1])
     second = train(cfg(tmp_path, n_iterations=1), random_vit_t[0], *_splits(samples), store=emb_store,
                    run_id="run-b", weights_sha256=random_vit_t[1])
     assert first.resumed_from is None and second.resumed_from is None
     assert second.history["iteration"] == [1]
+    other = train(cfg(tmp_path, n_iterations=1, lr=2e-4), random_vit_t[0], *_splits(samples), store=emb_store,
+                  run_id="run-b", weights_sha256=random_vit_t[1])
+    assert other.resumed_from is None
+    ckpt = torch.load(other.latest_path, map_location="cpu", weights_only=True)
+    assert ckpt["config"]["lr"] == 2e-4 and ckpt["weights_sha256"] == random_vit_t[1]
+    assert {"optimizer", "scheduler", "scaler", "rng", "iteration", "best_val_dice", "dataset_hash"} <= ckpt.keys()
 
 
 def test_exported_model_loads_in_the_official_builder(straight, random_vit_t, samples, emb_store):
@@ -294,9 +267,10 @@ class _Killed(Exception):
     pass
 
 
-def test_a_run_stopped_between_validations_resumes_byte_identical(straight, random_vit_t, samples, emb_store,
-                                                                  monkeypatch):
-    """Stopped at iteration 3 (validations at 0, 2, 4), the run resumes from 2 and ends with best.pt,
+def test_a_run_stopped_between_validations_resumes_byte_identical_on_another_pod(straight, random_vit_t, samples,
+                                                                                 emb_store, monkeypatch):
+    """Stopped at iteration 3 (validations at 0, 2, 4), the run's KFP retry lands on a fresh pod (no local
+    files): it fetches both checkpoints from runs/<run_id>/ in the store, resumes from 2 and ends with best.pt,
     latest.pt and the exported model byte for byte those of the module's run that was never stopped."""
     import shutil
 
@@ -324,6 +298,9 @@ def test_a_run_stopped_between_validations_resumes_byte_identical(straight, rand
             train(c, random_vit_t[0], *_splits(samples), store=emb_store, run_id=STRAIGHT_RUN_ID,
                   weights_sha256=random_vit_t[1])
         monkeypatch.undo()
+        shutil.rmtree(folder)  # the fresh pod: the same checkpoint_dir, empty
+        for name in ("best.pt", "latest.pt"):
+            assert emb_store.exists(emb_store.key("runs", STRAIGHT_RUN_ID, "checkpoints", name))
         resumed = train(c, random_vit_t[0], *_splits(samples), store=emb_store, run_id=STRAIGHT_RUN_ID,
                         weights_sha256=random_vit_t[1])
         assert resumed.resumed_from == 2

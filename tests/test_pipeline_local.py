@@ -3,12 +3,13 @@ a synthetic Penn-Fudan zip and a random vit_t checkpoint served over HTTP, the S
 
 One registered run is shared by the module, and each later test runs the pipeline again on what it left, the
 way nightly retraining meets its own registry: the same run again does nothing after check-changes
-(components/changes.py), and changed data (one image of the first dataset's test split) trains on the embedding
-the first run stored, evaluates against v1, but its overlapping splits refuse registration (forcing a run and the
-gate's margin are decisions tested on their own: tests/test_nightly.py, tests/test_gate.py). The first run also
-loses an embed shard
-(tests/faults/sitecustomize.py makes its body raise, as a store outage or a CUDA error would): that costs time
-only, and finetune says what it computed itself."""
+(components/changes.py), and changed data (a COCO export of one image of the first dataset's test split) is
+ingested as COCO, trains on the embedding the first run stored, evaluates against v1 (with COCO mask AP), but
+its overlapping splits refuse registration (forcing a run and the gate's margin are decisions tested on their
+own: tests/test_nightly.py, tests/test_gate.py); v1 then segments the export's image from its boxes
+(`predict --model`). The first run also loses an embed shard (tests/faults/sitecustomize.py makes its body
+raise, as a store outage or a CUDA error would): that costs time only, and finetune says what it computed
+itself."""
 from __future__ import annotations
 
 import builtins
@@ -20,9 +21,11 @@ import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from kfp_launcher_rules import check_run
 
+from components.datasets import synthetic
 from components.datasets.reader import shard_images
 from components.registry import ObjectStoreRegistry
 from pipelines.cli import main
@@ -43,7 +46,8 @@ class Chain:
     store: object
     common: list
     first: tuple = ()
-    one: tuple = ()  # the flags that name a one-image dataset instead
+    one: tuple = ()  # the flags that name a one-image COCO export instead
+    export: Path | None = None  # that export's folder (images/, annotations.json)
     print_kept: bool = False  # whether print was the same function after the first run as before it
 
     def run(self, *extra) -> tuple[int, dict, str]:
@@ -82,21 +86,34 @@ def chain(pipeline_sources, module_http_server, s3, tmp_path_factory):
         chain.print_kept = builtins.print is printer
         mp.delenv("SAM_TEST_FAIL_EMBED_SHARD")
         manifest = tmp / chain.first[1]["tasks"]["ingest-dataset"]["artifacts"]["dataset"]["path"]
-        one = _one_image_zip(src / "PennFudanPed.zip", json.loads(manifest.read_text()), tmp / "sources" / "one.zip")
-        chain.one = ("--dataset-source", f"{module_http_server(one.parent)}/{one.name}", "--dataset-name", "one")
+        chain.export = _one_image_coco(src / "PennFudanPed.zip", json.loads(manifest.read_text()), tmp / "export")
+        served = synthetic.zip_folder(chain.export, tmp / "sources" / "one.zip")
+        chain.one = ("--dataset-source", f"{module_http_server(served.parent)}/{served.name}",
+                     "--dataset-format", "coco", "--dataset-categories", "shape", "--dataset-name", "one")
         yield chain
 
 
-def _one_image_zip(source: Path, manifest: dict, dest: Path) -> Path:
-    """A Penn-Fudan zip of one image of `source`, the first of its test split: new data, a known image."""
+def _one_image_coco(source: Path, manifest: dict, dest: Path) -> Path:
+    """A COCO export of one image of `source`, the first of its test split (its bytes as they are: new data, a
+    known image), with a crowd region and a "blob" instance that `--dataset-categories shape` leaves out."""
     import zipfile
 
+    from PIL import Image
+
+    from components.datasets.synthetic_coco import write_coco
+    from components.label_values import IGNORE
+
     (name,) = [it["id"] for it in manifest["items"] if it["split"] == "test"][:1]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(dest, "w") as zout:
-        for info in zin.infolist():
-            if info.is_dir() or name in info.filename:
-                zout.writestr(info, zin.read(info))
+    with zipfile.ZipFile(source) as z:
+        image, mask = (z.read(f"PennFudanPed/{folder}/{name}{tail}")
+                       for folder, tail in (("PNGImages", ".png"), ("PedMasks", "_mask.png")))
+    dest.mkdir(parents=True)
+    (dest / f"{name}.png").write_bytes(image)
+    mask = np.array(Image.open(io.BytesIO(mask)))
+    mask[-8:, -8:] = 2  # instance 2 is a "blob" (write_coco: categories by instance id)
+    mask[:3, :] = IGNORE  # a crowd region
+    write_coco(dest, [(name, dest / f"{name}.png", mask)], "rle", categories=("shape", "blob"))
+    (dest / f"{name}.png").unlink()
     return dest
 
 
@@ -181,12 +198,20 @@ def test_the_same_run_again_stops_after_check_changes(chain):
 
 @pytest.mark.slow
 def test_changed_data_trains_and_its_overlapping_splits_refuse_registration(chain):
-    """A one-image dataset serves all three splits: it trains (the data changed) on the embedding the first run
-    stored for that image (content-addressed, whichever dataset version it came in), evaluate scores champion v1
-    on it and says why it cannot pass, once, and the registry keeps v1 alone (evaluate_step's allow_overlap:
+    """A one-image COCO export serves all three splits: it is ingested as COCO (its crowd region ignored, the
+    categories it names kept) and trains (the data changed) on the embedding the first run stored for that image
+    (content-addressed, whichever dataset version and format it came in), evaluate scores champion v1 on it and
+    says why it cannot pass, once, and the registry keeps v1 alone (evaluate_step's allow_overlap:
     tests/test_evaluate.py)."""
     code, summary, out = chain.run(*chain.one, "--margin", "-1", "--embed-shards", "1", "-i", "1")
     assert code == 0, out[-3000:]
+    manifest = json.loads((chain.tmp / summary["tasks"]["ingest-dataset"]["artifacts"]["dataset"]["path"])
+                          .read_text())
+    anns = json.loads((chain.export / "annotations.json").read_text())["annotations"]
+    assert manifest["layout"] == "coco" and manifest["categories"] == [{"id": 1, "name": "shape"}]
+    (item,) = manifest["items"]
+    assert item["categories"] == ["shape"] * item["instances"] and any(a["category_id"] == 2 for a in anns)
+    assert item["instances"] == sum(a["category_id"] == 1 and not a["iscrowd"] for a in anns) >= 1
     states = {t: summary["tasks"][t]["state"] for t in TASKS}
     assert states == {**dict.fromkeys(TASKS[:-1], "SUCCEEDED"), "register-model": "SKIPPED"}
     assert summary["tasks"]["check-changes"]["parameters"]["reason"].startswith(
@@ -194,7 +219,8 @@ def test_changed_data_trains_and_its_overlapping_splits_refuse_registration(chai
     assert check_run(Path(summary["run_dir"]), DEFAULT_YAML) == 7  # a champion in evaluate, no register-model
     (shard,) = summary["tasks"]["embed"]["shards"]
     assert (shard["artifacts"]["index"]["metadata"]["computed"], summary["metrics"]["embeddings_computed"]) == (0, 0)
-    assert summary["metrics"]["champion_version"] == "v1"
+    m = summary["metrics"]
+    assert m["champion_version"] == "v1" and 0 <= m["finetuned_mask_ap"] <= 1 and 0 <= m["zero_shot_mask_ap50"] <= 1
     verdict = summary["metrics"]["verdict"]
     assert verdict.startswith("not passed: the splits of one overlap") and verdict in summary["tasks"][
         "register-model"]["reason"]
@@ -205,6 +231,25 @@ def test_changed_data_trains_and_its_overlapping_splits_refuse_registration(chai
     # The evaluation report gives the same verdict as the gate, with the reason.
     assert "NOT PASSED: the splits of one overlap" in Path(summary["reports"]["evaluate"]).read_text()
     assert ObjectStoreRegistry(chain.store).versions("sam-e2e") == ["v1"]
+
+
+@pytest.mark.slow
+def test_the_registered_model_segments_a_coco_exports_boxes(chain):
+    """`predict --model` fetches v1 from the registry and writes one COCO result per box (a crowd region is no
+    prompt) and one mask image per image."""
+    out_dir = chain.tmp / "pred"
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        code = main(["predict", "--model", "sam-e2e", "--images", str(chain.export / "images"), "--prompts",
+                     str(chain.export / "annotations.json"), "--output", str(out_dir), "--no-progress", "-g", "cpu",
+                     "--s3-endpoint", chain.store.config.endpoint, "--prefix", chain.store.config.prefix])
+    assert code == 0, err.getvalue()[-2000:]
+    results = json.loads((out_dir / "predictions.json").read_text())
+    anns = json.loads((chain.export / "annotations.json").read_text())["annotations"]
+    assert len(results) == sum(not a["iscrowd"] for a in anns) < len(anns)
+    (image,) = json.loads((chain.export / "annotations.json").read_text())["images"]
+    assert len(list((out_dir / "masks").iterdir())) == 1
+    assert all(r["segmentation"]["size"] == [image["height"], image["width"]] for r in results)
+    assert np.isfinite([r["score"] for r in results]).all() and all(0 <= r["score"] <= 1.5 for r in results)
 
 
 def test_run_stops_in_one_line_when_a_source_is_unreachable(tmp_path, capsys, monkeypatch):
