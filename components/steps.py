@@ -195,10 +195,10 @@ def _embed_shard(weights_path: str, manifest_path: str, model_type: str, shard: 
     refs = shard_images(manifest, shard, shards)
     weights_sha = sha256_file(weights_path)
     dev = resolve_device(device)
-    model = build_sam(model_type, weights_path, dev) if refs else None
     # The batch finetune embeds with: the same kernels, so the same (fp16-rounded) embeddings.
-    cache = EmbeddingCache(model, weights_sha, store, batch_size=encoder_batch(dev, TrainConfig().embed_batch_size),
-                           amp=dev.type == "cuda")
+    cache = EmbeddingCache(lambda: build_sam(model_type, weights_path, dev), weights_sha, store,
+                           batch_size=encoder_batch(dev, TrainConfig().embed_batch_size), amp=dev.type == "cuda",
+                           device=dev)
     counts = cache.ensure([r["sha256"] for r in refs], lambda i: load_image_ref(store, manifest, refs[i]))
     index = {"format_version": 1, "weights_sha256": weights_sha, "dataset_content_hash": manifest["content_hash"],
              "shard": shard, "shards": shards, "failed": False, "keys": [cache.key(r["sha256"]) for r in refs]}

@@ -126,16 +126,23 @@ def compute_embeddings(model: nn.Module, images: Sequence[np.ndarray], *, batch_
 class EmbeddingCache:
     """Embeddings by image content hash in the object store, computed by the encoder where missing."""
 
-    def __init__(self, model: nn.Module, weights_sha256: str, store, *, batch_size: int = 4,
-                 amp: bool | None = None):
+    def __init__(self, model: nn.Module | Callable[[], nn.Module], weights_sha256: str, store, *,
+                 batch_size: int = 4, amp: bool | None = None, device: torch.device | None = None):
+        """`model`: the SAM model, or a function that builds it (on `device`) when the first embedding has to be
+        computed: an embed shard whose images are all stored then never imports the model code (5 s of a pod's
+        start) nor builds the model from its weights."""
         if not weights_sha256:
             raise ValueError("an object-store embedding cache needs the weights' sha256 for its keys")
-        self.model = model
+        built = isinstance(model, nn.Module)
+        self._model, self._build = (model, None) if built else (None, model)
         self.weights_sha256 = weights_sha256
         self.store = store
         self.batch_size = batch_size
         self.amp = amp
-        device = next(model.parameters()).device if model is not None else torch.device("cpu")
+        if built:
+            device = next(model.parameters()).device
+        elif device is None:
+            raise ValueError("a model built on first use needs the device it will run on")
         self.precision = encoder_precision(device, amp)
         self.stats = {"store": 0, "computed": 0, "encode_seconds": 0.0}
 
@@ -167,7 +174,9 @@ class EmbeddingCache:
         """The one place the encoder runs for the cache: embeddings of (sha, image) pairs, each written to the
         store as soon as its batch is done, so a pod killed mid-way keeps what it made."""
         t0 = time.perf_counter()
-        embs = compute_embeddings(self.model, [im for _, im in pending], batch_size=self.batch_size, amp=self.amp)
+        if self._model is None:
+            self._model = self._build()
+        embs = compute_embeddings(self._model, [im for _, im in pending], batch_size=self.batch_size, amp=self.amp)
         self.stats["encode_seconds"] += time.perf_counter() - t0
         self.stats["computed"] += len(pending)
         for (sha, _), emb in zip(pending, embs):
