@@ -64,12 +64,10 @@ def default_weights_url(model_type: str) -> tuple[str, str | None]:
 # -- demo assets ------------------------------------------------------------------------------------
 
 def make_demo_assets(work_dir: Path, *, images: int = 12, size_range=(96, 160), seed: int = 0) -> dict:
-    """A small synthetic Penn-Fudan zip and a randomly initialised vit_t checkpoint, for offline runs."""
-    import torch
-
+    """A small synthetic Penn-Fudan zip and a randomly initialised vit_t checkpoint, for offline runs (made
+    once: a later demo run only hashes them, without importing torch)."""
     from components.datasets.synthetic import make_pennfudan_zip
     from components.hashing import sha256_file
-    from components.sam.model import atomic_torch_save, build_sam
 
     work_dir.mkdir(parents=True, exist_ok=True)
     n_fudan = images // 2
@@ -78,6 +76,10 @@ def make_demo_assets(work_dir: Path, *, images: int = 12, size_range=(96, 160), 
         make_pennfudan_zip(zip_path, n_fudan=n_fudan, n_penn=images - n_fudan, seed=seed, size_range=size_range)
     ckpt = work_dir / f"vit_t_random_s{seed}.pth"
     if not ckpt.is_file():
+        import torch
+
+        from components.sam.model import atomic_torch_save, build_sam
+
         torch.manual_seed(seed)
         atomic_torch_save(build_sam("vit_t").state_dict(), ckpt)
     return {"dataset_source": str(zip_path), "weights_url": str(ckpt), "weights_sha256": sha256_file(ckpt),
