@@ -39,7 +39,7 @@ def test_two_runs_at_once_register_v1_and_v2_and_a_later_run_finds_them(tmp_path
     make_demo_assets(tmp_path / "runs" / "demo", images=IMAGES)  # made once: both runs then only read them
     env = {**os.environ, "PYTHONPATH": str(REPO), "SAM_MODELS": str(tmp_path / "models")}
     # --margin -1: the second run to evaluate meets the first's model as champion and must still register.
-    procs = [_run(tmp_path, env, "-i", "2", "--margin", "-1", "--summary-json", f"s{i}.json") for i in range(2)]
+    procs = [_run(tmp_path, env, "-i", "1", "--margin", "-1", "--summary-json", f"s{i}.json") for i in range(2)]
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     summaries = [json.loads((tmp_path / f"s{i}.json").read_text()) for i in range(2)]
@@ -61,7 +61,7 @@ def test_two_runs_at_once_register_v1_and_v2_and_a_later_run_finds_them(tmp_path
     # and so is the dataset, so tonight's run on unchanged data stops after check-changes. That the embeddings
     # are found again is content addressing (tests/test_pipeline_local.py) over a store kept across servers
     # (tests/test_local_run.py).
-    later = _run(tmp_path, env, "-i", "2", "--margin", "-1", "--summary-json", "s2.json")
+    later = _run(tmp_path, env, "-i", "1", "--margin", "-1", "--summary-json", "s2.json")
     out = later.communicate(timeout=900)[0]
     assert later.returncode == 0, out
     s = json.loads((tmp_path / "s2.json").read_text())
