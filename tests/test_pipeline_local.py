@@ -6,8 +6,8 @@ way nightly retraining meets its own registry: the same run again does nothing a
 (components/changes.py), and changed data (a COCO export of one image of the first dataset's test split) is
 ingested as COCO, trains on the embedding the first run stored, evaluates against v1 (with COCO mask AP), but
 its overlapping splits refuse registration (forcing a run and the gate's margin are decisions tested on their
-own: tests/test_nightly.py, tests/test_gate.py); v1 then segments the export's image from its boxes
-(`predict --model`). The first run also loses an embed shard (tests/faults/sitecustomize.py makes its body
+own: tests/test_nightly.py, tests/test_gate.py) after a SIGKILL mid-training and `run --resume`; v1 then
+segments the export's image from its boxes (`predict --model`). The first run also loses an embed shard (tests/faults/sitecustomize.py makes its body
 raise, as a store outage or a CUDA error would): that costs time only, and finetune says what it computed
 itself."""
 from __future__ import annotations
@@ -17,6 +17,10 @@ import contextlib
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,6 +32,7 @@ from kfp_launcher_rules import check_run
 from components.datasets import synthetic
 from components.datasets.reader import shard_images
 from components.registry import ObjectStoreRegistry
+from pipelines import local_runs
 from pipelines.cli import main
 from pipelines.sam_finetune import DEFAULT_YAML
 
@@ -196,15 +201,57 @@ def test_the_same_run_again_stops_after_check_changes(chain):
     assert summary["succeeded"] is True and summary["registered"] is None
 
 
+def _iteration(path: Path) -> int | None:
+    from components.training.checkpoints import load_checkpoint
+
+    try:
+        return int(load_checkpoint(path)["iteration"]) if path.is_file() else None
+    except ValueError:  # not written yet
+        return None
+
+
+def _killed_mid_training(chain: Chain, flags: list, name: str) -> tuple[int, dict]:
+    """Start `sam-pipeline run` with `flags` in a process of its own and SIGKILL it, the task subprocesses with
+    it (as a closed terminal would), once training wrote a checkpoint: (the iteration it stopped at, its run
+    record)."""
+    latest = chain.tmp / "checkpoints" / name / "latest.pt"
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from pipelines.cli import main; sys.exit(main())",
+                             "run", *chain.common, *flags, "-i", "400", "--pipeline-root", str(chain.tmp / "outputs")],
+                            cwd=chain.tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not _iteration(latest):
+            assert proc.poll() is None, "the run ended before training wrote its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    stopped = _iteration(latest)
+    assert 1 <= stopped < 400
+    (record,) = [r for r in map(json.loads, map(Path.read_text, (chain.tmp / "outputs" / "runs").glob("*.json")))
+                 if r["checkpoint_name"] == name]
+    assert record["state"] == local_runs.RUNNING  # nothing ran after SIGKILL
+    return stopped, record
+
+
 @pytest.mark.slow
 def test_changed_data_trains_and_its_overlapping_splits_refuse_registration(chain):
     """A one-image COCO export serves all three splits: it is ingested as COCO (its crowd region ignored, the
     categories it names kept) and trains (the data changed) on the embedding the first run stored for that image
     (content-addressed, whichever dataset version and format it came in), evaluate scores champion v1 on it and
     says why it cannot pass, once, and the registry keeps v1 alone (evaluate_step's allow_overlap:
-    tests/test_evaluate.py)."""
-    code, summary, out = chain.run(*chain.one, "--margin", "-1", "--embed-shards", "1", "-i", "1")
+    tests/test_evaluate.py). The run is killed mid-training first, and `run --resume` continues it from its
+    own latest.pt instead of starting from zero (pipelines/local_runs.py)."""
+    flags = [*chain.one, "--margin", "-1", "--embed-shards", "1", "-c", "changed"]
+    stopped, killed = _killed_mid_training(chain, flags, "changed")
+    assert local_runs.unfinished(chain.tmp / "outputs", "changed")["run_id"] == killed["run_id"]
+    assert local_runs.stopped_at("changed", killed["run_id"], chain.tmp / "checkpoints") == stopped
+    code, summary, out = chain.run(*flags, "-i", str(stopped + 1), "--resume")
     assert code == 0, out[-3000:]
+    assert f"resuming run {killed['run_id']}" in out
+    assert summary["metrics"]["resumed_from"] == stopped and summary["model_metadata"]["run_id"] == killed["run_id"]
+    assert local_runs.unfinished(chain.tmp / "outputs", "changed") is None
     manifest = json.loads((chain.tmp / summary["tasks"]["ingest-dataset"]["artifacts"]["dataset"]["path"])
                           .read_text())
     anns = json.loads((chain.export / "annotations.json").read_text())["annotations"]
