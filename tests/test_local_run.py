@@ -291,6 +291,9 @@ def test_embedded_server_dies_when_its_parent_is_killed(mechanism, tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux's")
 def test_sigterm_during_a_run_stops_the_server_through_the_cleanup(tmp_path):
     # Both parent-death mechanisms off: only the run's SIGTERM handler and its `finally` can stop the server.
+    # The sources need only exist: run_local, which would read them, is the stand-in below.
+    (tmp_path / "data.zip").touch()
+    (tmp_path / "weights.pth").touch()
     parent, server = _start_parent(f"""
         import sys, time
         from components import s3server
@@ -304,7 +307,7 @@ def test_sigterm_during_a_run_stops_the_server_through_the_cleanup(tmp_path):
                 time.sleep(600)
 
         local.run_local = run_local
-        sys.exit(cli.main(["run", "-g", "cpu", "--demo", "--demo-images", "6"]))
+        sys.exit(cli.main(["run", "-g", "cpu", "--dataset-source", "data.zip", "--weights-url", "weights.pth"]))
     """, tmp_path)
     try:
         parent.send_signal(signal.SIGTERM)

@@ -1,6 +1,6 @@
-"""Two `sam-pipeline run` processes started at once in one working folder: each reads its own task states,
-registers its own version (issue 19 §2); a later run finds what they stored (issue 22 §5). Real processes, real
-kfp.local, the real S3 server."""
+"""Two `sam-pipeline run` processes side by side in one working folder: each reads its own task states and
+registers its own version (issue 19 §2), the second reads the embeddings the first stored, and a later run
+finds what they stored (issue 22 §5). Real processes, real kfp.local, the real S3 server."""
 from __future__ import annotations
 
 import json
@@ -31,6 +31,16 @@ def _run(tmp_path: Path, env: dict, *flags: str) -> subprocess.Popen:
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _until(proc: subprocess.Popen, text: str) -> str:
+    """What `proc` printed up to the first line that contains `text`."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"{text!r} never came: {''.join(seen)[-3000:]}")
+
+
 @pytest.mark.slow
 def test_two_runs_at_once_register_v1_and_v2_and_a_later_run_finds_them(tmp_path):
     from pipelines.local import make_demo_assets
@@ -39,11 +49,19 @@ def test_two_runs_at_once_register_v1_and_v2_and_a_later_run_finds_them(tmp_path
     make_demo_assets(tmp_path / "runs" / "demo", images=IMAGES)  # made once: both runs then only read them
     env = {**os.environ, "PYTHONPATH": str(REPO), "SAM_MODELS": str(tmp_path / "models")}
     # --margin -1: the second run to evaluate meets the first's model as champion and must still register.
-    procs = [_run(tmp_path, env, "-i", "1", "--margin", "-1", "--summary-json", f"s{i}.json") for i in range(2)]
-    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    # The second starts once the first has stored its embeddings, and reads them (it computes none); from there
+    # on both run side by side: finetune, evaluate and register.
+    first = _run(tmp_path, env, "-i", "1", "--margin", "-1", "--summary-json", "s0.json")
+    head = _until(first, "embed           finished")
+    second = _run(tmp_path, env, "-i", "1", "--margin", "-1", "--summary-json", "s1.json")
+    procs = [first, second]
+    outputs = [head + first.communicate(timeout=900)[0], second.communicate(timeout=900)[0]]
     assert [p.returncode for p in procs] == [0, 0], outputs
     summaries = [json.loads((tmp_path / f"s{i}.json").read_text()) for i in range(2)]
     assert sorted(s["registered"]["version"] for s in summaries) == ["v1", "v2"], outputs
+    computed = [sum(shard["artifacts"]["index"]["metadata"]["computed"] for shard in s["tasks"]["embed"]["shards"])
+                for s in summaries]
+    assert computed == [IMAGES, 0]
     for s, out in zip(summaries, outputs):
         version = s["registered"]["version"]
         assert f"registered sam-demo {version}" in out
