@@ -181,31 +181,20 @@ def test_training_from_the_store_matches_in_memory_samples(tmp_path, dataset, em
     assert streamed.history["val_dice"] == pytest.approx(in_memory.history["val_dice"], abs=1e-7)
 
 
-def test_evaluation_from_the_store_matches_in_memory_and_keeps_its_overlays(tmp_path, s3, monkeypatch):
-    """A test split larger than the report's overlay count, scored from the store a few items ahead."""
-    import torch
-
-    from components.datasets.ingest import ingest
+def test_evaluation_from_the_store_matches_in_memory_and_keeps_its_overlays(tmp_path, dataset, embedded,
+                                                                          random_vit_t, store_env):
+    """A split larger than the report's overlay count (the module's five training images), scored from the store
+    a few items ahead on the embeddings the shards stored, as it scores the same samples held in memory."""
     from components.datasets.reader import SplitRefs
-    from components.datasets.synthetic import make_folder
     from components.evaluate import OVERLAY_IMAGES, evaluate
-    from components.sam.model import atomic_torch_save, build_sam
-    from components.storage import ObjectStore
 
-    monkeypatch.setenv("SAM_DATA_CACHE", str(tmp_path / "data-cache"))
-    store = ObjectStore(replace(s3, prefix=f"t-stream-eval-{uuid.uuid4().hex[:8]}/"))
-    # Seven images: five in the test split, one more than the report overlays.
-    folder = make_folder(tmp_path / "data", [f"img{i}" for i in range(7)], seed=2, size=(48, 64))
-    manifest = ingest(str(folder), "folder", "eval", store, seed=0,
-                      fractions={"train": 0.2, "val": 0.1, "test": 0.7}).manifest
-    torch.manual_seed(0)
-    zs = tmp_path / "zero_shot.pt"
-    atomic_torch_save(build_sam("vit_t").state_dict(), zs)
-    split = SplitRefs(store, manifest, "test", annotated_only=True)
+    store, manifest, _ = dataset
+    split = SplitRefs(store, manifest, "train", annotated_only=True)
     assert len(split) > OVERLAY_IMAGES
-    kw = dict(margin=0.0, device="cpu", store=store, zero_shot_sha256="zs-" + uuid.uuid4().hex[:6])
-    streamed = evaluate("vit_t", zs, zs, split, report_path=tmp_path / "s.html", **kw)
-    in_memory = evaluate("vit_t", zs, zs, _in_memory(split), report_path=tmp_path / "m.html", **kw)
+    weights, sha = random_vit_t
+    kw = dict(margin=0.0, device="cpu", store=store, zero_shot_sha256=sha)
+    streamed = evaluate("vit_t", weights, weights, split, report_path=tmp_path / "s.html", **kw)
+    in_memory = evaluate("vit_t", weights, weights, _in_memory(split), report_path=tmp_path / "m.html", **kw)
     streamed.pop("seconds"), in_memory.pop("seconds")
     assert streamed == in_memory and streamed["test_images"] == len(split)
     overlays = (tmp_path / "s.html").read_text().count("data:image/png;base64,")
