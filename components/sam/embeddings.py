@@ -173,9 +173,9 @@ class EmbeddingCache:
     def _compute_and_store(self, pending: list[tuple[str, np.ndarray]]) -> torch.Tensor:
         """The one place the encoder runs for the cache: embeddings of (sha, image) pairs, each written to the
         store as soon as its batch is done, so a pod killed mid-way keeps what it made."""
-        t0 = time.perf_counter()
         if self._model is None:
             self._model = self._build()
+        t0 = time.perf_counter()  # the encoder's time, not the model's build
         embs = compute_embeddings(self._model, [im for _, im in pending], batch_size=self.batch_size, amp=self.amp)
         self.stats["encode_seconds"] += time.perf_counter() - t0
         self.stats["computed"] += len(pending)
