@@ -25,6 +25,21 @@ def wait_until(condition, limit: float, every: float = 0.2) -> bool:
     return False
 
 
+def read_until(proc, needle: str, limit: float = 300) -> list[str]:
+    """The lines `proc` printed (text stdout) up to the first that contains `needle`."""
+    import time
+
+    seen, deadline = [], time.monotonic() + limit
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return seen
+    raise AssertionError(f"{needle!r} never came: {''.join(seen)[-3000:]}")
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (a moment ago): where a test needs a refused connection."""
     import socket

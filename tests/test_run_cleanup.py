@@ -8,10 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from helpers import read_until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,18 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 def _start(cwd: Path, env: dict, *argv: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", "-g", "cpu", *argv], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def _wait_for(proc: subprocess.Popen, needle: str, limit: float = 300) -> list[str]:
-    seen, deadline = [], time.monotonic() + limit
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if needle in line:
-            return seen
-    raise AssertionError(f"{needle!r} never came: {seen}")
 
 
 @pytest.fixture
@@ -50,7 +38,7 @@ def test_a_killed_run_leaves_nothing_after_the_next_and_sigterm_says_resume(worl
     work, systmp, env, weights, sources = world
     run = _start(work, env, "-d", "-i", "50", "-c", "killme", "--dataset-source", str(sources / "PennFudanPed.zip"),
                  *weights)
-    _wait_for(run, "embed ")  # tasks have run: their temp folders exist
+    read_until(run, "embed ")  # tasks have run: their temp folders exist
     assert list(systmp.glob("sam-pipeline-run-*")) and not list(systmp.glob("kfp-workspace-*"))
     os.killpg(run.pid, signal.SIGKILL)  # the run and its task subprocesses: no clean-up runs
     run.wait()
@@ -67,7 +55,7 @@ def test_a_killed_run_leaves_nothing_after_the_next_and_sigterm_says_resume(worl
     # SIGTERM: "interrupted" with the command that continues the run, which --resume then finds.
     run = _start(work, env, "-d", "-i", "50", "-c", "killme", "--dataset-source", str(sources / "PennFudanPed.zip"),
                  *weights)
-    _wait_for(run, "fetch-weights")
+    read_until(run, "fetch-weights")
     run.send_signal(signal.SIGTERM)
     err = run.communicate(timeout=120)[1]
     assert run.returncode == 130, err

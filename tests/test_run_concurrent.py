@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import wait_until
+from helpers import read_until, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 # What is shared and reused is the same at any size, and each image costs a whole encoder pass in both concurrent
@@ -31,16 +31,6 @@ def _run(tmp_path: Path, env: dict, *flags: str) -> subprocess.Popen:
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _until(proc: subprocess.Popen, text: str) -> str:
-    """What `proc` printed up to the first line that contains `text`."""
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if text in line:
-            return "".join(seen)
-    raise AssertionError(f"{text!r} never came: {''.join(seen)[-3000:]}")
-
-
 @pytest.mark.slow
 def test_two_runs_at_once_register_v1_and_v2_and_a_later_run_finds_them(tmp_path):
     from pipelines.local import make_demo_assets
@@ -52,7 +42,7 @@ def test_two_runs_at_once_register_v1_and_v2_and_a_later_run_finds_them(tmp_path
     # The second starts once the first has stored its embeddings, and reads them (it computes none); from there
     # on both run side by side: finetune, evaluate and register.
     first = _run(tmp_path, env, "-i", "1", "--margin", "-1", "--summary-json", "s0.json")
-    head = _until(first, "embed           finished")
+    head = "".join(read_until(first, "embed           finished"))
     second = _run(tmp_path, env, "-i", "1", "--margin", "-1", "--summary-json", "s1.json")
     procs = [first, second]
     outputs = [head + first.communicate(timeout=900)[0], second.communicate(timeout=900)[0]]
