@@ -7,9 +7,9 @@ way nightly retraining meets its own registry: the same run again does nothing a
 ingested as COCO, trains on the embedding the first run stored, evaluates against v1 (with COCO mask AP), but
 its overlapping splits refuse registration (forcing a run and the gate's margin are decisions tested on their
 own: tests/test_nightly.py, tests/test_gate.py) after a SIGKILL mid-training and `run --resume`; v1 then
-segments the export's image from its boxes (`predict --model`). The first run also loses an embed shard (tests/faults/sitecustomize.py makes its body
-raise, as a store outage or a CUDA error would): that costs time only, and finetune says what it computed
-itself."""
+segments the export's image from its boxes (`predict --model`). The first run also loses an embed shard
+(tests/faults/sitecustomize.py makes its body raise, as a store outage or a CUDA error would): that costs time
+only, and finetune says what it computed itself."""
 from __future__ import annotations
 
 import builtins
@@ -73,7 +73,8 @@ def chain(pipeline_sources, module_http_server, s3, tmp_path_factory):
     base = module_http_server(src)
     store = ObjectStore(replace(s3, prefix=f"t-e2e-{uuid.uuid4().hex[:8]}/"))
     common = ["--dataset-source", f"{base}/PennFudanPed.zip", "-i", "3", "-g", "cpu", "-n", "4", "--val-every", "3",
-              "--weights-url", f"{base}/vit_t_random.pth", "--weights-sha256", weights_sha, "--s3-endpoint", s3.endpoint, "--prefix", store.config.prefix,
+              "--weights-url", f"{base}/vit_t_random.pth", "--weights-sha256", weights_sha,
+              "--s3-endpoint", s3.endpoint, "--prefix", store.config.prefix,
               "--model-name", "sam-e2e", "--embed-shards", "2"]
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp)  # finetune leaves checkpoints/<name>/ in the working directory, like the seed
@@ -291,9 +292,9 @@ def test_the_registered_model_segments_a_coco_exports_boxes(chain):
                      "--s3-endpoint", chain.store.config.endpoint, "--prefix", chain.store.config.prefix])
     assert code == 0, err.getvalue()[-2000:]
     results = json.loads((out_dir / "predictions.json").read_text())
-    anns = json.loads((chain.export / "annotations.json").read_text())["annotations"]
+    export = json.loads((chain.export / "annotations.json").read_text())
+    anns, (image,) = export["annotations"], export["images"]
     assert len(results) == sum(not a["iscrowd"] for a in anns) < len(anns)
-    (image,) = json.loads((chain.export / "annotations.json").read_text())["images"]
     assert len(list((out_dir / "masks").iterdir())) == 1
     assert all(r["segmentation"]["size"] == [image["height"], image["width"]] for r in results)
     assert np.isfinite([r["score"] for r in results]).all() and all(0 <= r["score"] <= 1.5 for r in results)
