@@ -12,7 +12,7 @@ from torch import nn
 
 from components.errors import first_line
 from components.files import atomic_path
-from components.sam.device import keep_freed_host_memory
+from components.sam.device import freeze_objects_at_exit, keep_freed_host_memory
 from components.weights import MODEL_TYPES
 
 ENCODER_PREFIX = "image_encoder."
@@ -55,6 +55,7 @@ def build_sam(model_type: str = "vit_t", checkpoint_path: str | Path | None = No
     """The official architecture for `model_type`, weights from `checkpoint_path` (random when None),
     in eval mode on `device`. A checkpoint of the wrong architecture is a clear error."""
     keep_freed_host_memory()  # every process that runs SAM builds it here first
+    freeze_objects_at_exit()
     model = _registry(model_type)(checkpoint=None)
     if checkpoint_path is not None:
         load_strict(model, load_state_dict_file(checkpoint_path), f"checkpoint {checkpoint_path}", model_type)
