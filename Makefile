@@ -22,7 +22,11 @@ help:
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-compile -e '.[dev]'
+	@# pip compiles the 5.9 GB it installs (torch and its CUDA libraries) on one core: compiling on all of them
+	@# afterwards takes 26 s instead of 47 on 2 cores. A few files are for newer Pythons (torch's
+	@# py312_intrinsics.py): they fail to compile here as they do, silently, under pip.
+	$(BIN)/python -m compileall -qq -j 0 $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))') || true
 	@touch $@
 
 setup: $(BIN)/.installed
