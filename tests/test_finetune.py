@@ -2,6 +2,7 @@
 exports a model the official builder loads, caches embeddings in the object store."""
 from __future__ import annotations
 
+import shutil
 import uuid
 from dataclasses import replace
 
@@ -122,15 +123,14 @@ def straight(tmp_path_factory, random_vit_t, samples, emb_store):
                  run_id=STRAIGHT_RUN_ID, weights_sha256=random_vit_t[1])
 
 
-def test_neither_another_run_nor_another_config_is_resumed(tmp_path, random_vit_t, samples, emb_store):
+def test_neither_another_run_nor_another_config_is_resumed(tmp_path, straight, random_vit_t, samples, emb_store):
     """A second local `sam-pipeline run` (or tonight's scheduled run) in the same folder trains, it does not
-    resume the last one; nor does the same run with other settings."""
-    first = train(cfg(tmp_path, n_iterations=1), random_vit_t[0], *_splits(samples), store=emb_store,
-                  run_id="run-a", weights_sha256=random_vit_t[1])
+    resume the last one (here the module's uninterrupted run, in this folder; its other iteration count alone
+    would not stop a resume); nor does the same run with other settings."""
+    shutil.copytree(straight.latest_path.parent, tmp_path / "ck" / straight.latest_path.parent.name)
     second = train(cfg(tmp_path, n_iterations=1), random_vit_t[0], *_splits(samples), store=emb_store,
                    run_id="run-b", weights_sha256=random_vit_t[1])
-    assert first.resumed_from is None and second.resumed_from is None
-    assert second.history["iteration"] == [1]
+    assert second.resumed_from is None and second.history["iteration"] == [1]
     other = train(cfg(tmp_path, n_iterations=1, lr=2e-4), random_vit_t[0], *_splits(samples), store=emb_store,
                   run_id="run-b", weights_sha256=random_vit_t[1])
     assert other.resumed_from is None
