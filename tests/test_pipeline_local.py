@@ -72,7 +72,7 @@ def chain(pipeline_sources, module_http_server, s3, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     base = module_http_server(src)
     store = ObjectStore(replace(s3, prefix=f"t-e2e-{uuid.uuid4().hex[:8]}/"))
-    common = ["--dataset-source", f"{base}/PennFudanPed.zip", "-i", "3", "-g", "cpu", "-n", "4", "--val-every", "3",
+    common = ["--dataset-source", f"{base}/PennFudanPed.zip", "-i", "2", "-g", "cpu", "-n", "4", "--val-every", "2",
               "--weights-url", f"{base}/vit_t_random.pth", "--weights-sha256", weights_sha,
               "--s3-endpoint", s3.endpoint, "--prefix", store.config.prefix,
               "--model-name", "sam-e2e", "--embed-shards", "2"]
@@ -178,7 +178,7 @@ def test_run_end_to_end_registers_v1_and_loses_a_shard_only_in_time(chain, tmp_p
     card = reg.card("sam-e2e", "v1")
     assert card["dataset"]["content_hash"] == summary["dataset"]["content_hash"]
     assert card["weights"]["sha256"] == summary["weights"]["sha256"] and card["run_id"]
-    assert card["training"]["config"]["n_iterations"] == 3 and card["training"]["config"]["device"] == "cpu"
+    assert card["training"]["config"]["n_iterations"] == 2 and card["training"]["config"]["device"] == "cpu"
     assert card["zero_shot"]["box_dice"] == m["zero_shot_box_dice"]
     assert card["metrics"]["box_dice"] == m["finetuned_box_dice"]
     assert card["gate"]["gain_box_dice_vs_zero_shot_low"] == m["gain_box_dice_vs_zero_shot_low"]
