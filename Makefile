@@ -37,7 +37,7 @@ run: setup
 demo: setup
 	$(BIN)/sam-pipeline run --demo $(ARGS)
 
-# One worker more than the cores (at most four), each taking whole test files, the slow ones first (tests/conftest.py).
+# One worker more than the cores (at most four), each taking whole test files, the long ones first (tests/conftest.py).
 XDIST  := -n auto --dist loadfile --no-loadscope-reorder
 
 test: setup
