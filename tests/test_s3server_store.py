@@ -74,7 +74,7 @@ def test_every_acknowledged_change_survives_a_sigkill(servers, tmp_path):
 def test_two_runs_putting_the_same_object_at_once_both_succeed(servers):
     """Two runs of one folder fetch the same weights and upload them together: moto closes the bytes of the
     key the second completed upload replaces, maybe while the first one's write-through copies them (8 rounds at
-    40 MB failed that way 6 times before the fix, so 4 rounds all pass with a chance of (2/8)^4 < 0.5 %). Both
+    40 MB failed that way 6 times before the fix: 4 rounds would all pass with a chance of (2/8)^4 < 0.5 %). Both
     uploads succeed, and what is on disk is what moto serves."""
     from concurrent.futures import ThreadPoolExecutor
 
