@@ -294,7 +294,7 @@ def test_sigterm_during_a_run_stops_the_server_through_the_cleanup(tmp_path):
     # The sources need only exist: run_local, which would read them, is the stand-in below.
     (tmp_path / "data.zip").touch()
     (tmp_path / "weights.pth").touch()
-    parent, server = _start_parent(f"""
+    parent, server = _start_parent("""
         import sys, time
         from components import s3server
         from pipelines import cli, local
